@@ -1,0 +1,139 @@
+"""Hugging Face Llama folder -> our checkpoint, streamed tensor by tensor.
+
+The stacked target arrays are allocated once (in the target dtype) and each safetensors
+tensor is read, checked, transposed into place and dropped, so the model is never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from tqdm import tqdm
+
+from checkpoints_tools.store import CheckpointError, write_checkpoint
+from nitsum_jax.config import ConfigError, LlamaConfig
+from nitsum_jax.model import declare, map_decls
+from nitsum_jax.tokenizer import TOKENIZER_FILE
+
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def read_hf_config(src: Path) -> LlamaConfig:
+    path = Path(src) / "config.json"
+    if not Path(src).is_dir():
+        raise CheckpointError(f"{src}: source folder not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; expected a Hugging Face Llama folder")
+    try:
+        return LlamaConfig.from_hf(json.loads(path.read_text()), source=str(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def tensor_files(src: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index when sharded."""
+    src = Path(src)
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = {name: src / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {index.name} but not found")
+        return files
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{src}: no *.safetensors files (and no model.safetensors.index.json)")
+    files: dict[str, Path] = {}
+    for f in shards:
+        with safe_open(f, framework="numpy") as handle:
+            for name in handle.keys():
+                files[name] = f
+    return files
+
+
+def _hf_layout(cfg: LlamaConfig):
+    """(hf tensor name, our array path, layer index or None, hf shape, transform to our shape)."""
+    D, N, K, H, F, V = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    # HF Linear weights are [out, in]; ours are [in, out] with heads split out.
+    yield "model.embed_tokens.weight", ("embed",), None, (V, D), lambda w: w
+    yield "model.norm.weight", ("final_norm",), None, (D,), lambda w: w
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", ("lm_head",), None, (V, D), lambda w: w.T
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", ("layers", "attn_norm"), i, (D,), lambda w: w
+        yield p + "self_attn.q_proj.weight", ("layers", "wq"), i, (N * H, D), lambda w: w.T.reshape(D, N, H)
+        yield p + "self_attn.k_proj.weight", ("layers", "wk"), i, (K * H, D), lambda w: w.T.reshape(D, K, H)
+        yield p + "self_attn.v_proj.weight", ("layers", "wv"), i, (K * H, D), lambda w: w.T.reshape(D, K, H)
+        yield p + "self_attn.o_proj.weight", ("layers", "wo"), i, (D, N * H), lambda w: w.T.reshape(N, H, D)
+        yield p + "post_attention_layernorm.weight", ("layers", "mlp_norm"), i, (D,), lambda w: w
+        yield p + "mlp.gate_proj.weight", ("layers", "w_gate"), i, (F, D), lambda w: w.T
+        yield p + "mlp.up_proj.weight", ("layers", "w_up"), i, (F, D), lambda w: w.T
+        yield p + "mlp.down_proj.weight", ("layers", "w_down"), i, (D, F), lambda w: w.T
+
+
+def _check_tokenizer(src: Path, cfg: LlamaConfig) -> Path | None:
+    path = Path(src) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the library raises a bare Exception on malformed files
+        raise CheckpointError(f"{path}: cannot be read by `tokenizers` ({e})") from None
+    if size > cfg.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {size} tokens but config.json vocab_size is "
+                              f"{cfg.vocab_size}; they must match (tokenizer <= vocab_size)")
+    return path
+
+
+def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = True) -> LlamaConfig:
+    """Convert a Hugging Face Llama folder at `src` into a new checkpoint folder `dst`."""
+    src = Path(src)
+    cfg = read_hf_config(src)
+    if dtype is not None:
+        try:
+            cfg = cfg.replace(dtype={"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype))
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+    tokenizer_json = _check_tokenizer(src, cfg)
+    files = tensor_files(src)
+    np_dtype = NP_DTYPES[cfg.dtype]
+    arrays = map_decls(lambda d: np.empty(d.shape, np_dtype), declare(cfg))
+    layout = list(_hf_layout(cfg))
+    handles: dict[Path, object] = {}
+    try:
+        for name, (group, *field), layer, hf_shape, to_ours in tqdm(layout, desc="convert", unit="tensor",
+                                                                     disable=not progress):
+            if name not in files:
+                raise CheckpointError(f"{src}: tensor {name!r} not found in any safetensors file "
+                                      f"({sorted({f.name for f in files.values()})})")
+            f = files[name]
+            if f not in handles:
+                handles[f] = safe_open(f, framework="numpy").__enter__()
+            tensor = handles[f].get_tensor(name)
+            if tuple(tensor.shape) != hf_shape:
+                raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                                      f"{hf_shape} from config.json")
+            target = getattr(arrays, group) if not field else getattr(getattr(arrays, group), field[0])
+            value = to_ours(tensor).astype(np_dtype)
+            if layer is None:
+                target[...] = value
+            else:
+                target[layer] = value
+            del tensor, value
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    write_checkpoint(dst, cfg, arrays, tokenizer_json=tokenizer_json)
+    return cfg

@@ -1,0 +1,74 @@
+"""Paged attention, plain JAX: the reference every faster kernel must match. Runs on CPU.
+
+Cache layout per layer: K and V are [kv_heads, num_pages, page_size, head_dim] (the layout of
+`jax.experimental.pallas.ops.gpu.paged_attention`), stacked over layers into
+[layers, kv_heads, num_pages, page_size, head_dim] so one `lax.scan` updates them in place.
+Page tables map a sequence's logical page i to a physical page id; they are built on the host.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
+    v: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+
+def write_kv_pages(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, k: jax.Array, v: jax.Array,
+                   positions: jax.Array, valid: jax.Array, page_table: jax.Array):
+    """Scatter new K/V into their pages.
+
+    k_cache, v_cache: [layers, K, P, S, H]; layer: scalar; k, v: [B, T, K, H];
+    positions: [B, T] absolute positions; valid: [B, T]; page_table: [B, pages_per_seq].
+    Padding tokens get an out-of-range page id and are dropped by the scatter.
+    """
+    num_pages, page_size = k_cache.shape[2], k_cache.shape[3]
+    logical_page = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
+    page = jnp.take_along_axis(page_table, logical_page, axis=1)  # [B, T]
+    page = jnp.where(valid, page, num_pages)
+    slot = positions % page_size
+    # Indices (layer, :, page, slot): the advanced indices are split by a slice, so the
+    # updated elements are laid out [B, T, K, H] - exactly the shape of k and v.
+    k_cache = k_cache.at[layer, :, page, slot].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[layer, :, page, slot].set(v.astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
+
+
+def paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+                              positions: jax.Array, page_table: jax.Array) -> jax.Array:
+    """Causal attention of new queries over each sequence's cached pages.
+
+    q: [B, T, N, H] (rotated); k_cache, v_cache: [layers, K, P, S, H]; positions: [B, T];
+    page_table: [B, pages_per_seq]. A query at position p sees cache positions 0..p.
+    Returns [B, T, N, H] in q's dtype.
+    """
+    B, T, N, H = q.shape
+    K = k_cache.shape[1]
+    G = N // K
+    # Gather the sequence's pages: [B, pages_per_seq, K, S, H] -> [B, K, pages_per_seq * S, H].
+    keys = k_cache[layer, :, page_table]
+    values = v_cache[layer, :, page_table]
+    keys = keys.transpose(0, 2, 1, 3, 4).reshape(B, K, -1, H)
+    values = values.transpose(0, 2, 1, 3, 4).reshape(B, K, -1, H)
+    qg = q.reshape(B, T, K, G, H)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(H))
+    key_pos = jnp.arange(keys.shape[2])
+    mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, H).astype(q.dtype)

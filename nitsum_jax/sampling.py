@@ -1,0 +1,96 @@
+"""Token sampling on the device (batched, per-row parameters) and its host-side parameters.
+
+Each row draws with the key `fold_in(key(seed), position)`, so a request with a given seed
+gets the same tokens whatever else shares its batch, lane or plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+class SamplingError(ValueError):
+    """A sampling parameter is outside its accepted range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None = a random seed drawn at submission
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise `SamplingError` naming the field, the value and the accepted range."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise SamplingError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
+            raise SamplingError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (0 <= self.top_k <= vocab_size):
+            raise SamplingError(f"top_k must be in [0, {vocab_size}] (0 = off), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not (0 <= self.seed < 2**32):
+            raise SamplingError(f"seed must be in [0, 2**32), got {self.seed}")
+        for t in self.stop_token_ids:
+            if not (0 <= t < vocab_size):
+                raise SamplingError(f"stop_token_ids entry {t} is outside the vocabulary [0, {vocab_size})")
+        if any(not s for s in self.stop):
+            raise SamplingError("stop strings must be non-empty")
+
+
+@struct.dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as device arrays, one row per batch slot."""
+
+    temperature: jax.Array  # [B] float32, 0 = greedy
+    top_k: jax.Array  # [B] int32, 0 = off
+    top_p: jax.Array  # [B] float32
+    seed: jax.Array  # [B] uint32
+    position: jax.Array  # [B] int32, index of the token being drawn (keys the draw)
+
+    @staticmethod
+    def from_params(params: Sequence[SamplingParams | None], seeds: Sequence[int],
+                    positions: Sequence[int]) -> "SamplingBatch":
+        rows = [p or SamplingParams() for p in params]
+        return SamplingBatch(
+            temperature=np.array([p.temperature for p in rows], np.float32),
+            top_k=np.array([p.top_k for p in rows], np.int32),
+            top_p=np.array([p.top_p for p in rows], np.float32),
+            seed=np.array(seeds, np.uint32),
+            position=np.array(positions, np.int32),
+        )
+
+
+def sample(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """logits: [B, V] float32 -> next token ids [B] int32."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temp = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
+    scaled = logits / temp[:, None]
+    order = jnp.argsort(-scaled, axis=-1)  # [B, V] token ids, most likely first
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    keep = (batch.top_k[:, None] <= 0) | (rank < batch.top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = keep & (mass_before < batch.top_p[:, None])
+    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+
+    def draw(seed, position, row_logits):
+        key = jax.random.fold_in(jax.random.key(seed), position)
+        return jax.random.categorical(key, row_logits)
+
+    choice = jax.vmap(draw)(batch.seed, batch.position, masked)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(batch.temperature > 0, sampled, greedy)

@@ -1,0 +1,29 @@
+"""The jitted model steps. The KV cache is donated to every step (`donate_argnames="kv"`), so
+XLA updates the pages in place instead of copying the whole cache each token."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from nitsum_jax.attention import KVCache
+from nitsum_jax.config import LlamaConfig
+from nitsum_jax.model import Params, StepInput, forward, last_hidden, logits_from_hidden
+from nitsum_jax.sampling import SamplingBatch, sample
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
+def step_logits(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig) -> tuple[jax.Array, KVCache]:
+    """Logits of every new token: [B, T, V] float32 (scoring, parity checks)."""
+    hidden, kv = forward(params, kv, step, cfg)
+    return logits_from_hidden(params, hidden), kv
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
+def step_sample(params: Params, kv: KVCache, step: StepInput, sampling: SamplingBatch,
+                cfg: LlamaConfig) -> tuple[jax.Array, KVCache]:
+    """Append the new tokens, then draw each row's next token: [B] int32 (one packed array)."""
+    hidden, kv = forward(params, kv, step, cfg)
+    logits = logits_from_hidden(params, last_hidden(hidden, step.num_new))
+    return sample(logits, sampling), kv

@@ -1,0 +1,72 @@
+"""Tokenizers through the `tokenizers` library, plus the byte-level one the `tiny` model ships."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+TOKENIZER_FILE = "tokenizer.json"
+BYTE_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>") + tuple(
+    f"<|reserved_{i}|>" for i in range(5))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table that byte-level BPE (GPT-2 style) uses."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """Token id == byte value for 0..255, then the specials (264 ids in all): any text round-trips."""
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(BYTE_SPECIALS))
+    return tok
+
+
+class TextTokenizer:
+    """Text <-> token ids, with the model's BOS/EOS conventions."""
+
+    def __init__(self, tokenizer: Tokenizer, bos_token_id: int | None, eos_token_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    @classmethod
+    def from_dir(cls, directory: Path, bos_token_id: int | None, eos_token_ids: Sequence[int]) -> "TextTokenizer":
+        path = Path(directory) / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer file not found")
+        return cls(Tokenizer.from_file(str(path)), bos_token_id, eos_token_ids)
+
+    @classmethod
+    def byte_level(cls) -> "TextTokenizer":
+        return cls(byte_level_tokenizer(), bos_token_id=256, eos_token_ids=(257,))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, directory: Path) -> None:
+        self.tokenizer.save(str(Path(directory) / TOKENIZER_FILE))
