@@ -31,7 +31,7 @@ class PageAllocator:
         self.page_size = page_size
         # Pop from the end: low page ids are handed out first, which keeps tests readable.
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
-        self._owner = np.full(num_pages, -1, dtype=np.int64)  # index into _seq_ids, -1 = free
+        self._owner = np.zeros(num_pages, dtype=np.int8)  # 1 = held by a sequence, -1/0 = free
         self._pages: dict[Hashable, list[int]] = {}
         self._tokens: dict[Hashable, int] = {}
 
@@ -92,7 +92,7 @@ class PageAllocator:
         for p in pages:
             if self._owner[p] != 1:
                 raise AssertionError(f"page {p} of {seq_id!r} was not marked as used")
-            self._owner[p] = -1
+            self._owner[p] = 0
         self._free.extend(reversed(pages))
         return len(pages)
 
@@ -104,10 +104,9 @@ class PageAllocator:
         for row, sid in enumerate(seq_ids):
             if sid is None:
                 continue
-            pages = self._require(sid)
-            if len(pages) > pages_per_seq:
-                raise ValueError(f"sequence {sid!r} holds {len(pages)} pages, more than the bucket's "
-                                 f"{pages_per_seq}")
+            # A sequence may hold pages reserved ahead of its length; the step only needs the
+            # pages up to its current length, which the caller sized `pages_per_seq` for.
+            pages = self._require(sid)[:pages_per_seq]
             table[row, :len(pages)] = pages
         return table
 

@@ -1,0 +1,103 @@
+"""`nitsum-jax`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _set_host_devices(n: int | None) -> None:
+    """Give a CPU-only machine `n` host devices; must run before JAX is imported."""
+    if n and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", help="a nitsum-jax checkpoint folder (nitsum-ckpt convert-hf / init)")
+    g.add_argument("--preset", default="tiny", help="random weights of a preset shape (default: tiny)")
+    p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights of --preset")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="dtype for --preset weights")
+
+
+def _generate(args) -> int:
+    from nitsum_jax.generate import Generator
+    from nitsum_jax.sampling import SamplingParams
+    from nitsum_jax.source import load_model
+
+    model = load_model(args.checkpoint, args.preset, args.seed_weights, args.dtype)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
+                            stop_token_ids=tuple(args.stop_token_ids or ()), ignore_eos=args.ignore_eos)
+    prompt = args.token_ids if args.token_ids is not None else args.prompt
+    generator = Generator(model.cfg, model.params, model.tokenizer, max_batch=1,
+                          max_seq_len=args.max_seq_len, page_size=args.page_size)
+    t0 = time.perf_counter()
+    [out] = generator.generate([prompt], params)
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"model": model.name, "token_ids": out.token_ids, "text": out.text,
+                          "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                          "seconds": round(elapsed, 3)}))
+    else:
+        print(f"model: {model.name}  prompt tokens: {out.prompt_tokens}  finish: {out.finish_reason}  "
+              f"({len(out.token_ids)} tokens in {elapsed:.2f}s, compile included)")
+        print(f"token ids: {out.token_ids}")
+        if out.text is not None:
+            print(f"text: {out.text!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nitsum-jax", description="Priority-lane LLM serving on JAX/XLA.")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="on a CPU-only machine, the number of host devices to create")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="generate from one prompt on a single device")
+    p.add_argument("prompt", nargs="?", default="Priority lanes let urgent requests", help="prompt text")
+    p.add_argument("--token-ids", type=_int_list, default=None, help="prompt as token ids, e.g. 256,72,105")
+    _add_model_args(p)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", type=_int_list, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="longest sequence the cache is sized for")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _set_host_devices(args.devices)
+    from checkpoints_tools.store import CheckpointError
+    from nitsum_jax.config import ConfigError
+    from nitsum_jax.sampling import SamplingError
+    from nitsum_jax.sequence import RequestError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, SamplingError, RequestError, FileNotFoundError) as e:
+        print(f"nitsum-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
