@@ -61,24 +61,24 @@ def tensor_files(src: Path) -> dict[str, Path]:
 
 
 def _hf_layout(cfg: LlamaConfig):
-    """(hf tensor name, our array path, layer index or None, hf shape, transform to our shape)."""
+    """(hf tensor name, our array name, layer index or None, hf shape, transform to our shape)."""
     D, N, K, H, F, V = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
     # HF Linear weights are [out, in]; ours are [in, out] with heads split out.
-    yield "model.embed_tokens.weight", ("embed",), None, (V, D), lambda w: w
-    yield "model.norm.weight", ("final_norm",), None, (D,), lambda w: w
+    yield "model.embed_tokens.weight", "embed", None, (V, D), lambda w: w
+    yield "model.norm.weight", "final_norm", None, (D,), lambda w: w
     if not cfg.tie_embeddings:
-        yield "lm_head.weight", ("lm_head",), None, (V, D), lambda w: w.T
+        yield "lm_head.weight", "lm_head", None, (V, D), lambda w: w.T
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        yield p + "input_layernorm.weight", ("layers", "attn_norm"), i, (D,), lambda w: w
-        yield p + "self_attn.q_proj.weight", ("layers", "wq"), i, (N * H, D), lambda w: w.T.reshape(D, N, H)
-        yield p + "self_attn.k_proj.weight", ("layers", "wk"), i, (K * H, D), lambda w: w.T.reshape(D, K, H)
-        yield p + "self_attn.v_proj.weight", ("layers", "wv"), i, (K * H, D), lambda w: w.T.reshape(D, K, H)
-        yield p + "self_attn.o_proj.weight", ("layers", "wo"), i, (D, N * H), lambda w: w.T.reshape(N, H, D)
-        yield p + "post_attention_layernorm.weight", ("layers", "mlp_norm"), i, (D,), lambda w: w
-        yield p + "mlp.gate_proj.weight", ("layers", "w_gate"), i, (F, D), lambda w: w.T
-        yield p + "mlp.up_proj.weight", ("layers", "w_up"), i, (F, D), lambda w: w.T
-        yield p + "mlp.down_proj.weight", ("layers", "w_down"), i, (D, F), lambda w: w.T
+        yield p + "input_layernorm.weight", "attn_norm", i, (D,), lambda w: w
+        yield p + "self_attn.q_proj.weight", "wq", i, (N * H, D), lambda w: w.T.reshape(D, N, H)
+        yield p + "self_attn.k_proj.weight", "wk", i, (K * H, D), lambda w: w.T.reshape(D, K, H)
+        yield p + "self_attn.v_proj.weight", "wv", i, (K * H, D), lambda w: w.T.reshape(D, K, H)
+        yield p + "self_attn.o_proj.weight", "wo", i, (D, N * H), lambda w: w.T.reshape(N, H, D)
+        yield p + "post_attention_layernorm.weight", "mlp_norm", i, (D,), lambda w: w
+        yield p + "mlp.gate_proj.weight", "w_gate", i, (F, D), lambda w: w.T
+        yield p + "mlp.up_proj.weight", "w_up", i, (F, D), lambda w: w.T
+        yield p + "mlp.down_proj.weight", "w_down", i, (D, F), lambda w: w.T
 
 
 def _check_tokenizer(src: Path, cfg: LlamaConfig) -> Path | None:
@@ -100,6 +100,9 @@ def _check_tokenizer(src: Path, cfg: LlamaConfig) -> Path | None:
 def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = True) -> LlamaConfig:
     """Convert a Hugging Face Llama folder at `src` into a new checkpoint folder `dst`."""
     src = Path(src)
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"{dst}: destination exists and is not empty; choose a new folder")
     cfg = read_hf_config(src)
     if dtype is not None:
         try:
@@ -113,7 +116,7 @@ def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = 
     layout = list(_hf_layout(cfg))
     handles: dict[Path, object] = {}
     try:
-        for name, (group, *field), layer, hf_shape, to_ours in tqdm(layout, desc="convert", unit="tensor",
+        for name, ours, layer, hf_shape, to_ours in tqdm(layout, desc="convert", unit="tensor",
                                                                      disable=not progress):
             if name not in files:
                 raise CheckpointError(f"{src}: tensor {name!r} not found in any safetensors file "
@@ -125,7 +128,7 @@ def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = 
             if tuple(tensor.shape) != hf_shape:
                 raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
                                       f"{hf_shape} from config.json")
-            target = getattr(arrays, group) if not field else getattr(getattr(arrays, group), field[0])
+            target = getattr(arrays, ours) if hasattr(arrays, ours) else getattr(arrays.chunks[0], ours)
             value = to_ours(tensor).astype(np_dtype)
             if layer is None:
                 target[...] = value

@@ -87,9 +87,8 @@ def stored_arrays(directory: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]
 
 
 def expected_arrays(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(map_decls(lambda d: d.shape, declare(cfg)),
-                                                is_leaf=lambda x: isinstance(x, tuple))[0]
-    return {jax.tree_util.keystr(k, simple=True, separator="."): shape for k, shape in flat}
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
+    return {jax.tree_util.keystr(k, simple=True, separator="."): tuple(a.shape) for k, a in flat}
 
 
 def check_against_config(directory: Path, cfg: LlamaConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

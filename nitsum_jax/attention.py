@@ -15,16 +15,18 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
-    v: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
+    """One K and one V array per chunk slot of the lane (a single slot when unsplit)."""
+
+    k: tuple[jax.Array, ...]  # slots x [layers, kv_heads/R, num_pages, page_size, head_dim]
+    v: tuple[jax.Array, ...]  # slots x [layers, kv_heads/R, num_pages, page_size, head_dim]
 
     @property
     def num_pages(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[3]
 
 
 def write_kv_pages(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, k: jax.Array, v: jax.Array,

@@ -36,46 +36,59 @@ class ParamDecl:
 
 
 @struct.dataclass
-class LayerWeights:
-    attn_norm: jax.Array  # [layers, dim]
-    wq: jax.Array  # [layers, dim, heads, head_dim]
-    wk: jax.Array  # [layers, dim, kv_heads, head_dim]
-    wv: jax.Array  # [layers, dim, kv_heads, head_dim]
-    wo: jax.Array  # [layers, heads, head_dim, dim]
-    mlp_norm: jax.Array  # [layers, dim]
-    w_gate: jax.Array  # [layers, dim, ffn]
-    w_up: jax.Array  # [layers, dim, ffn]
-    w_down: jax.Array  # [layers, ffn, dim]
+class ChunkWeights:
+    """The weights split by tensor parallelism, for one chunk slot.
+
+    A model is cut into C chunks along its `tp` axes (heads, kv heads, ffn columns, model dim
+    for the vocabulary tables). On a lane every device holds R = C / tp chunks, one buffer
+    each; chunk slot r of the lane is one global array sharded over `tp`. Because each chunk
+    is its own buffer, a device keeps one copy of a chunk for every lane of every plan that
+    places that chunk on it (see `plans`). The unsplit model is the case C = R = 1.
+    """
+
+    wq: jax.Array  # [layers, dim, heads/R, head_dim]
+    wk: jax.Array  # [layers, dim, kv_heads/R, head_dim]
+    wv: jax.Array  # [layers, dim, kv_heads/R, head_dim]
+    wo: jax.Array  # [layers, heads/R, head_dim, dim]
+    w_gate: jax.Array  # [layers, dim, ffn/R]
+    w_up: jax.Array  # [layers, dim, ffn/R]
+    w_down: jax.Array  # [layers, ffn/R, dim]
+    embed: jax.Array  # [vocab, dim/R]
+    lm_head: jax.Array | None  # [dim/R, vocab]; None when tied to `embed`
 
 
 @struct.dataclass
 class Params:
-    embed: jax.Array  # [vocab, dim]
-    layers: LayerWeights
+    attn_norm: jax.Array  # [layers, dim]
+    mlp_norm: jax.Array  # [layers, dim]
     final_norm: jax.Array  # [dim]
-    lm_head: jax.Array | None  # [dim, vocab]; None when tied to `embed`
+    chunks: tuple[ChunkWeights, ...]  # R chunk slots
+
+
+# The axis of each chunked weight that the chunks cut (the one `tp` shards).
+CHUNK_AXIS = {"wq": 2, "wk": 2, "wv": 2, "wo": 1, "w_gate": 2, "w_up": 2, "w_down": 1, "embed": 1, "lm_head": 0}
 
 
 def declare(cfg: LlamaConfig) -> Params:
-    """The single declaration of every weight of `cfg` (leaves are `ParamDecl`)."""
+    """The single declaration of every weight of `cfg` (leaves are `ParamDecl`), unsplit."""
     L, D, N, K, H, F, V = (cfg.num_layers, cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.ffn_dim, cfg.vocab_size)
-    layers = LayerWeights(
-        attn_norm=ParamDecl((L, D), ("layers", None), "ones"),
-        wq=ParamDecl((L, D, N, H), ("layers", "embed", "heads", None), fan_in=D),
-        wk=ParamDecl((L, D, K, H), ("layers", "embed", "kv_heads", None), fan_in=D),
-        wv=ParamDecl((L, D, K, H), ("layers", "embed", "kv_heads", None), fan_in=D),
-        wo=ParamDecl((L, N, H, D), ("layers", "heads", None, "embed"), fan_in=N * H),
-        mlp_norm=ParamDecl((L, D), ("layers", None), "ones"),
-        w_gate=ParamDecl((L, D, F), ("layers", "embed", "ffn"), fan_in=D),
-        w_up=ParamDecl((L, D, F), ("layers", "embed", "ffn"), fan_in=D),
-        w_down=ParamDecl((L, F, D), ("layers", "ffn", "embed"), fan_in=F),
+    chunk = ChunkWeights(
+        wq=ParamDecl((L, D, N, H), ("layers", None, "heads", None), fan_in=D),
+        wk=ParamDecl((L, D, K, H), ("layers", None, "kv_heads", None), fan_in=D),
+        wv=ParamDecl((L, D, K, H), ("layers", None, "kv_heads", None), fan_in=D),
+        wo=ParamDecl((L, N, H, D), ("layers", "heads", None, None), fan_in=N * H),
+        w_gate=ParamDecl((L, D, F), ("layers", None, "ffn"), fan_in=D),
+        w_up=ParamDecl((L, D, F), ("layers", None, "ffn"), fan_in=D),
+        w_down=ParamDecl((L, F, D), ("layers", "ffn", None), fan_in=F),
+        embed=ParamDecl((V, D), ("vocab", "embed"), fan_in=1),
+        lm_head=None if cfg.tie_embeddings else ParamDecl((D, V), ("embed", "vocab"), fan_in=D),
     )
     return Params(
-        embed=ParamDecl((V, D), ("vocab", "embed"), fan_in=1),
-        layers=layers,
+        attn_norm=ParamDecl((L, D), ("layers", None), "ones"),
+        mlp_norm=ParamDecl((L, D), ("layers", None), "ones"),
         final_norm=ParamDecl((D,), (None,), "ones"),
-        lm_head=None if cfg.tie_embeddings else ParamDecl((D, V), ("embed", "vocab"), fan_in=D),
+        chunks=(chunk,),
     )
 
 
@@ -125,9 +138,11 @@ class ShardingRules:
         return PartitionSpec(*mesh_axes)
 
 
-# Megatron-style tensor parallelism: heads and ffn columns are split over `tp`; the model dim
-# stays whole so each layer needs one all-reduce after attention and one after the MLP.
-TP_RULES = ShardingRules((("heads", "tp"), ("kv_heads", "tp"), ("ffn", "tp"), ("vocab", "tp")))
+# Megatron-style tensor parallelism: heads and ffn columns are split over `tp`, so each layer
+# needs one all-reduce after attention and one after the MLP. The vocabulary tables are split
+# on the model dim: the embedding lookup then gathers [B, T, D] activations, and the logits
+# are a partial sum all-reduced once per step.
+TP_RULES = ShardingRules((("heads", "tp"), ("kv_heads", "tp"), ("ffn", "tp"), ("embed", "tp")))
 
 
 def param_specs(cfg: LlamaConfig, rules: ShardingRules = TP_RULES) -> Params:
@@ -174,6 +189,44 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return out.astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """Which chunk each chunk slot of each lane device holds (static: part of a lane's program).
+
+    `assign[i][r]` is the chunk in slot r on the lane's i-th device (mesh order). Chunks are
+    interchangeable for attention heads and ffn columns (they are summed), so any assignment is
+    valid; only the model dim of the vocabulary tables needs the order, given by `dim_order`.
+    """
+
+    num_chunks: int
+    assign: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self):
+        flat = sorted(c for row in self.assign for c in row)
+        if flat != list(range(self.num_chunks)) or len({len(row) for row in self.assign}) != 1:
+            raise ValueError(f"chunk assignment {self.assign} is not a partition of {self.num_chunks} chunks "
+                             f"into equal slots per device")
+
+    @property
+    def tp(self) -> int:
+        return len(self.assign)
+
+    @property
+    def slots(self) -> int:
+        return len(self.assign[0])
+
+    def dim_order(self, dim: int) -> np.ndarray:
+        """[dim] model dim held at each position of the slot-concatenated (slot-major,
+        then device-major) vocabulary-table pieces."""
+        per_chunk = dim // self.num_chunks
+        order = [self.assign[i][r] * per_chunk + j for r in range(self.slots) for i in range(self.tp)
+                 for j in range(per_chunk)]
+        return np.asarray(order, np.int32)
+
+
+UNSPLIT = ChunkLayout(1, ((0,),))
+
+
 @struct.dataclass
 class StepInput:
     """What one model step needs besides weights and cache. Arrays only; shapes are the bucket."""
@@ -184,7 +237,17 @@ class StepInput:
     page_table: jax.Array  # [B, pages_per_seq] int32, page ids of each sequence
 
 
-def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig) -> tuple[jax.Array, KVCache]:
+def embed_tokens(params: Params, tokens: jax.Array, layout: ChunkLayout) -> jax.Array:
+    """tokens: [B, T] -> [B, T, D] in model dim order."""
+    pieces = [jnp.take(c.embed, tokens, axis=0) for c in params.chunks]  # R x [B, T, D/R]
+    x = jnp.concatenate(pieces, axis=-1)
+    if layout.num_chunks == 1:
+        return x
+    return x[..., np.argsort(layout.dim_order(x.shape[-1]))]
+
+
+def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
+            layout: ChunkLayout = UNSPLIT) -> tuple[jax.Array, KVCache]:
     """Run the new tokens of every sequence through the model, appending their K/V to the pages.
 
     One function covers prefill, chunked prefill (start_pos > 0, T > 1) and decode (T == 1).
@@ -194,39 +257,55 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig) -> t
     positions = step.start_pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     valid = jnp.arange(T)[None, :] < step.num_new[:, None]  # [B, T]
     inv_freq = rope_inv_freq(cfg)
-    x = jnp.take(params.embed, step.tokens, axis=0)  # [B, T, D]
+    x = embed_tokens(params, step.tokens, layout)
+    layer_weights = tuple(c.replace(embed=None, lm_head=None) for c in params.chunks)
 
     def layer(carry, xs):
-        x, k_cache, v_cache = carry
-        w, layer_idx = xs
+        x, k_slots, v_slots = carry
+        attn_norm, mlp_norm, chunks, layer_idx = xs
+        k_slots, v_slots = list(k_slots), list(v_slots)
         with jax.named_scope("attn"):
-            h = rms_norm(x, w.attn_norm, cfg.norm_eps)
-            q = jnp.einsum("BTD,DNH->BTNH", h, w.wq)
-            k = jnp.einsum("BTD,DKH->BTKH", h, w.wk)
-            v = jnp.einsum("BTD,DKH->BTKH", h, w.wv)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
-            k_cache, v_cache = write_kv_pages(k_cache, v_cache, layer_idx, k, v, positions, valid,
-                                              step.page_table)
-            attn = paged_attention_reference(q, k_cache, v_cache, layer_idx, positions, step.page_table)
-            x = x + jnp.einsum("BTNH,NHD->BTD", attn, w.wo)
+            h = rms_norm(x, attn_norm, cfg.norm_eps)
+            out = jnp.zeros_like(x)
+            for r, w in enumerate(chunks):
+                q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w.wq), positions, inv_freq)
+                k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w.wk), positions, inv_freq)
+                v = jnp.einsum("BTD,DKH->BTKH", h, w.wv)
+                k_slots[r], v_slots[r] = write_kv_pages(k_slots[r], v_slots[r], layer_idx, k, v, positions,
+                                                        valid, step.page_table)
+                attn = paged_attention_reference(q, k_slots[r], v_slots[r], layer_idx, positions,
+                                                 step.page_table)
+                out = out + jnp.einsum("BTNH,NHD->BTD", attn, w.wo)
+            x = x + out
         with jax.named_scope("mlp"):
-            h = rms_norm(x, w.mlp_norm, cfg.norm_eps)
-            gate = jnp.einsum("BTD,DF->BTF", h, w.w_gate)
-            up = jnp.einsum("BTD,DF->BTF", h, w.w_up)
-            x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w.w_down)
-        return (x, k_cache, v_cache), None
+            h = rms_norm(x, mlp_norm, cfg.norm_eps)
+            out = jnp.zeros_like(x)
+            for w in chunks:
+                gate = jnp.einsum("BTD,DF->BTF", h, w.w_gate)
+                up = jnp.einsum("BTD,DF->BTF", h, w.w_up)
+                out = out + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w.w_down)
+            x = x + out
+        return (x, tuple(k_slots), tuple(v_slots)), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k_cache, v_cache), _ = jax.lax.scan(layer, (x, kv.k, kv.v), (params.layers, layer_ids))
-    return rms_norm(x, params.final_norm, cfg.norm_eps), KVCache(k=k_cache, v=v_cache)
+    (x, k_slots, v_slots), _ = jax.lax.scan(
+        layer, (x, tuple(kv.k), tuple(kv.v)), (params.attn_norm, params.mlp_norm, layer_weights, layer_ids))
+    return rms_norm(x, params.final_norm, cfg.norm_eps), KVCache(k=k_slots, v=v_slots)
 
 
-def logits_from_hidden(params: Params, hidden: jax.Array) -> jax.Array:
-    """hidden: [..., D] -> fp32 logits [..., V]."""
-    if params.lm_head is None:
-        return jnp.einsum("...D,VD->...V", hidden, params.embed, preferred_element_type=jnp.float32)
-    return jnp.einsum("...D,DV->...V", hidden, params.lm_head, preferred_element_type=jnp.float32)
+def logits_from_hidden(params: Params, hidden: jax.Array, layout: ChunkLayout = UNSPLIT) -> jax.Array:
+    """hidden: [..., D] -> fp32 logits [..., V]: a sum over the model-dim pieces of each slot."""
+    if layout.num_chunks > 1:
+        hidden = hidden[..., layout.dim_order(hidden.shape[-1])]
+    pieces = jnp.split(hidden, len(params.chunks), axis=-1)
+    logits = None
+    for h, c in zip(pieces, params.chunks):
+        if c.lm_head is None:
+            part = jnp.einsum("...D,VD->...V", h, c.embed, preferred_element_type=jnp.float32)
+        else:
+            part = jnp.einsum("...D,DV->...V", h, c.lm_head, preferred_element_type=jnp.float32)
+        logits = part if logits is None else logits + part
+    return logits
 
 
 def last_hidden(hidden: jax.Array, num_new: jax.Array) -> jax.Array:

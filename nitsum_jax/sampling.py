@@ -15,6 +15,9 @@ import numpy as np
 from flax import struct
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM)
+
+
 class SamplingError(ValueError):
     """A sampling parameter is outside its accepted range."""
 
@@ -75,7 +78,9 @@ class SamplingBatch:
 def sample(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     """logits: [B, V] float32 -> next token ids [B] int32."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    temp = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
+    # Temperatures this small would overflow logits / t to inf (NaN after softmax): treat as greedy.
+    is_greedy = batch.temperature < GREEDY_BELOW
+    temp = jnp.where(is_greedy, 1.0, batch.temperature)
     scaled = logits / temp[:, None]
     order = jnp.argsort(-scaled, axis=-1)  # [B, V] token ids, most likely first
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
@@ -93,4 +98,4 @@ def sample(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
 
     choice = jax.vmap(draw)(batch.seed, batch.position, masked)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(batch.temperature > 0, sampled, greedy)
+    return jnp.where(is_greedy, greedy, sampled)

@@ -9,21 +9,25 @@ import jax
 
 from nitsum_jax.attention import KVCache
 from nitsum_jax.config import LlamaConfig
-from nitsum_jax.model import Params, StepInput, forward, last_hidden, logits_from_hidden
+from nitsum_jax.model import UNSPLIT, ChunkLayout, Params, StepInput, forward, last_hidden, logits_from_hidden
 from nitsum_jax.sampling import SamplingBatch, sample
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
-def step_logits(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig) -> tuple[jax.Array, KVCache]:
+@functools.partial(jax.jit, static_argnames=("cfg", "layout"), donate_argnames=("kv",))
+def step_logits(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
+                layout: ChunkLayout = UNSPLIT) -> tuple[jax.Array, KVCache]:
     """Logits of every new token: [B, T, V] float32 (scoring, parity checks)."""
-    hidden, kv = forward(params, kv, step, cfg)
-    return logits_from_hidden(params, hidden), kv
+    hidden, kv = forward(params, kv, step, cfg, layout)
+    return logits_from_hidden(params, hidden, layout), kv
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
-def step_sample(params: Params, kv: KVCache, step: StepInput, sampling: SamplingBatch,
-                cfg: LlamaConfig) -> tuple[jax.Array, KVCache]:
-    """Append the new tokens, then draw each row's next token: [B] int32 (one packed array)."""
-    hidden, kv = forward(params, kv, step, cfg)
-    logits = logits_from_hidden(params, last_hidden(hidden, step.num_new))
+def sample_step(params: Params, kv: KVCache, step: StepInput, sampling: SamplingBatch, cfg: LlamaConfig,
+                layout: ChunkLayout = UNSPLIT) -> tuple[jax.Array, KVCache]:
+    """Append the new tokens, then draw each row's next token: [B] int32 (one packed array).
+    Unjitted: lanes compile it ahead of time for their own meshes (`plans`)."""
+    hidden, kv = forward(params, kv, step, cfg, layout)
+    logits = logits_from_hidden(params, last_hidden(hidden, step.num_new), layout)
     return sample(logits, sampling), kv
+
+
+step_sample = jax.jit(sample_step, static_argnames=("cfg", "layout"), donate_argnames=("kv",))
