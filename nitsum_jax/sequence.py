@@ -19,6 +19,7 @@ class Completion:
     text: str | None
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # of each token, untempered
 
 
 @dataclasses.dataclass
@@ -28,6 +29,7 @@ class Sequence:
     params: SamplingParams
     seed: int
     output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the pages
     finish_reason: str | None = None
     text: str | None = None
@@ -49,7 +51,8 @@ class Sequence:
         return self.finish_reason is not None
 
     def completion(self) -> Completion:
-        return Completion(list(self.output_ids), self.text, self.finish_reason or "length", len(self.prompt_ids))
+        return Completion(list(self.output_ids), self.text, self.finish_reason or "length", len(self.prompt_ids),
+                          list(self.output_logprobs))
 
 
 def validate_prompt(prompt_ids: Seq[int], params: SamplingParams, vocab_size: int, max_seq_len: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from nitsum_jax.attention import KVCache
 from nitsum_jax.config import LlamaConfig
@@ -23,11 +24,16 @@ def step_logits(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
 
 def sample_step(params: Params, kv: KVCache, step: StepInput, sampling: SamplingBatch, cfg: LlamaConfig,
                 layout: ChunkLayout = UNSPLIT) -> tuple[jax.Array, KVCache]:
-    """Append the new tokens, then draw each row's next token: [B] int32 (one packed array).
-    Unjitted: lanes compile it ahead of time for their own meshes (`plans`)."""
+    """Append the new tokens, then draw each row's next token.
+
+    Returns tokens [B] int32, their log-probabilities [B] float32 (under the untempered model:
+    what teacher-forced NLL checks compare) and the cache. Unjitted: lanes compile it ahead of
+    time for their own meshes (`plans`)."""
     hidden, kv = forward(params, kv, step, cfg, layout)
     logits = logits_from_hidden(params, last_hidden(hidden, step.num_new), layout)
-    return sample(logits, sampling), kv
+    tokens = sample(logits, sampling)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs, kv
 
 
 step_sample = jax.jit(sample_step, static_argnames=("cfg", "layout"), donate_argnames=("kv",))

@@ -1,0 +1,158 @@
+"""A lane: one mesh, its weights (views of shared buffers), its paged KV arrays, its page
+allocator, and its steps compiled ahead of time for a fixed grid of shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nitsum_jax.attention import KVCache
+from nitsum_jax.config import LlamaConfig
+from nitsum_jax.kv import PageAllocator
+from nitsum_jax.model import ChunkLayout, Params, StepInput
+from nitsum_jax.plans.spec import LaneSpec
+from nitsum_jax.sampling import SamplingBatch
+from nitsum_jax.steps import sample_step
+
+
+class ShapeOutsideGrid(ValueError):
+    """A step's shape is not in the grid compiled at start-up (serving never compiles)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketGrid:
+    decode_batch: tuple[int, ...] = (1, 2, 4, 8)  # decode steps: [B, 1]
+    prefill_len: tuple[int, ...] = (16, 64)  # prefill chunks of one sequence: [1, T]
+    max_seq_len: int = 256  # pages_per_seq = max_seq_len / page_size, one width for all steps
+    min_move_pages: int = 4  # KV-move programs for 4, 8, 16, ... pages up to pages_per_seq
+
+    def batch_for(self, n: int) -> int:
+        return _pick(self.decode_batch, n, "decode batch")
+
+    def prefill_for(self, n: int) -> int:
+        return _pick(self.prefill_len, n, "prefill chunk")
+
+
+def _pick(grid: tuple[int, ...], n: int, what: str) -> int:
+    for b in sorted(grid):
+        if n <= b:
+            return b
+    raise ShapeOutsideGrid(f"{what} of {n} is outside the compiled grid {sorted(grid)}")
+
+
+def pow2_upto(n: int, start: int = 1) -> tuple[int, ...]:
+    out, b = [], start
+    while b < n:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (n,)
+
+
+class Lane:
+    def __init__(self, name: str, spec: LaneSpec, cfg: LlamaConfig, layout: ChunkLayout, mesh: Mesh,
+                 params: Params, num_pages: int, page_size: int, grid: BucketGrid):
+        self.name, self.spec, self.cfg, self.layout, self.mesh = name, spec, cfg, layout, mesh
+        self.params = params
+        self.grid = grid
+        self.page_size = page_size
+        self.pages_per_seq = -(-grid.max_seq_len // page_size)
+        self.allocator = PageAllocator(num_pages, page_size)
+        kv_heads = spec.tp * max(1, cfg.num_kv_heads // layout.num_chunks)
+        self.kv_shape = (cfg.num_layers, kv_heads, num_pages, page_size, cfg.head_dim)
+        self.kv_sharding = NamedSharding(mesh, P(None, "tp"))
+        self.replicated = NamedSharding(mesh, P())
+        slots = layout.slots
+        zeros = jax.jit(lambda: KVCache(k=tuple(jnp.zeros(self.kv_shape, cfg.jnp_dtype) for _ in range(slots)),
+                                        v=tuple(jnp.zeros(self.kv_shape, cfg.jnp_dtype) for _ in range(slots))),
+                        out_shardings=KVCache(k=(self.kv_sharding,) * slots, v=(self.kv_sharding,) * slots))
+        self.kv: KVCache = zeros()
+        self._steps: dict[tuple[int, int], object] = {}
+        self._gathers: dict[int, object] = {}
+        self._scatters: dict[int, object] = {}
+
+    # -- ahead-of-time compilation -------------------------------------------------------
+    def _abstract(self, shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
+
+    def compile(self) -> int:
+        """Compile and run once every step of the grid and every KV-move program; returns count."""
+        kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv)
+        step_fn = jax.jit(sample_step, static_argnames=("cfg", "layout"), donate_argnames=("kv",),
+                          out_shardings=(self.replicated, self.replicated,
+                                         jax.tree.map(lambda a: a.sharding, self.kv)))
+        shapes = [(b, 1) for b in self.grid.decode_batch] + [(1, t) for t in self.grid.prefill_len]
+        for b, t in shapes:
+            step = StepInput(tokens=self._abstract((b, t), jnp.int32), start_pos=self._abstract((b,), jnp.int32),
+                             num_new=self._abstract((b,), jnp.int32),
+                             page_table=self._abstract((b, self.pages_per_seq), jnp.int32))
+            sampling = SamplingBatch(temperature=self._abstract((b,), jnp.float32),
+                                     top_k=self._abstract((b,), jnp.int32), top_p=self._abstract((b,), jnp.float32),
+                                     seed=self._abstract((b,), jnp.uint32), position=self._abstract((b,), jnp.int32))
+            self._steps[(b, t)] = step_fn.lower(self.params, kv_abs, step, sampling, cfg=self.cfg,
+                                                layout=self.layout).compile()
+        for n in pow2_upto(self.pages_per_seq, self.grid.min_move_pages):
+            pages = self._abstract((n,), jnp.int32)
+            self._gathers[n] = jax.jit(_gather_pages).lower(kv_abs, pages).compile()
+            pieces = tuple(jax.ShapeDtypeStruct(a.shape[:2] + (n,) + a.shape[3:], a.dtype, sharding=a.sharding)
+                           for a in kv_abs.k)
+            self._scatters[n] = jax.jit(_scatter_pages, donate_argnames=("kv",)).lower(
+                kv_abs, pages, pieces, pieces).compile()
+        self.warm_up()
+        return len(self._steps) + len(self._gathers) + len(self._scatters)
+
+    def warm_up(self) -> None:
+        """Run every compiled step once on idle rows (num_new 0: nothing is written)."""
+        for (b, t) in self._steps:
+            self.step(np.zeros((b, t), np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
+                      np.zeros((b, self.pages_per_seq), np.int32),
+                      SamplingBatch.from_params([None] * b, [0] * b, [0] * b))
+
+    # -- serving -------------------------------------------------------------------------
+    def step(self, tokens: np.ndarray, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
+             sampling: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
+        """One compiled step; shapes must be a grid entry. Returns tokens [B] and logprobs [B]."""
+        b, t = tokens.shape
+        fn = self._steps.get((b, t))
+        if fn is None:
+            raise ShapeOutsideGrid(f"step shape [batch {b}, tokens {t}] is not in lane {self.name}'s grid "
+                                   f"{sorted(self._steps)}")
+        step = StepInput(tokens=tokens, start_pos=start_pos, num_new=num_new, page_table=page_table)
+        next_tokens, logprobs, self.kv = fn(self.params, self.kv, step, sampling)
+        return jax.device_get((next_tokens, logprobs))
+
+    def batch_for(self, n: int) -> int:
+        return self.grid.batch_for(n)
+
+    def prefill_for(self, n: int) -> int:
+        return self.grid.prefill_for(n)
+
+    def gather_pages(self, pages: list[int]) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], int]:
+        n = _pick(tuple(self._gathers), len(pages), "KV move")
+        padded = np.zeros(n, np.int32)
+        padded[:len(pages)] = pages
+        k, v = self._gathers[n](self.kv, padded)
+        return k, v, n
+
+    def scatter_pages(self, pages: list[int], k_pieces, v_pieces, n: int) -> None:
+        padded = np.full(n, self.kv_shape[2], np.int32)  # out of range: padding rows are dropped
+        padded[:len(pages)] = pages
+        self.kv = self._scatters[n](self.kv, padded, k_pieces, v_pieces)
+
+    @property
+    def devices(self) -> list:
+        return list(self.mesh.devices.flat)
+
+
+def _gather_pages(kv: KVCache, pages: jax.Array):
+    """Each slot's pages [layers, kv_heads, n, page_size, head_dim], still sharded over tp."""
+    return tuple(a[:, :, pages] for a in kv.k), tuple(a[:, :, pages] for a in kv.v)
+
+
+def _scatter_pages(kv: KVCache, pages: jax.Array, k_pieces, v_pieces) -> KVCache:
+    return KVCache(k=tuple(a.at[:, :, pages].set(p, mode="drop") for a, p in zip(kv.k, k_pieces)),
+                   v=tuple(a.at[:, :, pages].set(p, mode="drop") for a, p in zip(kv.v, v_pieces)))
+

@@ -1,0 +1,87 @@
+"""Per-device memory of a plan set, computed from shapes (nothing is allocated), so that
+`nitsum-jax plans --preset llama-3.1-70b --devices 8` answers on a laptop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from nitsum_jax.config import LlamaConfig
+from nitsum_jax.model import ChunkLayout, abstract_params
+from nitsum_jax.plans.layout import device_chunks
+from nitsum_jax.plans.spec import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBudget:
+    num_pages: int  # KV pages per lane
+    page_size: int
+    max_batch: int
+    max_prefill: int
+
+
+def chunk_bytes(cfg: LlamaConfig, num_chunks: int) -> tuple[int, int]:
+    """(bytes of one chunk's weights, bytes of the replicated weights) - per device copy."""
+    itemsize = jnp.dtype(cfg.jnp_dtype).itemsize
+    full = abstract_params(cfg)
+    rep = sum(int(np.prod(a.shape)) for a in (full.attn_norm, full.mlp_norm, full.final_norm)) * itemsize
+    per_chunk = 0
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "lm_head"):
+        a = getattr(full.chunks[0], name)
+        if a is None:
+            continue
+        n = int(np.prod(a.shape))
+        if name in ("wk", "wv") and cfg.num_kv_heads < num_chunks:
+            n = n // cfg.num_kv_heads  # one (replicated) kv head per chunk
+        else:
+            n = n // num_chunks
+        per_chunk += n * itemsize
+    return per_chunk, rep
+
+
+def lane_kv_bytes_per_device(cfg: LlamaConfig, layout: ChunkLayout, budget: MemoryBudget) -> int:
+    heads_per_device = layout.slots * max(1, cfg.num_kv_heads // layout.num_chunks)
+    return (2 * cfg.num_layers * heads_per_device * budget.num_pages * budget.page_size * cfg.head_dim
+            * jnp.dtype(cfg.jnp_dtype).itemsize)
+
+
+def lane_workspace_bytes(cfg: LlamaConfig, tp: int, budget: MemoryBudget) -> int:
+    """Peak activations of the largest step, an estimate: the prefill chunk's hidden states,
+    q/k/v and ffn intermediates, plus fp32 logits of the largest decode batch."""
+    tokens = max(budget.max_prefill, budget.max_batch)
+    per_token = 4 * (3 * cfg.dim + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim // tp
+                     + 3 * cfg.ffn_dim // tp)
+    attn_scores = 4 * cfg.num_heads // tp * budget.max_prefill * budget.max_prefill
+    logits = 4 * budget.max_batch * cfg.vocab_size * 2
+    return tokens * per_token + attn_scores + logits
+
+
+def memory_report(cfg: LlamaConfig, plans: tuple[Plan, ...], layouts: dict[tuple[int, ...], ChunkLayout],
+                  budget: MemoryBudget) -> dict:
+    c = next(iter(layouts.values())).num_chunks
+    per_chunk, rep = chunk_bytes(cfg, c)
+    held = device_chunks(layouts)
+    shared_weights = {d: len(ch) * per_chunk + rep for d, ch in held.items()}
+    kv, work = {}, {}
+    for devices, layout in layouts.items():
+        for d in devices:
+            kv[d] = kv.get(d, 0) + lane_kv_bytes_per_device(cfg, layout, budget)
+            work[d] = max(work.get(d, 0), lane_workspace_bytes(cfg, layout.tp, budget))
+    per_plan = {}
+    for plan in plans:
+        weights = {d: (c // lane.tp) * per_chunk + rep for lane in plan.lanes for d in lane.devices}
+        per_plan[plan.name] = {"weights_per_device": weights, "weights_total": sum(weights.values())}
+    largest = max(p["weights_total"] for p in per_plan.values())
+    total = sum(shared_weights.values())
+    return {
+        "num_chunks": c,
+        "chunk_bytes": per_chunk,
+        "plans": per_plan,
+        "devices": {d: {"weights": shared_weights[d], "kv": kv.get(d, 0), "workspace": work.get(d, 0),
+                        "total": shared_weights[d] + kv.get(d, 0) + work.get(d, 0)} for d in sorted(held)},
+        "plan_set_weights_total": total,
+        "largest_plan_weights_total": largest,
+        "weight_overhead": total / largest,
+    }

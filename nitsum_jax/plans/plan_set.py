@@ -1,0 +1,91 @@
+"""Start-up of a plan set: shared weight buffers, every lane of every plan with its KV arrays
+and compiled programs, and KV moves between lanes. After `PlanSet(...)` returns, serving
+compiles nothing and creates no communicators."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nitsum_jax.config import LlamaConfig
+from nitsum_jax.model import Params
+from nitsum_jax.plans.lane import BucketGrid, Lane
+from nitsum_jax.plans.layout import assign_chunks, device_chunks
+from nitsum_jax.plans.memory import MemoryBudget, memory_report
+from nitsum_jax.plans.spec import LaneSpec, Plan, validate_plans
+from nitsum_jax.plans.weights import WeightStore
+
+
+def lane_name(spec: LaneSpec) -> str:
+    return f"tp{spec.tp}@{spec.devices[0]}-{spec.devices[-1]}" if spec.tp > 1 else f"tp1@{spec.devices[0]}"
+
+
+class PlanSet:
+    def __init__(self, cfg: LlamaConfig, params: Params, plans: tuple[Plan, ...], *, devices: list | None = None,
+                 num_pages: int = 256, page_size: int = 16, grid: BucketGrid = BucketGrid()):
+        self.cfg, self.plans = cfg, {p.name: p for p in plans}
+        self.devices = list(devices or jax.devices())
+        validate_plans(plans, len(self.devices), cfg)
+        t0 = time.perf_counter()
+        self.layouts = assign_chunks(plans, cfg)
+        self.weights = WeightStore.build(cfg, params, device_chunks(self.layouts), self.devices)
+        self.lanes: dict[tuple[int, ...], Lane] = {}
+        self.num_programs = 0
+        for plan in plans:
+            for spec in plan.lanes:
+                if spec.devices in self.lanes:
+                    continue
+                mesh = Mesh(np.array([self.devices[d] for d in spec.devices]), ("tp",))
+                lane_params = self.weights.lane_params(spec.devices, self.layouts[spec.devices], mesh)
+                lane = Lane(lane_name(spec), spec, cfg, self.layouts[spec.devices], mesh, lane_params,
+                            num_pages, page_size, grid)
+                self.num_programs += lane.compile()
+                self.lanes[spec.devices] = lane
+        self.budget = MemoryBudget(num_pages, page_size, max(grid.decode_batch), max(grid.prefill_len))
+        self.startup_seconds = time.perf_counter() - t0
+
+    def lanes_of(self, plan_name: str) -> list[Lane]:
+        return [self.lanes[spec.devices] for spec in self.plans[plan_name].lanes]
+
+    def memory_report(self) -> dict:
+        return memory_report(self.cfg, tuple(self.plans.values()), self.layouts, self.budget)
+
+    def move(self, seq_id, src: Lane, dst: Lane) -> int:
+        """Move a sequence's pages from `src` to `dst` by per-shard device-to-device copies.
+
+        Each chunk's K/V slice goes from the device that holds it on `src` to the device that
+        holds it on `dst`; page ids may change, contents do not. Returns bytes moved.
+        """
+        if src is dst:
+            return 0
+        src_pages = src.allocator.pages(seq_id)
+        dst.allocator.reserve(seq_id, len(src_pages) * src.page_size)
+        dst_pages = dst.allocator.pages(seq_id)
+        k_src, v_src, n = src.gather_pages(src_pages)
+        where = {c: (i, r) for i, row in enumerate(src.layout.assign) for r, c in enumerate(row)}
+        src_devices = src.devices
+        moved = 0
+
+        def slots_for_dst(pieces_by_slot):
+            nonlocal moved
+            shards = [{s.device: s.data for s in arr.addressable_shards} for arr in pieces_by_slot]
+            out = []
+            for r in range(dst.layout.slots):
+                parts = []
+                for i, device in enumerate(dst.devices):
+                    si, sr = where[dst.layout.assign[i][r]]
+                    piece = shards[sr][src_devices[si]]
+                    moved += piece.nbytes
+                    parts.append(jax.device_put(piece, device))
+                shape = list(parts[0].shape)
+                shape[1] *= len(parts)
+                out.append(jax.make_array_from_single_device_arrays(
+                    tuple(shape), NamedSharding(dst.mesh, P(None, "tp")), parts))
+            return tuple(out)
+
+        dst.scatter_pages(dst_pages, slots_for_dst(k_src), slots_for_dst(v_src), n)
+        src.allocator.free(seq_id)
+        return moved

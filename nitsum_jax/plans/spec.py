@@ -1,0 +1,160 @@
+"""Plan descriptions: parse, derive defaults, validate with errors that name the bad value.
+
+Compact form, plans separated by `;`, lanes by `,`:
+    static: all=tp8@0-7; mixed: high=tp4@0-3, low=tp2@4-5, low=tp2@6-7
+A lane is `CLASSES=tpN@DEVICES`; CLASSES is `all` or names joined by `+`; DEVICES is a range
+`a-b` or a list `a.b.c`. TOML form: `[[plan]] name = "mixed"` with `lanes = ["high=tp4@0-3", ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+from nitsum_jax.config import LlamaConfig
+
+ALL_CLASSES = "all"
+
+
+class PlanError(ValueError):
+    """A plan or plan set is malformed or does not fit the model and the devices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneSpec:
+    classes: tuple[str, ...]  # ("all",) serves every class
+    tp: int
+    devices: tuple[int, ...]
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """Lanes with the same devices (in order) are the same mesh in every plan."""
+        return self.devices
+
+    def serves(self, priority_class: str) -> bool:
+        return ALL_CLASSES in self.classes or priority_class in self.classes
+
+    def __str__(self) -> str:
+        return f"{'+'.join(self.classes)}=tp{self.tp}@{'.'.join(map(str, self.devices))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    name: str
+    lanes: tuple[LaneSpec, ...]
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return tuple(d for lane in self.lanes for d in lane.devices)
+
+    def __str__(self) -> str:
+        return f"{self.name}: " + ", ".join(map(str, self.lanes))
+
+
+_LANE = re.compile(r"^\s*([\w+\-]+)\s*=\s*tp(\d+)\s*@\s*([\d.\-]+)\s*$")
+
+
+def _devices(text: str, lane: str) -> tuple[int, ...]:
+    if "-" in text:
+        a, _, b = text.partition("-")
+        if not (a.isdigit() and b.isdigit()) or int(b) < int(a):
+            raise PlanError(f"lane {lane!r}: device range {text!r} must be 'first-last' with first <= last")
+        return tuple(range(int(a), int(b) + 1))
+    return tuple(int(d) for d in text.split("."))
+
+
+def parse_lane(text: str) -> LaneSpec:
+    m = _LANE.match(text)
+    if not m:
+        raise PlanError(f"lane {text!r} is not CLASSES=tpN@DEVICES (e.g. high=tp4@0-3 or low=tp1@5)")
+    classes = tuple(m.group(1).split("+"))
+    tp, devices = int(m.group(2)), _devices(m.group(3), text)
+    if len(devices) != tp:
+        raise PlanError(f"lane {text!r}: tp{tp} needs {tp} devices, got {len(devices)} ({list(devices)})")
+    return LaneSpec(classes, tp, devices)
+
+
+def parse_plans(text: str) -> tuple[Plan, ...]:
+    plans = []
+    for chunk in filter(str.strip, text.split(";")):
+        name, sep, lanes = chunk.partition(":")
+        if not sep or not name.strip():
+            raise PlanError(f"plan {chunk.strip()!r} must be 'NAME: lane, lane, ...'")
+        plans.append(Plan(name.strip(), tuple(parse_lane(lane) for lane in lanes.split(",") if lane.strip())))
+    if not plans:
+        raise PlanError("no plans given")
+    return tuple(plans)
+
+
+def load_plans_toml(path: Path) -> tuple[Plan, ...]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError(f"{path}: {e}") from None
+    plans = []
+    for i, entry in enumerate(data.get("plan", [])):
+        if "name" not in entry or "lanes" not in entry:
+            raise PlanError(f"{path}: [[plan]] #{i + 1} needs 'name' and 'lanes'")
+        plans.append(Plan(entry["name"], tuple(parse_lane(lane) for lane in entry["lanes"])))
+    if not plans:
+        raise PlanError(f"{path}: no [[plan]] tables")
+    return tuple(plans)
+
+
+def read_plans(value: str | None, num_devices: int, cfg: LlamaConfig) -> tuple[Plan, ...]:
+    """`--plans` value: a TOML file path, the compact form, or None for the default set."""
+    if value is None:
+        plans = default_plans(num_devices, cfg)
+    elif value.endswith(".toml") or Path(value).is_file():
+        plans = load_plans_toml(Path(value))
+    else:
+        plans = parse_plans(value)
+    validate_plans(plans, num_devices, cfg)
+    return plans
+
+
+def _largest_tp(n: int, cfg: LlamaConfig) -> int:
+    tp = 1
+    while tp * 2 <= n and cfg.num_heads % (tp * 2) == 0:
+        tp *= 2
+    return tp
+
+
+def default_plans(num_devices: int, cfg: LlamaConfig) -> tuple[Plan, ...]:
+    """static: one lane over all devices; mixed: high on the first half, low lanes on the rest;
+    burst: low on lanes of a quarter of the devices each (every device busy with low work)."""
+    n = _largest_tp(num_devices, cfg)
+    static = Plan("static", (LaneSpec((ALL_CLASSES,), n, tuple(range(n))),))
+    if n == 1:
+        return (static,)
+    half, quarter = n // 2, max(n // 4, 1)
+    mixed = [LaneSpec(("high",), half, tuple(range(half)))]
+    mixed += [LaneSpec(("low",), quarter, tuple(range(d, d + quarter))) for d in range(half, n, quarter)]
+    burst = [LaneSpec(("high", "low") if d == 0 else ("low",), quarter, tuple(range(d, d + quarter)))
+             for d in range(0, n, quarter)]
+    return static, Plan("mixed", tuple(mixed)), Plan("burst", tuple(burst))
+
+
+def validate_plans(plans: tuple[Plan, ...], num_devices: int, cfg: LlamaConfig) -> None:
+    names = [p.name for p in plans]
+    if len(set(names)) != len(names):
+        raise PlanError(f"plan names must be unique, got {names}")
+    for plan in plans:
+        seen: dict[int, LaneSpec] = {}
+        for lane in plan.lanes:
+            if lane.tp & (lane.tp - 1):
+                raise PlanError(f"plan {plan.name!r}, lane {lane}: tp{lane.tp} must be a power of two")
+            if cfg.num_heads % lane.tp:
+                raise PlanError(f"plan {plan.name!r}, lane {lane}: tp{lane.tp} does not divide the "
+                                f"{cfg.num_heads} attention heads")
+            if lane.tp > cfg.num_kv_heads and lane.tp % cfg.num_kv_heads:
+                raise PlanError(f"plan {plan.name!r}, lane {lane}: tp{lane.tp} above the {cfg.num_kv_heads} kv "
+                                f"heads must be a multiple of them (kv heads are then replicated)")
+            for d in lane.devices:
+                if not 0 <= d < num_devices:
+                    raise PlanError(f"plan {plan.name!r}, lane {lane}: device {d} is outside 0-{num_devices - 1}")
+                if d in seen:
+                    raise PlanError(f"plan {plan.name!r}: device {d} is in two lanes ({seen[d]} and {lane})")
+                seen[d] = lane

@@ -1,0 +1,86 @@
+"""Weight buffers for a plan set: one buffer per (device, chunk, weight), shared by every lane
+that places that chunk on that device; lanes see them through
+`jax.make_array_from_single_device_arrays`, so nothing is copied per lane or per plan."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nitsum_jax.config import LlamaConfig
+from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, ChunkWeights, Params, param_specs
+
+REPLICATED = ("attn_norm", "mlp_norm", "final_norm")
+
+
+def chunk_slice(cfg: LlamaConfig, name: str, full: np.ndarray, chunk: int, num_chunks: int) -> np.ndarray:
+    """The piece of weight `name` that chunk `chunk` of `num_chunks` holds."""
+    axis = CHUNK_AXIS[name]
+    if name in ("wk", "wv") and cfg.num_kv_heads < num_chunks:
+        # Fewer kv heads than chunks: each chunk holds (a replica of) the kv head its query heads use.
+        head = chunk * cfg.num_kv_heads // num_chunks
+        return np.take(full, [head], axis=axis)
+    width = full.shape[axis] // num_chunks
+    return np.take(full, np.arange(chunk * width, (chunk + 1) * width), axis=axis)
+
+
+@dataclasses.dataclass
+class WeightStore:
+    """Per-device buffers: `chunks[(device_id, chunk)]` is a ChunkWeights of single-device arrays."""
+
+    cfg: LlamaConfig
+    num_chunks: int
+    chunks: dict[tuple[int, int], ChunkWeights]
+    replicated: dict[int, dict[str, jax.Array]]
+
+    @classmethod
+    def build(cls, cfg: LlamaConfig, params: Params, held: dict[int, set[int]], devices: list) -> "WeightStore":
+        """Slice the unsplit `params` into the chunks each device holds and place them."""
+        full = params.chunks[0]
+        c = max(max(ch) for ch in held.values()) + 1
+        host = {f.name: (None if getattr(full, f.name) is None else np.asarray(getattr(full, f.name)))
+                for f in dataclasses.fields(ChunkWeights)}
+        chunks, replicated = {}, {}
+        for d, held_chunks in sorted(held.items()):
+            dev = devices[d]
+            replicated[d] = {n: jax.device_put(getattr(params, n), dev) for n in REPLICATED}
+            for ch in sorted(held_chunks):
+                pieces = {n: None if a is None else jax.device_put(chunk_slice(cfg, n, a, ch, c), dev)
+                          for n, a in host.items()}
+                chunks[(d, ch)] = ChunkWeights(**pieces)
+        return cls(cfg, c, chunks, replicated)
+
+    def lane_params(self, lane_devices: tuple[int, ...], layout: ChunkLayout, mesh: Mesh) -> Params:
+        """The lane's Params: slot r is a global array over the lane mesh assembled from the
+        buffers of chunk layout.assign[i][r] on device i. No data is copied."""
+        specs = param_specs(self.cfg).chunks[0]
+        slots = []
+        for r in range(layout.slots):
+            fields = {}
+            for f in dataclasses.fields(ChunkWeights):
+                pieces = [getattr(self.chunks[(d, layout.assign[i][r])], f.name) for i, d in enumerate(lane_devices)]
+                if pieces[0] is None:
+                    fields[f.name] = None
+                    continue
+                spec = getattr(specs, f.name)
+                axis = CHUNK_AXIS[f.name]
+                shape = list(pieces[0].shape)
+                shape[axis] *= len(pieces)
+                fields[f.name] = jax.make_array_from_single_device_arrays(
+                    tuple(shape), NamedSharding(mesh, spec), pieces)
+            slots.append(ChunkWeights(**fields))
+        rep = {n: jax.make_array_from_single_device_arrays(
+            self.replicated[lane_devices[0]][n].shape, NamedSharding(mesh, PartitionSpec()),
+            [self.replicated[d][n] for d in lane_devices]) for n in REPLICATED}
+        return Params(chunks=tuple(slots), **rep)
+
+    def bytes_per_device(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for (d, _), cw in self.chunks.items():
+            out[d] = out.get(d, 0) + sum(a.nbytes for a in jax.tree.leaves(cw))
+        for d, rep in self.replicated.items():
+            out[d] = out.get(d, 0) + sum(a.nbytes for a in rep.values())
+        return out
