@@ -60,6 +60,54 @@ def _generate(args) -> int:
     return 0
 
 
+def _plans(args) -> int:
+    from nitsum_jax.config import preset
+    from nitsum_jax.plans.layout import assign_chunks
+    from nitsum_jax.plans.memory import MemoryBudget, check_fits, memory_report
+    from nitsum_jax.plans.spec import read_plans
+
+    if args.checkpoint:
+        from checkpoints_tools.store import read_config
+
+        cfg = read_config(args.checkpoint)
+    else:
+        cfg = preset(args.preset)
+        if args.dtype:
+            cfg = cfg.replace(dtype={"bf16": "bfloat16", "fp32": "float32"}[args.dtype])
+    n = args.devices or _device_count()
+    plans = read_plans(args.plans, n, cfg)
+    layouts = assign_chunks(plans, cfg)
+    budget = MemoryBudget(args.kv_pages, args.page_size, args.max_batch, args.max_prefill)
+    report = memory_report(cfg, plans, layouts, budget)
+    if args.json:
+        print(json.dumps({"plans": [str(p) for p in plans], **report}, indent=2, default=str))
+    else:
+        gib = 2**30
+        print(f"model {args.checkpoint or args.preset} ({cfg.dtype}), {n} devices, {report['num_chunks']} weight "
+              f"chunks of {report['chunk_bytes'] / gib:.3f} GiB")
+        for p in plans:
+            print(f"plan {p}")
+            for lane in p.lanes:
+                print(f"    lane tp{lane.tp} devices {list(lane.devices)} classes {'+'.join(lane.classes)}: "
+                      f"chunks {[list(r) for r in layouts[lane.devices].assign]}")
+        print(f"{'device':>6} {'weights GiB':>12} {'KV GiB':>8} {'workspace GiB':>14} {'total GiB':>10}")
+        for d, use in report["devices"].items():
+            print(f"{d:>6} {use['weights'] / gib:>12.2f} {use['kv'] / gib:>8.2f} {use['workspace'] / gib:>14.2f} "
+                  f"{use['total'] / gib:>10.2f}")
+        print(f"plan-set weights {report['plan_set_weights_total'] / gib:.2f} GiB over largest single plan "
+              f"{report['largest_plan_weights_total'] / gib:.2f} GiB = {report['weight_overhead']:.3f}x")
+    if args.device_memory_gib:
+        check_fits(report, int(args.device_memory_gib * 2**30))
+        print(f"fits {args.device_memory_gib:g} GiB devices")
+    return 0
+
+
+def _device_count() -> int:
+    import jax
+
+    return jax.device_count()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nitsum-jax", description="Priority-lane LLM serving on JAX/XLA.")
     parser.add_argument("--devices", type=int, default=None,
@@ -81,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=_generate)
+    p = sub.add_parser("plans", help="a plan set's lanes, weight chunks and per-device memory")
+    _add_model_args(p)
+    p.add_argument("--plans", default=None, help="compact form ('static: all=tp8@0-7; mixed: ...') or a .toml file; "
+                                                 "default: derived from the device count")
+    p.add_argument("--kv-pages", type=int, default=4096, help="KV pages per lane")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-prefill", type=int, default=512)
+    p.add_argument("--device-memory-gib", type=float, default=None, help="fail unless every device fits this")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plans)
     return parser
 
 
@@ -89,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     _set_host_devices(args.devices)
     from checkpoints_tools.store import CheckpointError
     from nitsum_jax.config import ConfigError
+    from nitsum_jax.plans.spec import PlanError
     from nitsum_jax.sampling import SamplingError
     from nitsum_jax.sequence import RequestError
 
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, SamplingError, RequestError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, PlanError, SamplingError, RequestError, FileNotFoundError) as e:
         print(f"nitsum-jax: error: {e}", file=sys.stderr)
         return 2
 

@@ -85,3 +85,14 @@ def memory_report(cfg: LlamaConfig, plans: tuple[Plan, ...], layouts: dict[tuple
         "largest_plan_weights_total": largest,
         "weight_overhead": total / largest,
     }
+
+
+def check_fits(report: dict, device_bytes: int) -> None:
+    """Refuse a plan set whose weights + KV + workspace exceed a device's memory."""
+    from nitsum_jax.plans.spec import PlanError
+
+    for d, use in report["devices"].items():
+        if use["total"] > device_bytes:
+            raise PlanError(f"device {d} needs {use['total'] / 2**30:.2f} GiB (weights {use['weights'] / 2**30:.2f}, "
+                            f"KV {use['kv'] / 2**30:.2f}, workspace {use['workspace'] / 2**30:.2f}) but has "
+                            f"{device_bytes / 2**30:.2f} GiB; use fewer KV pages, more TP or fewer lanes per device")
