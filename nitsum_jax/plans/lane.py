@@ -112,9 +112,9 @@ class Lane:
                       SamplingBatch.from_params([None] * b, [0] * b, [0] * b))
 
     # -- serving -------------------------------------------------------------------------
-    def step(self, tokens: np.ndarray, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
-             sampling: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
-        """One compiled step; shapes must be a grid entry. Returns tokens [B] and logprobs [B]."""
+    def dispatch(self, tokens: np.ndarray, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
+                 sampling: SamplingBatch) -> tuple[jax.Array, jax.Array]:
+        """Enqueue one compiled step without waiting; returns device arrays (tokens, logprobs)."""
         b, t = tokens.shape
         fn = self._steps.get((b, t))
         if fn is None:
@@ -122,7 +122,12 @@ class Lane:
                                    f"{sorted(self._steps)}")
         step = StepInput(tokens=tokens, start_pos=start_pos, num_new=num_new, page_table=page_table)
         next_tokens, logprobs, self.kv = fn(self.params, self.kv, step, sampling)
-        return jax.device_get((next_tokens, logprobs))
+        return next_tokens, logprobs
+
+    def step(self, tokens: np.ndarray, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
+             sampling: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
+        """One compiled step; shapes must be a grid entry. Returns tokens [B] and logprobs [B]."""
+        return jax.device_get(self.dispatch(tokens, start_pos, num_new, page_table, sampling))
 
     def batch_for(self, n: int) -> int:
         return self.grid.batch_for(n)

@@ -24,14 +24,20 @@ def lane_name(spec: LaneSpec) -> str:
 
 
 class PlanSet:
-    def __init__(self, cfg: LlamaConfig, params: Params, plans: tuple[Plan, ...], *, devices: list | None = None,
-                 num_pages: int = 256, page_size: int = 16, grid: BucketGrid = BucketGrid()):
+    def __init__(self, cfg: LlamaConfig, params: Params | None, plans: tuple[Plan, ...], *,
+                 devices: list | None = None, num_pages: int = 256, page_size: int = 16,
+                 grid: BucketGrid = BucketGrid(), random_seed: int = 0):
+        """`params` is the unsplit model; None draws random weights on the devices (benchmarks)."""
         self.cfg, self.plans = cfg, {p.name: p for p in plans}
         self.devices = list(devices or jax.devices())
         validate_plans(plans, len(self.devices), cfg)
         t0 = time.perf_counter()
         self.layouts = assign_chunks(plans, cfg)
-        self.weights = WeightStore.build(cfg, params, device_chunks(self.layouts), self.devices)
+        held = device_chunks(self.layouts)
+        if params is None:
+            self.weights = WeightStore.random(cfg, held, self.devices, random_seed)
+        else:
+            self.weights = WeightStore.build(cfg, params, held, self.devices)
         self.lanes: dict[tuple[int, ...], Lane] = {}
         self.num_programs = 0
         for plan in plans:

@@ -53,6 +53,49 @@ class WeightStore:
                 chunks[(d, ch)] = ChunkWeights(**pieces)
         return cls(cfg, c, chunks, replicated)
 
+    @classmethod
+    def random(cls, cfg: LlamaConfig, held: dict[int, set[int]], devices: list, seed: int = 0) -> "WeightStore":
+        """Random weights made on the devices themselves (benchmarks of large shapes): each chunk
+        is drawn once on the first device that holds it and copied device to device to the rest."""
+        import jax.numpy as jnp
+
+        from nitsum_jax.model import declare
+
+        c = max(max(ch) for ch in held.values()) + 1
+        decl = declare(cfg).chunks[0]
+        shapes = {}
+        for f in dataclasses.fields(ChunkWeights):
+            d = getattr(decl, f.name)
+            if d is None:
+                shapes[f.name] = None
+                continue
+            shape = list(d.shape)
+            axis = CHUNK_AXIS[f.name]
+            shape[axis] = 1 if f.name in ("wk", "wv") and cfg.num_kv_heads < c else shape[axis] // c
+            shapes[f.name] = (tuple(shape), d.fan_in)
+
+        def draw(key, shape, fan_in):
+            return (jax.random.normal(key, shape, jnp.float32) / np.sqrt(fan_in)).astype(cfg.jnp_dtype)
+
+        draw = jax.jit(draw, static_argnums=(1, 2))
+        chunks, replicated = {}, {}
+        for ch in range(c):
+            holders = [d for d, h in sorted(held.items()) if ch in h]
+            if not holders:
+                continue
+            key = jax.random.fold_in(jax.random.key(seed), ch)
+            with jax.default_device(devices[holders[0]]):
+                first = {n: None if sh is None else draw(jax.random.fold_in(key, i), *sh)
+                         for i, (n, sh) in enumerate(shapes.items())}
+            for d in holders:
+                chunks[(d, ch)] = ChunkWeights(**{n: None if a is None else jax.device_put(a, devices[d])
+                                                  for n, a in first.items()})
+        full = declare(cfg)
+        for d in held:
+            replicated[d] = {n: jax.device_put(np.ones(getattr(full, n).shape, cfg.jnp_dtype), devices[d])
+                             for n in REPLICATED}
+        return cls(cfg, c, chunks, replicated)
+
     def lane_params(self, lane_devices: tuple[int, ...], layout: ChunkLayout, mesh: Mesh) -> Params:
         """The lane's Params: slot r is a global array over the lane mesh assembled from the
         buffers of chunk layout.assign[i][r] on device i. No data is copied."""

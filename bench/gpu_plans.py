@@ -1,0 +1,162 @@
+"""Plan-set measurements on the GPU machine: start-up, weight sharing, KV move bandwidth between
+TP degrees, plan-switch cost, and two lanes side by side. One call does everything.
+
+    python bench/gpu_plans.py --preset llama-3.1-8b --out $OUT
+(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/gpu_plans.py --preset tiny ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nitsum_jax.config import preset
+from nitsum_jax.kv import kv_bytes_per_page
+from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
+from nitsum_jax.sampling import SamplingBatch
+
+
+def fill_random(lane, seed):
+    """Random KV contents (never time on zeros)."""
+    def rnd(kv):
+        keys = jax.random.split(jax.random.key(seed), 2 * len(kv.k))
+        return jax.tree.map(lambda a, k: jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype), kv,
+                            type(kv)(k=tuple(keys[:len(kv.k)]), v=tuple(keys[len(kv.k):])))
+    lane.kv = jax.jit(rnd, out_shardings=jax.tree.map(lambda a: a.sharding, lane.kv))(lane.kv)
+
+
+def checksum(lane, pages):
+    k, v, _ = lane.gather_pages(pages)
+    n = len(pages)
+    return float(sum(jnp.sum(a[:, :, :n].astype(jnp.float32) ** 2) for a in k + v))
+
+
+def time_moves(plan_set, src, dst, tokens, repeats):
+    seq = ("move", src.name, dst.name)
+    src.allocator.reserve(seq, tokens)
+    before = checksum(src, src.allocator.pages(seq))
+    times = []
+    for i in range(repeats + 2):
+        a, b = (src, dst) if i % 2 == 0 else (dst, src)
+        jax.block_until_ready(a.kv)
+        t0 = time.perf_counter()
+        plan_set.move(seq, a, b)
+        jax.block_until_ready(b.kv)
+        if i >= 2 and a is src:
+            times.append(time.perf_counter() - t0)
+    holder = dst if (repeats + 2) % 2 == 1 else src
+    after = checksum(holder, holder.allocator.pages(seq))
+    holder.allocator.free(seq)
+    return statistics.median(times), before, after
+
+
+def decode_inputs(lane, batch, seq_len):
+    pages = lane.allocator.pages_for(seq_len)
+    table = np.tile(np.arange(pages, dtype=np.int32), (batch, 1))
+    table = np.pad(table, ((0, 0), (0, lane.pages_per_seq - pages)))
+    return (np.ones((batch, 1), np.int32), np.full(batch, seq_len - 1, np.int32), np.ones(batch, np.int32), table,
+            SamplingBatch.from_params([None] * batch, [0] * batch, [seq_len] * batch))
+
+
+def time_rounds(lanes, batch, seq_len, repeats):
+    """Median wall time of one step on every lane, dispatched from one thread, then synced."""
+    inputs = [decode_inputs(lane, batch, seq_len) for lane in lanes]
+    times = []
+    for i in range(repeats + 3):
+        t0 = time.perf_counter()
+        outs = [lane.dispatch(*x) for lane, x in zip(lanes, inputs)]
+        jax.block_until_ready(outs)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--plans", default="static: all=tp4@0-3; mixed: high=tp2@0-1, low=tp1@2, low=tp1@3; "
+                                       "pair: low=tp2@0-1, low=tp2@2-3")
+    ap.add_argument("--num-pages", type=int, default=1024)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--move-tokens", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cfg = preset(args.preset)
+    plans = parse_plans(args.plans)
+    grid = BucketGrid(decode_batch=(args.batch,), prefill_len=(), max_seq_len=args.move_tokens,
+                      min_move_pages=args.move_tokens // args.page_size)
+    t0 = time.perf_counter()
+    ps = PlanSet(cfg, None, plans, num_pages=args.num_pages, page_size=args.page_size, grid=grid)
+    startup = time.perf_counter() - t0
+    print(f"start-up {startup:.1f}s, {ps.num_programs} programs", flush=True)
+    for i, lane in enumerate(ps.lanes.values()):
+        fill_random(lane, i)
+    report = ps.memory_report()
+    held = ps.weights.bytes_per_device()
+    unshared = {}
+    for lane in ps.lanes.values():
+        for slot in lane.params.chunks:
+            for a in jax.tree.leaves(slot):
+                for s in a.addressable_shards:
+                    unshared[s.device.id] = unshared.get(s.device.id, 0) + s.data.nbytes
+    results = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
+               "preset": args.preset, "plans": [str(p) for p in plans], "startup_s": startup,
+               "programs": ps.num_programs, "weight_overhead": report["weight_overhead"],
+               "weights_per_device_gib": {d: b / 2**30 for d, b in held.items()},
+               "weights_per_device_without_sharing_gib": {d: b / 2**30 for d, b in unshared.items()}}
+    lanes = {lane.name: lane for lane in ps.lanes.values()}
+    per_token = kv_bytes_per_page(cfg, 1)
+    moves = {}
+    pairs = [("tp4@0-3", "tp2@0-1"), ("tp2@0-1", "tp4@0-3"), ("tp2@0-1", "tp2@2-3"), ("tp1@2", "tp4@0-3"),
+             ("tp4@0-3", "tp1@3"), ("tp1@2", "tp2@0-1")]
+    for a, b in pairs:
+        if a in lanes and b in lanes:
+            t, before, after = time_moves(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
+            gbytes = per_token * args.move_tokens / 1e9
+            moves[f"{a}->{b}"] = {"ms": t * 1e3, "GB": gbytes, "GB_per_s": gbytes / t,
+                                  "contents_equal": abs(before - after) <= 1e-6 * abs(before)}
+    results["kv_moves"] = moves
+    seq_len = min(1024, args.move_tokens)
+    static = ps.lanes_of(plans[0].name)
+    mixed = ps.lanes_of(plans[1].name)
+    steady_static = time_rounds(static, args.batch, seq_len, args.repeats)
+    steady_mixed = time_rounds(mixed, args.batch, seq_len, args.repeats)
+    # Switch: after steps on the static plan, the first round on the mixed plan's lanes.
+    switch = []
+    inputs_static = [decode_inputs(lane, args.batch, seq_len) for lane in static]
+    inputs_mixed = [decode_inputs(lane, args.batch, seq_len) for lane in mixed]
+    for _ in range(args.repeats):
+        jax.block_until_ready([lane.dispatch(*x) for lane, x in zip(static, inputs_static)])
+        t0 = time.perf_counter()
+        jax.block_until_ready([lane.dispatch(*x) for lane, x in zip(mixed, inputs_mixed)])
+        switch.append(time.perf_counter() - t0)
+    results["plan_switch"] = {"steady_static_round_ms": steady_static * 1e3,
+                              "steady_mixed_round_ms": steady_mixed * 1e3,
+                              "first_mixed_round_after_static_ms": statistics.median(switch) * 1e3,
+                              "switch_overhead_ms": (statistics.median(switch) - steady_mixed) * 1e3}
+    side = {}
+    tp1 = [lane for lane in ps.lanes.values() if lane.spec.tp == 1][:2]
+    tp2 = [lane for lane in ps.lanes.values() if lane.spec.tp == 2][:2]
+    for group in (tp1, tp2):
+        if len(group) == 2:
+            solo = [time_rounds([lane], args.batch, seq_len, args.repeats) for lane in group]
+            both = time_rounds(group, args.batch, seq_len, args.repeats)
+            side[f"{group[0].name}+{group[1].name}"] = {"solo_ms": [s * 1e3 for s in solo], "together_ms": both * 1e3,
+                                                        "rate_vs_solo": max(solo) / both}
+    results["side_by_side_one_thread"] = side
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(f"{args.out}/gpu_plans.json", "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
