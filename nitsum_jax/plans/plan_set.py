@@ -50,7 +50,7 @@ class PlanSet:
                             num_pages, page_size, grid)
                 self.num_programs += lane.compile()
                 self.lanes[spec.devices] = lane
-        self.budget = MemoryBudget(num_pages, page_size, max(grid.decode_batch), max(grid.prefill_len))
+        self.budget = MemoryBudget(num_pages, page_size, max(grid.decode_batch), max(grid.prefill_len, default=1))
         self.startup_seconds = time.perf_counter() - t0
 
     def lanes_of(self, plan_name: str) -> list[Lane]:
