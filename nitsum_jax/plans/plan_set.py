@@ -73,25 +73,31 @@ class PlanSet:
         k_src, v_src, n = src.gather_pages(src_pages)
         where = {c: (i, r) for i, row in enumerate(src.layout.assign) for r, c in enumerate(row)}
         src_devices = src.devices
-        moved = 0
-
-        def slots_for_dst(pieces_by_slot):
-            nonlocal moved
-            shards = [{s.device: s.data for s in arr.addressable_shards} for arr in pieces_by_slot]
-            out = []
+        # Every (chunk, K or V) piece goes from its source device to its destination device in
+        # one batched device_put, so the transfers between device pairs run concurrently.
+        pieces, targets = [], []
+        for arrays in (k_src, v_src):
+            shards = [{s.device: s.data for s in arr.addressable_shards} for arr in arrays]
             for r in range(dst.layout.slots):
-                parts = []
                 for i, device in enumerate(dst.devices):
                     si, sr = where[dst.layout.assign[i][r]]
-                    piece = shards[sr][src_devices[si]]
-                    moved += piece.nbytes
-                    parts.append(jax.device_put(piece, device))
+                    pieces.append(shards[sr][src_devices[si]])
+                    targets.append(device)
+        placed = iter(jax.device_put(pieces, targets))
+        moved = sum(p.nbytes for p in pieces)
+
+        def assemble():
+            out = []
+            for _ in range(dst.layout.slots):
+                parts = [next(placed) for _ in dst.devices]
                 shape = list(parts[0].shape)
                 shape[1] *= len(parts)
                 out.append(jax.make_array_from_single_device_arrays(
                     tuple(shape), NamedSharding(dst.mesh, P(None, "tp")), parts))
             return tuple(out)
 
-        dst.scatter_pages(dst_pages, slots_for_dst(k_src), slots_for_dst(v_src), n)
+        k_dst = assemble()
+        v_dst = assemble()
+        dst.scatter_pages(dst_pages, k_dst, v_dst, n)
         src.allocator.free(seq_id)
         return moved
