@@ -1,0 +1,208 @@
+"""The scheduler core: plain Python, no JAX, driven by an injectable clock.
+
+Per lane and per step it decides which requests run and how many new tokens each gets:
+decodes first (one token each), then prefill chunks in the remaining token budget, so a long
+low-class prompt cannot stall a lane's decode. Admission reserves KV pages; a waiting request
+of a more urgent class may preempt running less urgent ones when pages or batch slots are
+short. A preempted request keeps its arrival time (its place in line) and is never preempted
+twice; waiting requests age, so no class starves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Callable
+
+from nitsum_jax.pages import PageAllocator
+from nitsum_jax.scheduler.classes import PriorityClass
+
+
+class QueueFull(RuntimeError):
+    """The class queue is at its bound (the server answers RESOURCE_EXHAUSTED)."""
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    priority_class: str
+    prompt_len: int
+    max_tokens: int
+    arrival: float
+    deadline: float | None = None  # absolute clock time
+    state: State = State.WAITING
+    lane: str | None = None
+    num_computed: int = 0  # tokens whose K/V are in the lane's pages
+    num_output: int = 0
+    preemptions: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "deadline"
+    cancel_requested: bool = False
+
+    @property
+    def total_len(self) -> int:
+        """Tokens the sequence holds now: the prompt plus what it generated."""
+        return self.prompt_len + self.num_output
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.total_len - (1 if self.num_output else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    request: Request
+    start_pos: int
+    num_tokens: int  # 1 for decode, a chunk for prefill
+
+
+@dataclasses.dataclass
+class LaneQueue:
+    name: str
+    classes: tuple[str, ...]  # classes this lane serves ("all" for every class)
+    allocator: PageAllocator
+    max_batch: int
+    running: list[Request] = dataclasses.field(default_factory=list)
+
+    def serves(self, cls: str) -> bool:
+        return "all" in self.classes or cls in self.classes
+
+
+class Scheduler:
+    def __init__(self, classes: dict[str, PriorityClass], lanes: list[LaneQueue], *,
+                 clock: Callable[[], float] = time.monotonic, token_budget: int = 512, prefill_chunk: int = 128,
+                 max_preemptions: int = 1):
+        self.classes, self.clock = classes, clock
+        self.lanes = {lane.name: lane for lane in lanes}
+        self.token_budget, self.prefill_chunk, self.max_preemptions = token_budget, prefill_chunk, max_preemptions
+        self.waiting: list[Request] = []
+        self.finished: list[Request] = []
+        self.preemption_log: list[tuple[float, str, str]] = []  # (time, victim, for whom)
+
+    # -- intake --------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        cls = self.classes.get(request.priority_class)
+        if cls is None:
+            raise ValueError(f"unknown priority class {request.priority_class!r}; known: {sorted(self.classes)}")
+        queued = sum(1 for r in self.waiting if r.priority_class == cls.name)
+        if queued >= cls.max_queue:
+            raise QueueFull(f"class {cls.name!r} queue is full ({queued} waiting, bound {cls.max_queue})")
+        self.waiting.append(request)
+
+    def cancel(self, request: Request) -> None:
+        request.cancel_requested = True
+
+    # -- one step ------------------------------------------------------------------------
+    def urgency(self, request: Request) -> tuple[float, float]:
+        """Sort key: effective rank (class rank minus aging), then arrival."""
+        cls = self.classes[request.priority_class]
+        waited = self.clock() - request.arrival
+        return cls.rank - waited / cls.aging_s, request.arrival
+
+    def schedule(self, lane_name: str) -> list[Work]:
+        """The work of the lane's next step. Call at a step boundary."""
+        lane = self.lanes[lane_name]
+        self._reap(lane)
+        work: list[Work] = []
+        budget = self.token_budget
+        # 1. Running decodes grow by one token; running prefills continue.
+        for req in sorted(lane.running, key=self.urgency):
+            if req not in lane.running:
+                continue  # preempted below for a more urgent running request
+            n = 1 if not req.in_prefill else min(self.prefill_chunk, req.total_len - req.num_computed, budget)
+            if n <= 0 or not self._reserve(lane, req, req.num_computed + n):
+                continue
+            work.append(Work(req, req.num_computed, n))
+            budget -= n
+        # 2. Admit waiting requests the lane serves, most urgent first.
+        for req in sorted((r for r in self.waiting if lane.serves(r.priority_class)), key=self.urgency):
+            if budget <= 0:
+                break
+            if len(lane.running) >= lane.max_batch and not self._preempt_for(lane, req, slots=True):
+                continue
+            n = min(self.prefill_chunk, req.total_len - req.num_computed, budget)
+            if not self._reserve(lane, req, req.num_computed + n):
+                continue
+            self.waiting.remove(req)
+            req.state, req.lane = State.RUNNING, lane.name
+            lane.running.append(req)
+            work.append(Work(req, req.num_computed, n))
+            budget -= n
+        return work
+
+    def complete(self, lane_name: str, work: list[Work], tokens: dict[str, int] | None = None,
+                 finished: dict[str, str] | None = None) -> None:
+        """Record a finished step: computed tokens advance; a row that finished its prompt or
+        decoded gets one output token; `finished` maps request ids to a finish reason."""
+        lane = self.lanes[lane_name]
+        finished = finished or {}
+        for w in work:
+            req = w.request
+            if req.state is not State.RUNNING:
+                continue
+            req.num_computed = w.start_pos + w.num_tokens
+            if req.num_computed >= req.total_len:
+                req.num_output += 1
+                if req.num_output >= req.max_tokens:
+                    finished.setdefault(req.request_id, "length")
+            if req.request_id in finished:
+                self._finish(lane, req, finished[req.request_id])
+
+    # -- internals -----------------------------------------------------------------------
+    def _reap(self, lane: LaneQueue) -> None:
+        """Cancelled or expired requests leave at the step boundary and give their pages back."""
+        now = self.clock()
+        for req in list(lane.running):
+            if req.cancel_requested or (req.deadline is not None and now >= req.deadline):
+                self._finish(lane, req, "cancelled" if req.cancel_requested else "deadline")
+        for req in list(self.waiting):
+            if req.cancel_requested or (req.deadline is not None and now >= req.deadline):
+                self.waiting.remove(req)
+                req.state = State.FINISHED
+                req.finish_reason = "cancelled" if req.cancel_requested else "deadline"
+                self.finished.append(req)
+
+    def _finish(self, lane: LaneQueue, req: Request, reason: str) -> None:
+        lane.running.remove(req)
+        if req.request_id in lane.allocator:
+            lane.allocator.free(req.request_id)
+        req.state, req.finish_reason = State.FINISHED, reason
+        self.finished.append(req)
+
+    def _reserve(self, lane: LaneQueue, req: Request, tokens: int) -> bool:
+        while not lane.allocator.can_reserve(tokens, req.request_id):
+            if not self._preempt_for(lane, req, slots=False):
+                return False
+        lane.allocator.reserve(req.request_id, tokens)
+        return True
+
+    def _victim(self, lane: LaneQueue, for_req: Request) -> Request | None:
+        """Least urgent class first; within it the latest arrival (least sunk work first).
+        Only strictly less urgent classes, and never one preempted `max_preemptions` times."""
+        rank = self.classes[for_req.priority_class].rank
+        candidates = [r for r in lane.running if r is not for_req
+                      and self.classes[r.priority_class].rank > rank and r.preemptions < self.max_preemptions]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda r: (self.classes[r.priority_class].rank, r.arrival))
+
+    def _preempt_for(self, lane: LaneQueue, for_req: Request, slots: bool) -> bool:
+        victim = self._victim(lane, for_req)
+        if victim is None:
+            return False
+        lane.running.remove(victim)
+        lane.allocator.free(victim.request_id)
+        victim.preemptions += 1
+        victim.state, victim.lane, victim.num_computed = State.WAITING, None, 0  # recomputed on readmission
+        self.waiting.append(victim)  # keeps its arrival: its place in line
+        self.preemption_log.append((self.clock(), victim.request_id, for_req.request_id))
+        return True
+
+    def pages_in_use(self) -> dict[str, int]:
+        return {name: lane.allocator.num_used for name, lane in self.lanes.items()}

@@ -1,0 +1,171 @@
+"""Scheduler core with a fake clock and no model: order, admission, preemption, aging, release."""
+
+import pytest
+
+from nitsum_jax.pages import PageAllocator
+from nitsum_jax.scheduler import LaneQueue, QueueFull, Request, Scheduler, State, default_classes
+from nitsum_jax.scheduler.classes import PriorityClass
+
+PAGE = 4
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def make(num_pages=16, max_batch=4, budget=64, chunk=16, classes=None):
+    clock = FakeClock()
+    lane = LaneQueue("lane0", ("all",), PageAllocator(num_pages, PAGE), max_batch)
+    sched = Scheduler(classes or default_classes(), [lane], clock=clock, token_budget=budget, prefill_chunk=chunk)
+    return sched, lane, clock
+
+
+def req(rid, cls, prompt=8, max_tokens=4, arrival=0.0, deadline=None):
+    return Request(rid, cls, prompt, max_tokens, arrival, deadline)
+
+
+def run_step(sched, lane="lane0"):
+    work = sched.schedule(lane)
+    sched.complete(lane, work)
+    return work
+
+
+def test_high_class_is_admitted_before_earlier_low():
+    sched, lane, clock = make(max_batch=1)
+    sched.submit(req("low", "low", arrival=0.0))
+    sched.submit(req("high", "high", arrival=0.5))
+    clock.now = 0.6
+    assert [w.request.request_id for w in sched.schedule("lane0")] == ["high"]
+
+
+def test_admission_waits_for_pages():
+    sched, lane, clock = make(num_pages=3)  # 12 tokens
+    sched.submit(req("a", "low", prompt=8))
+    sched.submit(req("b", "low", prompt=8))
+    work = sched.schedule("lane0")
+    assert [w.request.request_id for w in work] == ["a"]
+    assert lane.allocator.num_used == 2
+    assert sched.waiting[0].request_id == "b"
+
+
+def test_high_request_preempts_the_least_urgent_latest_running_request():
+    sched, lane, clock = make(num_pages=4)  # 16 tokens: two low prompts of 8 fill it
+    sched.submit(req("low-old", "low", arrival=0.0))
+    sched.submit(req("low-new", "low", arrival=1.0))
+    clock.now = 1.0
+    run_step(sched)
+    assert lane.allocator.num_free == 0
+    sched.submit(req("high", "high", arrival=1.5))
+    clock.now = 1.5
+    work = sched.schedule("lane0")
+    ids = [w.request.request_id for w in work]
+    assert "high" in ids and "low-new" not in ids
+    assert sched.preemption_log[-1][1:] == ("low-new", "high")
+    victim = next(r for r in sched.waiting if r.request_id == "low-new")
+    assert victim.state is State.WAITING and victim.num_computed == 0 and victim.arrival == 1.0
+
+
+def test_a_preempted_request_is_not_preempted_again():
+    sched, lane, clock = make(num_pages=4, max_batch=1)
+    sched.submit(req("low", "low", prompt=4, max_tokens=10))
+    run_step(sched)
+    sched.submit(req("high-1", "high", prompt=4, max_tokens=1))
+    run_step(sched)  # preempts low; high-1 finishes its one token
+    assert sched.preemption_log[-1][1] == "low"
+    for _ in range(3):
+        run_step(sched)  # low comes back
+    assert any(r.request_id == "low" for r in lane.running)
+    sched.submit(req("high-2", "high", prompt=4, max_tokens=1))
+    work = sched.schedule("lane0")
+    assert [w.request.request_id for w in work] == ["low"]  # protected: high-2 waits
+    assert [p[1] for p in sched.preemption_log] == ["low"]
+
+
+def test_equal_classes_never_preempt_each_other():
+    sched, lane, clock = make(num_pages=3)  # a's prompt and first decodes fill it
+    sched.submit(req("a", "high"))
+    run_step(sched)
+    sched.submit(req("b", "high", arrival=1.0))
+    assert [w.request.request_id for w in sched.schedule("lane0")] == ["a"]
+    assert sched.preemption_log == []
+
+
+def test_low_is_not_starved_under_continuous_high_load():
+    sched, lane, clock = make(num_pages=64, max_batch=1)
+    sched.submit(req("low", "low", prompt=4, max_tokens=1, arrival=0.0))
+    served_low_at = None
+    for step in range(200):
+        clock.now = step * 0.1
+        sched.submit(req(f"high-{step}", "high", prompt=4, max_tokens=1, arrival=clock.now))
+        work = run_step(sched)
+        if any(w.request.request_id == "low" for w in work):
+            served_low_at = clock.now
+            break
+    assert served_low_at is not None, "low never ran while high kept arriving"
+    assert served_low_at <= 2 * default_classes()["low"].aging_s + 0.5
+
+
+def test_deadline_and_cancel_release_pages_at_the_next_step():
+    sched, lane, clock = make()
+    a, b, c = req("a", "low", deadline=5.0), req("b", "high", max_tokens=100), req("c", "low", deadline=1.0)
+    sched.submit(a)
+    sched.submit(b)
+    run_step(sched)
+    assert lane.allocator.num_used > 0
+    sched.submit(c)  # still waiting when its deadline passes
+    sched.cancel(b)
+    clock.now = 5.0
+    assert sched.schedule("lane0") == []
+    assert lane.allocator.num_used == 0
+    assert {r.request_id: r.finish_reason for r in sched.finished} == {"a": "deadline", "b": "cancelled",
+                                                                       "c": "deadline"}
+
+
+def test_chunked_prefill_keeps_decodes_running_during_a_long_prompt():
+    sched, lane, clock = make(num_pages=64, budget=16, chunk=8)
+    sched.submit(req("short", "high", prompt=4, max_tokens=20))
+    run_step(sched)
+    sched.submit(req("long", "low", prompt=100, max_tokens=1))
+    for _ in range(5):
+        work = sched.schedule("lane0")
+        assert [w.num_tokens for w in work if w.request.request_id == "short"] == [1]
+        assert sum(w.num_tokens for w in work) <= 16
+        sched.complete("lane0", work)
+
+
+def test_full_class_queue_is_refused():
+    classes = dict(default_classes())
+    classes["low"] = PriorityClass("low", rank=1, ttft_target_s=10, tpot_target_s=1, max_queue=2)
+    sched, lane, clock = make(classes=classes)
+    sched.submit(req("a", "low"))
+    sched.submit(req("b", "low"))
+    with pytest.raises(QueueFull, match="bound 2"):
+        sched.submit(req("c", "low"))
+    sched.submit(req("d", "high"))  # other classes unaffected
+
+
+def test_requests_finish_with_all_pages_back():
+    sched, lane, clock = make(num_pages=8, max_batch=3)
+    for i in range(7):
+        sched.submit(req(f"r{i}", "high" if i % 3 == 0 else "low", prompt=5 + i, max_tokens=3, arrival=i * 0.01))
+    for step in range(200):
+        clock.now = step * 0.05
+        run_step(sched)
+        if len(sched.finished) == 7:
+            break
+    assert sorted(r.request_id for r in sched.finished) == [f"r{i}" for i in range(7)]
+    assert all(r.num_output == 3 for r in sched.finished)
+    assert lane.allocator.num_used == 0
+
+
+def test_scheduler_imports_no_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, nitsum_jax.scheduler; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
