@@ -1,0 +1,270 @@
+"""The engine: lanes of the current plan stepping side by side, fed by the scheduler.
+
+One engine thread runs step rounds: for every lane of the current plan it asks the scheduler
+for the lane's work, dispatches the lane's programs without waiting (lanes on disjoint devices
+overlap on the GPU), then collects all results, streams tokens and reports back. Plan switches
+happen between rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import random
+import threading
+import time
+from typing import Iterator, Sequence as Seq
+
+import jax
+import numpy as np
+
+from nitsum_jax.config import LlamaConfig
+from nitsum_jax.model import Params
+from nitsum_jax.plans import BucketGrid, Lane, Plan, PlanSet
+from nitsum_jax.sampling import SamplingBatch, SamplingParams
+from nitsum_jax.scheduler import LaneQueue, PriorityClass, Request, Scheduler, State, Work, default_classes
+from nitsum_jax.sequence import Completion, Sequence, append_token, validate_prompt
+from nitsum_jax.tokenizer import TextTokenizer
+
+
+@dataclasses.dataclass
+class PlanSwitch:
+    time: float
+    from_plan: str
+    to_plan: str
+    reason: str
+    duration_s: float
+    moved: int
+    recomputed: int
+
+
+class RequestHandle:
+    """Streams a request's tokens as they are made; `result()` blocks for the completion."""
+
+    def __init__(self, engine: "Engine", request: Request, seq: Sequence):
+        self._engine, self.request, self.seq = engine, request, seq
+        self._events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.served_by: str | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self._events.get()
+            if item is None:
+                return
+            yield item
+
+    def cancel(self) -> None:
+        self._engine.scheduler.cancel(self.request)
+        self._engine._wake.set()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request.request_id} not done after {timeout}s")
+        return dataclasses.replace(self.seq.completion(), finish_reason=self.request.finish_reason or "length")
+
+
+class Engine:
+    def __init__(self, cfg: LlamaConfig, params: Params | None, plans: tuple[Plan, ...], *,
+                 classes: dict[str, PriorityClass] | None = None, tokenizer: TextTokenizer | None = None,
+                 num_pages: int = 256, page_size: int = 16, grid: BucketGrid = BucketGrid(),
+                 devices: list | None = None, token_budget: int = 512, initial_plan: str | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.plan_set = PlanSet(cfg, params, plans, devices=devices, num_pages=num_pages, page_size=page_size,
+                                grid=grid)
+        self.grid = grid
+        self.classes = classes or default_classes()
+        self.plan_name = initial_plan or plans[0].name
+        self.scheduler = Scheduler(self.classes, self._lane_queues(self.plan_name), token_budget=token_budget,
+                                   prefill_chunk=max(grid.prefill_len))
+        self.switches: list[PlanSwitch] = []
+        self.kv_moves = 0
+        self._handles: dict[str, RequestHandle] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending_switch: tuple[str, str] | None = None
+        self._stop = False
+        self._ids = 0
+        self._thread = threading.Thread(target=self._loop, name="nitsum-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ----------------------------------------------------------------------
+    def submit(self, prompt: str | Seq[int], sampling: SamplingParams = SamplingParams(), *,
+               priority_class: str = "low", deadline_s: float | None = None,
+               request_id: str | None = None) -> RequestHandle:
+        if priority_class not in self.classes:
+            raise ValueError(f"unknown priority class {priority_class!r}; known: {sorted(self.classes)}")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        validate_prompt(ids, sampling, self.cfg.vocab_size, self.grid.max_seq_len)
+        with self._lock:
+            self._ids += 1
+            rid = request_id or f"req-{self._ids}"
+            now = time.monotonic()
+            req = Request(rid, priority_class, len(ids), sampling.max_tokens, now,
+                          None if deadline_s is None else now + deadline_s)
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+            handle = RequestHandle(self, req, Sequence(rid, ids, sampling, seed))
+            self.scheduler.submit(req)
+            self._handles[rid] = handle
+        self._wake.set()
+        return handle
+
+    def generate(self, prompts: Seq[str | Seq[int]], sampling: SamplingParams = SamplingParams(),
+                 priority_class: str = "low") -> list[Completion]:
+        handles = [self.submit(p, sampling, priority_class=priority_class) for p in prompts]
+        return [h.result() for h in handles]
+
+    def switch_plan(self, name: str, reason: str = "requested") -> None:
+        """Switch at the next step boundary."""
+        if name not in self.plan_set.plans:
+            raise ValueError(f"unknown plan {name!r}; known: {sorted(self.plan_set.plans)}")
+        self._pending_switch = (name, reason)
+        self._wake.set()
+
+    def stats(self) -> dict:
+        with self._lock:
+            per_class: dict[str, dict] = {}
+            for h in self._handles.values():
+                if h.finish_time is None or h.first_token_time is None:
+                    continue
+                c = per_class.setdefault(h.request.priority_class, {"ttft": [], "tpot": [], "e2e": []})
+                c["ttft"].append(h.first_token_time - h.request.arrival)
+                c["e2e"].append(h.finish_time - h.request.arrival)
+                if len(h.seq.output_ids) > 1:
+                    c["tpot"].append((h.finish_time - h.first_token_time) / (len(h.seq.output_ids) - 1))
+            latency = {cls: {f"{k}_{q}_s": float(np.percentile(v, p)) if v else None
+                             for k, v in vals.items() for q, p in (("p50", 50), ("p99", 99))}
+                       | {"completed": len(vals["e2e"])} for cls, vals in per_class.items()}
+            return {
+                "plan": self.plan_name,
+                "classes": latency,
+                "queue": {c: sum(1 for r in self.scheduler.waiting if r.priority_class == c) for c in self.classes},
+                "pages_in_use": {lane.name: lane.allocator.num_used for lane in self.plan_set.lanes.values()},
+                "plan_switches": [dataclasses.asdict(s) for s in self.switches],
+                "preemptions": len(self.scheduler.preemption_log),
+                "kv_moves": self.kv_moves,
+            }
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # -- engine thread -------------------------------------------------------------------
+    def _lane_queues(self, plan_name: str) -> list[LaneQueue]:
+        specs = self.plan_set.plans[plan_name].lanes
+        return [LaneQueue(self.plan_set.lanes[s.devices].name, s.classes, self.plan_set.lanes[s.devices].allocator,
+                          max(self.grid.decode_batch)) for s in specs]
+
+    def _lane(self, name: str) -> Lane:
+        return next(lane for lane in self.plan_set.lanes.values() if lane.name == name)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if self._pending_switch:
+                self._do_switch(*self._pending_switch)
+                self._pending_switch = None
+            with self._lock:
+                work = {name: self.scheduler.schedule(name) for name in self.scheduler.lanes}
+                self._flush_finished()
+            if not any(work.values()):
+                self._wake.wait(0.01)
+                self._wake.clear()
+                continue
+            results = {name: self._dispatch(self._lane(name), w) for name, w in work.items() if w}
+            results = jax.device_get(results)
+            with self._lock:
+                for name, w in work.items():
+                    if w:
+                        self._complete(name, w, results[name])
+                self._flush_finished()
+
+    def _dispatch(self, lane: Lane, work: list[Work]):
+        """Decode-shaped rows (one token) in one batch, prefill chunks one by one."""
+        singles = [w for w in work if w.num_tokens == 1]
+        chunks = [w for w in work if w.num_tokens > 1]
+        out = []
+        for i in range(0, len(singles), max(self.grid.decode_batch)):
+            rows = singles[i:i + max(self.grid.decode_batch)]
+            out.append((rows, self._run(lane, rows, lane.batch_for(len(rows)), 1)))
+        for w in chunks:
+            out.append(([w], self._run(lane, [w], 1, lane.prefill_for(w.num_tokens))))
+        return out
+
+    def _run(self, lane: Lane, rows: list[Work], batch: int, width: int):
+        tokens = np.zeros((batch, width), np.int32)
+        start = np.zeros(batch, np.int32)
+        num_new = np.zeros(batch, np.int32)
+        seqs = [self._handles[w.request.request_id].seq for w in rows]
+        for i, (w, seq) in enumerate(zip(rows, seqs)):
+            tokens[i, :w.num_tokens] = seq.all_ids[w.start_pos:w.start_pos + w.num_tokens]
+            start[i], num_new[i] = w.start_pos, w.num_tokens
+        ids = [w.request.request_id for w in rows] + [None] * (batch - len(rows))
+        table = lane.allocator.page_table(ids, lane.pages_per_seq)
+        sampling = SamplingBatch.from_params([s.params for s in seqs] + [None] * (batch - len(rows)),
+                                             [s.seed for s in seqs] + [0] * (batch - len(rows)),
+                                             [w.start_pos + w.num_tokens for w in rows] + [0] * (batch - len(rows)))
+        return lane.dispatch(tokens, start, num_new, table, sampling)
+
+    def _complete(self, lane_name: str, work: list[Work], results) -> None:
+        finished: dict[str, str] = {}
+        now = time.monotonic()
+        for rows, (tokens, logprobs) in results:
+            for i, w in enumerate(rows):
+                req = w.request
+                if req.state is not State.RUNNING or w.start_pos + w.num_tokens < req.total_len:
+                    continue  # a prompt chunk that is not the last draws nothing
+                handle = self._handles[req.request_id]
+                seq = handle.seq
+                seq.output_logprobs.append(float(logprobs[i]))
+                append_token(seq, int(tokens[i]), self.tokenizer, self.cfg.eos_token_ids)
+                handle.served_by = lane_name
+                if handle.first_token_time is None:
+                    handle.first_token_time = now
+                handle._events.put(int(tokens[i]))
+                if seq.finished:
+                    finished[req.request_id] = seq.finish_reason
+        self.scheduler.complete(lane_name, work, finished=finished)
+
+    def _flush_finished(self) -> None:
+        while self.scheduler.finished:
+            req = self.scheduler.finished.pop()
+            handle = self._handles[req.request_id]
+            handle.finish_time = time.monotonic()
+            handle._events.put(None)
+            handle._done.set()
+
+    def _do_switch(self, name: str, reason: str) -> None:
+        if name == self.plan_name:
+            return
+        t0 = time.perf_counter()
+        moved = recomputed = 0
+        with self._lock:
+            new_queues = {q.name: q for q in self._lane_queues(name)}
+            for old in self.scheduler.lanes.values():
+                if old.name in new_queues:
+                    new_queues[old.name].running = old.running
+                    continue
+                for req in list(old.running):
+                    dst = max((q for q in new_queues.values() if q.serves(req.priority_class)
+                               and len(q.running) < q.max_batch
+                               and q.allocator.can_reserve(len(old.allocator.pages(req.request_id)) * old.allocator.page_size)),
+                              key=lambda q: q.allocator.num_free, default=None)
+                    old.running.remove(req)
+                    if dst is None:  # no room: recompute later from the waiting queue, keeping its place
+                        old.allocator.free(req.request_id)
+                        req.state, req.lane, req.num_computed = State.WAITING, None, 0
+                        self.scheduler.waiting.append(req)
+                        recomputed += 1
+                        continue
+                    self.plan_set.move(req.request_id, self._lane(old.name), self._lane(dst.name))
+                    req.lane = dst.name
+                    dst.running.append(req)
+                    moved += 1
+            self.scheduler.lanes = new_queues
+            self.kv_moves += moved
+            self.switches.append(PlanSwitch(time.monotonic(), self.plan_name, name, reason,
+                                            time.perf_counter() - t0, moved, recomputed))
+            self.plan_name = name

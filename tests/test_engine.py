@@ -1,0 +1,74 @@
+"""End to end on 8 host devices: a mixed high/low stream with plan switches forced mid-run."""
+
+import time
+
+import numpy as np
+import pytest
+
+from nitsum_jax.engine import Engine
+from nitsum_jax.generate import Generator
+from nitsum_jax.plans import BucketGrid, default_plans
+from nitsum_jax.sampling import SamplingParams
+
+GRID = BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_cfg, tiny_params):
+    eng = Engine(tiny_cfg, tiny_params, default_plans(8, tiny_cfg), num_pages=48, page_size=8, grid=GRID,
+                 initial_plan="static")
+    yield eng
+    eng.close()
+
+
+def workload(seed=0, n=12):
+    rng = np.random.default_rng(seed)
+    return [([256] + [int(t) for t in rng.integers(0, 256, size=int(rng.integers(3, 20)))],
+             "high" if i % 3 == 0 else "low") for i in range(n)]
+
+
+def test_mixed_stream_with_plan_switches_gives_every_request_its_solo_tokens(tiny_cfg, tiny_params, engine):
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    solo = Generator(tiny_cfg, tiny_params, page_size=8, max_batch=1, prefill_chunk=16, max_seq_len=64)
+    items = workload()
+    handles = []
+    for i, (prompt, cls) in enumerate(items):
+        handles.append(engine.submit(prompt, params, priority_class=cls))
+        if i in (4, 8):
+            # Switch while sequences are mid-generation, so their pages must move (or recompute).
+            while handles[-1].first_token_time is None:
+                time.sleep(0.001)
+            engine.switch_plan("mixed" if i == 4 else "burst", reason="test")
+    results = [h.result(timeout=300) for h in handles]
+    for (prompt, _), got in zip(items, results):
+        assert got.token_ids == solo.generate([prompt], params)[0].token_ids
+        assert got.finish_reason == "length"
+    switches = [(s["from_plan"], s["to_plan"]) for s in engine.stats()["plan_switches"]]
+    assert switches == [("static", "mixed"), ("mixed", "burst")]
+    assert sum(s["moved"] for s in engine.stats()["plan_switches"]) >= 1
+    time.sleep(0.1)
+    assert all(v == 0 for v in engine.stats()["pages_in_use"].values())
+
+
+def test_streamed_tokens_arrive_one_by_one_and_match_the_result(engine):
+    handle = engine.submit([256, 10, 20, 30], SamplingParams(max_tokens=6, ignore_eos=True), priority_class="high")
+    streamed = list(handle)
+    assert streamed == handle.result(timeout=60).token_ids and len(streamed) == 6
+
+
+def test_cancel_stops_the_request_and_frees_its_pages(engine):
+    handle = engine.submit([256, 1, 2, 3], SamplingParams(max_tokens=60, ignore_eos=True), priority_class="low")
+    next(iter(handle))
+    handle.cancel()
+    out = handle.result(timeout=60)
+    assert out.finish_reason == "cancelled" and len(out.token_ids) < 60
+    time.sleep(0.1)
+    assert all(v == 0 for v in engine.stats()["pages_in_use"].values())
+
+
+def test_stats_report_per_class_latency_and_queues(engine):
+    engine.generate([[256, 5, 6]], SamplingParams(max_tokens=3, ignore_eos=True), priority_class="high")
+    stats = engine.stats()
+    assert stats["classes"]["high"]["completed"] >= 1
+    assert stats["classes"]["high"]["ttft_p99_s"] > 0
+    assert set(stats["queue"]) == {"high", "low"}
