@@ -23,6 +23,7 @@ from nitsum_jax.model import Params
 from nitsum_jax.plans import BucketGrid, Lane, Plan, PlanSet
 from nitsum_jax.sampling import SamplingBatch, SamplingParams
 from nitsum_jax.scheduler import LaneQueue, PriorityClass, Request, Scheduler, State, Work, default_classes
+from nitsum_jax.scheduler.controller import Load, PlanController
 from nitsum_jax.sequence import Completion, Sequence, append_token, validate_prompt
 from nitsum_jax.tokenizer import TextTokenizer
 
@@ -70,7 +71,9 @@ class Engine:
     def __init__(self, cfg: LlamaConfig, params: Params | None, plans: tuple[Plan, ...], *,
                  classes: dict[str, PriorityClass] | None = None, tokenizer: TextTokenizer | None = None,
                  num_pages: int = 256, page_size: int = 16, grid: BucketGrid = BucketGrid(),
-                 devices: list | None = None, token_budget: int = 512, initial_plan: str | None = None):
+                 devices: list | None = None, token_budget: int = 512, initial_plan: str | None = None,
+                 controller: PlanController | None = None):
+        """`controller`: switch plans adaptively (None: stay on the plan unless `switch_plan`)."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.plan_set = PlanSet(cfg, params, plans, devices=devices, num_pages=num_pages, page_size=page_size,
                                 grid=grid)
@@ -79,6 +82,7 @@ class Engine:
         self.plan_name = initial_plan or plans[0].name
         self.scheduler = Scheduler(self.classes, self._lane_queues(self.plan_name), token_budget=token_budget,
                                    prefill_chunk=max(grid.prefill_len))
+        self.controller = controller
         self.switches: list[PlanSwitch] = []
         self.kv_moves = 0
         self._handles: dict[str, RequestHandle] = {}
@@ -163,6 +167,11 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop:
+            if self.controller is not None and self._pending_switch is None:
+                with self._lock:
+                    decision = self.controller.decide(self._load(), time.monotonic())
+                if decision:
+                    self._pending_switch = decision
             if self._pending_switch:
                 self._do_switch(*self._pending_switch)
                 self._pending_switch = None
@@ -180,6 +189,16 @@ class Engine:
                     if w:
                         self._complete(name, w, results[name])
                 self._flush_finished()
+
+    def _load(self) -> Load:
+        waiting = {c: 0 for c in self.classes}
+        running = {c: 0 for c in self.classes}
+        for r in self.scheduler.waiting:
+            waiting[r.priority_class] += 1
+        for q in self.scheduler.lanes.values():
+            for r in q.running:
+                running[r.priority_class] += 1
+        return Load(waiting, running, {})
 
     def _dispatch(self, lane: Lane, work: list[Work]):
         """Decode-shaped rows (one token) in one batch, prefill chunks one by one."""
@@ -268,3 +287,5 @@ class Engine:
             self.switches.append(PlanSwitch(time.monotonic(), self.plan_name, name, reason,
                                             time.perf_counter() - t0, moved, recomputed))
             self.plan_name = name
+            if self.controller is not None:
+                self.controller.force(name, time.monotonic())

@@ -72,3 +72,21 @@ def test_stats_report_per_class_latency_and_queues(engine):
     assert stats["classes"]["high"]["completed"] >= 1
     assert stats["classes"]["high"]["ttft_p99_s"] > 0
     assert set(stats["queue"]) == {"high", "low"}
+
+
+def test_adaptive_controller_switches_to_the_reserved_plan_when_high_work_arrives(tiny_cfg, tiny_params):
+    from nitsum_jax.scheduler.controller import PlanController
+
+    plans = default_plans(8, tiny_cfg)
+    grid = BucketGrid(decode_batch=(4,), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
+    eng = Engine(tiny_cfg, tiny_params, plans, num_pages=32, page_size=8, grid=grid, initial_plan="burst",
+                 controller=PlanController(plans, "burst", hold_s=0.0, min_dwell_s=0.0))
+    try:
+        handles = [eng.submit([256, i, i + 1], SamplingParams(max_tokens=30, ignore_eos=True), priority_class="high")
+                   for i in range(4)]
+        results = [h.result(timeout=300) for h in handles]
+        assert all(len(r.token_ids) == 30 for r in results)
+        assert ("burst", "mixed") in [(s.from_plan, s.to_plan) for s in eng.switches]
+        assert all(s.reason for s in eng.switches)
+    finally:
+        eng.close()
