@@ -1,15 +1,17 @@
 """The engine: lanes of the current plan stepping side by side, fed by the scheduler.
 
 One engine thread runs step rounds: for every lane of the current plan it asks the scheduler
-for the lane's work, dispatches the lane's programs without waiting (lanes on disjoint devices
-overlap on the GPU), then collects all results, streams tokens and reports back. Plan switches
-happen between rounds.
+for the lane's work, hands each lane's step to that lane's own worker thread (dispatch and
+wait), then collects all results, streams tokens and reports back. Plan switches happen between
+rounds. Thread-per-lane was chosen by measurement (BENCHMARKS.md, 4x H100): two TP2 lanes ran
+at 0.72x their solo rate from one dispatching thread and at 0.94x with a thread per lane.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import queue
+from concurrent.futures import ThreadPoolExecutor
 import random
 import threading
 import time
@@ -91,6 +93,7 @@ class Engine:
         self._pending_switch: tuple[str, str] | None = None
         self._stop = False
         self._ids = 0
+        self._lane_workers = ThreadPoolExecutor(len(self.plan_set.lanes), thread_name_prefix="nitsum-lane")
         self._thread = threading.Thread(target=self._loop, name="nitsum-engine", daemon=True)
         self._thread.start()
 
@@ -155,6 +158,7 @@ class Engine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=30)
+        self._lane_workers.shutdown(wait=True)
 
     # -- engine thread -------------------------------------------------------------------
     def _lane_queues(self, plan_name: str) -> list[LaneQueue]:
@@ -182,8 +186,10 @@ class Engine:
                 self._wake.wait(0.01)
                 self._wake.clear()
                 continue
-            results = {name: self._dispatch(self._lane(name), w) for name, w in work.items() if w}
-            results = jax.device_get(results)
+            busy = [name for name, w in work.items() if w]
+            futures = [self._lane_workers.submit(lambda n: jax.device_get(self._dispatch(self._lane(n), work[n])), name)
+                       for name in busy]
+            results = {name: f.result() for name, f in zip(busy, futures)}
             with self._lock:
                 for name, w in work.items():
                     if w:
