@@ -24,7 +24,9 @@ from nitsum_jax.config import LlamaConfig
 from nitsum_jax.model import Params
 from nitsum_jax.plans import BucketGrid, Lane, Plan, PlanSet
 from nitsum_jax.sampling import SamplingBatch, SamplingParams
-from nitsum_jax.scheduler import LaneQueue, PriorityClass, Request, Scheduler, State, Work, default_classes
+from nitsum_jax.kv import kv_bytes_per_page
+from nitsum_jax.scheduler import (CostModel, LaneQueue, PriorityClass, Request, Scheduler, State, Work,
+                                  default_classes)
 from nitsum_jax.scheduler.controller import Load, PlanController
 from nitsum_jax.sequence import Completion, Sequence, append_token, validate_prompt
 from nitsum_jax.tokenizer import TextTokenizer
@@ -51,6 +53,7 @@ class RequestHandle:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.served_by: str | None = None
+        self.error: str | None = None  # set when the request finished with "error"
 
     def __iter__(self) -> Iterator[int]:
         while True:
@@ -82,8 +85,10 @@ class Engine:
         self.grid = grid
         self.classes = classes or default_classes()
         self.plan_name = initial_plan or plans[0].name
+        # Victims of preemption move or recompute by these costs, updated from measured moves and steps.
+        self.costs = CostModel(kv_bytes_per_token=kv_bytes_per_page(cfg, 1))
         self.scheduler = Scheduler(self.classes, self._lane_queues(self.plan_name), token_budget=token_budget,
-                                   prefill_chunk=max(grid.prefill_len))
+                                   prefill_chunk=max(grid.prefill_len), costs=self.costs, mover=self._migrate)
         self.controller = controller
         self.switches: list[PlanSwitch] = []
         self.kv_moves = 0
@@ -171,30 +176,60 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop:
-            if self.controller is not None and self._pending_switch is None:
-                with self._lock:
-                    decision = self.controller.decide(self._load(), time.monotonic())
-                if decision:
-                    self._pending_switch = decision
-            if self._pending_switch:
-                self._do_switch(*self._pending_switch)
-                self._pending_switch = None
+            try:
+                self._round()
+            except Exception as error:  # a failed step must not strand its requests
+                self._fail_running(error)
+
+    def _fail_running(self, error: Exception) -> None:
+        """Finish every running request with an error (their pages go back); waiting ones stay."""
+        import logging
+
+        logging.getLogger(__name__).exception("engine round failed: %s", error)
+        with self._lock:
+            for lane in self.scheduler.lanes.values():
+                for req in list(lane.running):
+                    self._handles[req.request_id].error = f"{type(error).__name__}: {error}"
+                    self.scheduler._finish(lane, req, "error")
+            self._flush_finished()
+
+    def _round(self) -> None:
+        if self.controller is not None and self._pending_switch is None:
             with self._lock:
-                work = {name: self.scheduler.schedule(name) for name in self.scheduler.lanes}
-                self._flush_finished()
-            if not any(work.values()):
-                self._wake.wait(0.01)
-                self._wake.clear()
-                continue
-            busy = [name for name, w in work.items() if w]
-            futures = [self._lane_workers.submit(lambda n: jax.device_get(self._dispatch(self._lane(n), work[n])), name)
-                       for name in busy]
-            results = {name: f.result() for name, f in zip(busy, futures)}
-            with self._lock:
-                for name, w in work.items():
-                    if w:
-                        self._complete(name, w, results[name])
-                self._flush_finished()
+                decision = self.controller.decide(self._load(), time.monotonic())
+            if decision:
+                self._pending_switch = decision
+        if self._pending_switch:
+            self._do_switch(*self._pending_switch)
+            self._pending_switch = None
+        with self._lock:
+            work = {name: self.scheduler.schedule(name) for name in self.scheduler.lanes}
+            self._flush_finished()
+        if not any(work.values()):
+            self._wake.wait(0.01)
+            self._wake.clear()
+            return
+        busy = [name for name, w in work.items() if w]
+        t0 = time.perf_counter()
+        futures = [self._lane_workers.submit(lambda n: jax.device_get(self._dispatch(self._lane(n), work[n])), name)
+                   for name in busy]
+        results = {name: f.result() for name, f in zip(busy, futures)}
+        tokens = max(sum(w.num_tokens for w in work[name]) for name in busy)
+        if tokens > max(self.grid.decode_batch):  # prefill-heavy round: a recompute cost sample
+            self.costs.recompute_s_per_token = _ema(self.costs.recompute_s_per_token,
+                                                    (time.perf_counter() - t0) / tokens)
+        with self._lock:
+            for name, w in work.items():
+                if w:
+                    self._complete(name, w, results[name])
+            self._flush_finished()
+
+    def _migrate(self, request: Request, src: str, dst: str) -> None:
+        t0 = time.perf_counter()
+        moved = self.plan_set.move(request.request_id, self._lane(src), self._lane(dst))
+        jax.block_until_ready(self._lane(dst).kv)
+        self.costs.move_bytes_per_s = _ema(self.costs.move_bytes_per_s, moved / (time.perf_counter() - t0))
+        self.kv_moves += 1
 
     def _load(self) -> Load:
         waiting = {c: 0 for c in self.classes}
@@ -295,3 +330,7 @@ class Engine:
             self.plan_name = name
             if self.controller is not None:
                 self.controller.force(name, time.monotonic())
+
+
+def _ema(old: float, new: float, weight: float = 0.2) -> float:
+    return (1 - weight) * old + weight * new

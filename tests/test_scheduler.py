@@ -169,3 +169,56 @@ def test_scheduler_imports_no_jax():
     code = "import sys, nitsum_jax.scheduler; print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def two_lanes(costs, mover):
+
+    clock = FakeClock()
+    a = LaneQueue("a", ("all",), PageAllocator(4, PAGE), 4)
+    b = LaneQueue("b", ("low",), PageAllocator(8, PAGE), 4)
+    sched = Scheduler(default_classes(), [a, b], clock=clock, costs=costs, mover=mover)
+    return sched, a, b, clock
+
+
+def fill_a_with_low(sched):
+    sched.submit(req("low-1", "low", arrival=0.0))
+    sched.submit(req("low-2", "low", arrival=0.1))
+    sched.complete("a", sched.schedule("a"))  # both prefilled on lane a (b is idle: it is scheduled separately)
+
+
+def test_victim_is_migrated_when_moving_is_cheaper_than_recomputing():
+    from nitsum_jax.scheduler import CostModel
+
+    moves = []
+
+    def mover(request, src, dst):
+        sched.lanes[dst].allocator.reserve(request.request_id, sched.lanes[src].allocator.capacity(request.request_id))
+        sched.lanes[src].allocator.free(request.request_id)
+        moves.append((request.request_id, src, dst))
+
+    sched, a, b, clock = two_lanes(CostModel(move_bytes_per_s=1e12, kv_bytes_per_token=1000,
+                                             recompute_s_per_token=1e-3), mover)
+    fill_a_with_low(sched)
+    sched.submit(req("high", "high", arrival=0.2))
+    clock.now = 0.2
+    work = sched.schedule("a")
+    assert moves == [("low-2", "a", "b")]
+    victim = next(r for r in b.running if r.request_id == "low-2")
+    assert victim.num_computed == 8 and victim.state is State.RUNNING  # keeps its progress
+    assert "high" in [w.request.request_id for w in work]
+
+
+def test_victim_is_recomputed_when_moving_costs_more():
+    from nitsum_jax.scheduler import CostModel
+
+    def mover(*args):
+        raise AssertionError("must not move")
+
+    sched, a, b, clock = two_lanes(CostModel(move_bytes_per_s=1e3, kv_bytes_per_token=1000,
+                                             recompute_s_per_token=1e-6), mover)
+    fill_a_with_low(sched)
+    sched.submit(req("high", "high", arrival=0.2))
+    clock.now = 0.2
+    sched.schedule("a")
+    victim = next(r for r in sched.waiting if r.request_id == "low-2")
+    assert victim.num_computed == 0 and sched.migrations == []

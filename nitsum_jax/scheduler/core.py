@@ -74,11 +74,31 @@ class LaneQueue:
         return "all" in self.classes or cls in self.classes
 
 
+@dataclasses.dataclass
+class CostModel:
+    """Measured costs the victim decision uses; the engine updates them from real steps and moves."""
+
+    move_bytes_per_s: float = 100e9
+    kv_bytes_per_token: int = 1
+    recompute_s_per_token: float = 1e-4
+
+    def move_s(self, tokens: int) -> float:
+        return tokens * self.kv_bytes_per_token / self.move_bytes_per_s
+
+    def recompute_s(self, tokens: int) -> float:
+        return tokens * self.recompute_s_per_token
+
+
 class Scheduler:
     def __init__(self, classes: dict[str, PriorityClass], lanes: list[LaneQueue], *,
                  clock: Callable[[], float] = time.monotonic, token_budget: int = 512, prefill_chunk: int = 128,
-                 max_preemptions: int = 1):
+                 max_preemptions: int = 1, costs: CostModel | None = None,
+                 mover: Callable[[Request, str, str], None] | None = None):
+        """`mover(request, src_lane, dst_lane)` moves a sequence's KV pages; without one,
+        preempted requests are always recomputed."""
         self.classes, self.clock = classes, clock
+        self.costs, self.mover = costs or CostModel(), mover
+        self.migrations: list[tuple[float, str, str, str]] = []  # (time, request, from lane, to lane)
         self.lanes = {lane.name: lane for lane in lanes}
         self.token_budget, self.prefill_chunk, self.max_preemptions = token_budget, prefill_chunk, max_preemptions
         self.waiting: list[Request] = []
@@ -134,7 +154,8 @@ class Scheduler:
             lane.running.append(req)
             work.append(Work(req, req.num_computed, n))
             budget -= n
-        return work
+        # Admission may have preempted (or moved away) a request planned above.
+        return [w for w in work if w.request.state is State.RUNNING and w.request.lane == lane.name]
 
     def complete(self, lane_name: str, work: list[Work], tokens: dict[str, int] | None = None,
                  finished: dict[str, str] | None = None) -> None:
@@ -197,12 +218,32 @@ class Scheduler:
         if victim is None:
             return False
         lane.running.remove(victim)
-        lane.allocator.free(victim.request_id)
         victim.preemptions += 1
+        dst = self._migration_target(lane, victim)
+        if dst is not None:
+            self.mover(victim, lane.name, dst.name)
+            victim.lane = dst.name
+            dst.running.append(victim)
+            self.migrations.append((self.clock(), victim.request_id, lane.name, dst.name))
+            self.preemption_log.append((self.clock(), victim.request_id, for_req.request_id))
+            return True
+        lane.allocator.free(victim.request_id)
         victim.state, victim.lane, victim.num_computed = State.WAITING, None, 0  # recomputed on readmission
         self.waiting.append(victim)  # keeps its arrival: its place in line
         self.preemption_log.append((self.clock(), victim.request_id, for_req.request_id))
         return True
+
+    def _migration_target(self, lane: LaneQueue, victim: Request) -> LaneQueue | None:
+        """Another lane that serves the victim's class and has a slot and pages for it, when
+        moving its KV costs less than recomputing it (measured costs)."""
+        if self.mover is None or victim.num_computed == 0:
+            return None
+        if self.costs.move_s(victim.num_computed) >= self.costs.recompute_s(victim.num_computed):
+            return None
+        tokens = lane.allocator.capacity(victim.request_id)
+        options = [q for q in self.lanes.values() if q is not lane and q.serves(victim.priority_class)
+                   and len(q.running) < q.max_batch and q.allocator.can_reserve(tokens)]
+        return max(options, key=lambda q: q.allocator.num_free, default=None)
 
     def pages_in_use(self) -> dict[str, int]:
         return {name: lane.allocator.num_used for name, lane in self.lanes.items()}
