@@ -93,6 +93,7 @@ class Engine:
         self.switches: list[PlanSwitch] = []
         self.kv_moves = 0
         self._handles: dict[str, RequestHandle] = {}
+        self._recent: list[RequestHandle] = []  # finished, newest last (SLO attainment)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pending_switch: tuple[str, str] | None = None
@@ -101,6 +102,21 @@ class Engine:
         self._lane_workers = ThreadPoolExecutor(len(self.plan_set.lanes), thread_name_prefix="nitsum-lane")
         self._thread = threading.Thread(target=self._loop, name="nitsum-engine", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def build(cls, *, preset: str = "tiny", checkpoint: str | None = None, plans: str | None = None,
+              num_devices: int | None = None, seed: int = 0, **kwargs) -> "Engine":
+        """An engine from a preset (random weights) or a checkpoint, over the first `num_devices`
+        devices, with a plan set in the compact form or a TOML path (None: the default set).
+        On a CPU-only machine set XLA_FLAGS=--xla_force_host_platform_device_count=N first."""
+        from nitsum_jax.plans import read_plans
+        from nitsum_jax.source import load_model
+
+        model = load_model(checkpoint, preset, seed)
+        devices = jax.devices()[:num_devices] if num_devices else jax.devices()
+        plan_set = read_plans(plans, len(devices), model.cfg)
+        kwargs.setdefault("tokenizer", model.tokenizer)
+        return cls(model.cfg, model.params, plan_set, devices=devices, **kwargs)
 
     # -- public API ----------------------------------------------------------------------
     def submit(self, prompt: str | Seq[int], sampling: SamplingParams = SamplingParams(), *,
@@ -239,7 +255,19 @@ class Engine:
         for q in self.scheduler.lanes.values():
             for r in q.running:
                 running[r.priority_class] += 1
-        return Load(waiting, running, {})
+        return Load(waiting, running, self._slo_attainment())
+
+    def _slo_attainment(self, window: int = 50) -> dict[str, float]:
+        """Per class, the fraction of its last `window` completed requests that met both targets."""
+        met: dict[str, list[bool]] = {}
+        done = [h for h in self._recent if h.finish_time is not None and h.first_token_time is not None]
+        for h in done[-window * len(self.classes):]:
+            target = self.classes[h.request.priority_class]
+            n = len(h.seq.output_ids)
+            tpot = (h.finish_time - h.first_token_time) / (n - 1) if n > 1 else 0.0
+            met.setdefault(target.name, []).append(h.first_token_time - h.request.arrival <= target.ttft_target_s
+                                                   and tpot <= target.tpot_target_s)
+        return {c: sum(v[-window:]) / len(v[-window:]) for c, v in met.items()}
 
     def _dispatch(self, lane: Lane, work: list[Work]):
         """Decode-shaped rows (one token) in one batch, prefill chunks one by one."""
@@ -295,6 +323,8 @@ class Engine:
             handle.finish_time = time.monotonic()
             handle._events.put(None)
             handle._done.set()
+            self._recent.append(handle)
+            del self._recent[:-1000]
 
     def _do_switch(self, name: str, reason: str) -> None:
         if name == self.plan_name:

@@ -115,3 +115,16 @@ def test_high_preempts_low_whose_kv_moves_to_another_lane_and_tokens_stay_exact(
         assert all(lane.allocator.num_used == 0 for lane in lanes.values())
     finally:
         eng.close()
+
+
+def test_engine_builds_from_a_preset_with_a_compact_plan_set():
+    eng = Engine.build(preset="tiny", plans="s: all=tp2@0-1; m: high=tp1@0, low=tp1@1", num_devices=2,
+                       num_pages=16, page_size=8, grid=BucketGrid(decode_batch=(2,), prefill_len=(16,),
+                                                                  max_seq_len=64, min_move_pages=8))
+    try:
+        out = eng.generate(["hi there"], SamplingParams(max_tokens=5, ignore_eos=True), priority_class="high")
+        assert len(out[0].token_ids) == 5 and out[0].text is not None
+        assert sorted(eng.plan_set.plans) == ["m", "s"]
+        assert 0.0 <= eng._slo_attainment()["high"] <= 1.0
+    finally:
+        eng.close()
