@@ -166,7 +166,7 @@ def test_scheduler_imports_no_jax():
     import subprocess
     import sys
 
-    code = "import sys, nitsum_jax.scheduler; print('jax' in sys.modules)"
+    code = "import sys, nitsum_jax.scheduler, nitsum_jax.scheduler.controller; print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

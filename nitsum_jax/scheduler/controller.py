@@ -10,8 +10,10 @@ alternating traffic does not make the controller flap.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from nitsum_jax.plans.spec import Plan
+if TYPE_CHECKING:  # plans pull in JAX; the controller only reads their lane specs
+    from nitsum_jax.plans.spec import Plan
 
 
 @dataclasses.dataclass(frozen=True)
