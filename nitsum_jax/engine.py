@@ -83,6 +83,7 @@ class Engine:
         self.plan_set = PlanSet(cfg, params, plans, devices=devices, num_pages=num_pages, page_size=page_size,
                                 grid=grid)
         self.grid = grid
+        self._lanes_by_name = {lane.name: lane for lane in self.plan_set.lanes.values()}
         self.classes = classes or default_classes()
         self.plan_name = initial_plan or plans[0].name
         # Victims of preemption move or recompute by these costs, updated from measured moves and steps.
@@ -188,7 +189,7 @@ class Engine:
                           max(self.grid.decode_batch)) for s in specs]
 
     def _lane(self, name: str) -> Lane:
-        return next(lane for lane in self.plan_set.lanes.values() if lane.name == name)
+        return self._lanes_by_name[name]
 
     def _loop(self) -> None:
         while not self._stop:

@@ -25,16 +25,7 @@ def kv_bytes_per_page(cfg: LlamaConfig, page_size: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(cfg.jnp_dtype).itemsize
 
 
-def allocate_kv_cache(cfg: LlamaConfig, num_pages: int, page_size: int,
-                      sharding: jax.sharding.Sharding | None = None, slots: int = 1) -> KVCache:
-    """Zeroed pages; with `slots` > 1 each slot holds kv_heads / slots heads (see ChunkLayout)."""
-    layers, heads, pages, size, head_dim = kv_cache_shape(cfg, num_pages, page_size)
-    shape = (layers, max(heads, slots) // slots, pages, size, head_dim)
-
-    def zeros():
-        return KVCache(k=tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(slots)),
-                       v=tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(slots)))
-
-    if sharding is None:
-        return jax.jit(zeros)()
-    return jax.jit(zeros, out_shardings=KVCache(k=(sharding,) * slots, v=(sharding,) * slots))()
+def allocate_kv_cache(cfg: LlamaConfig, num_pages: int, page_size: int) -> KVCache:
+    """Zeroed pages of the unsplit model on the default device (lanes build their own, sharded)."""
+    shape = kv_cache_shape(cfg, num_pages, page_size)
+    return jax.jit(lambda: KVCache(k=(jnp.zeros(shape, cfg.jnp_dtype),), v=(jnp.zeros(shape, cfg.jnp_dtype),)))()

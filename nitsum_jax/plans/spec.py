@@ -28,11 +28,6 @@ class LaneSpec:
     tp: int
     devices: tuple[int, ...]
 
-    @property
-    def key(self) -> tuple[int, ...]:
-        """Lanes with the same devices (in order) are the same mesh in every plan."""
-        return self.devices
-
     def serves(self, priority_class: str) -> bool:
         return ALL_CLASSES in self.classes or priority_class in self.classes
 

@@ -144,7 +144,7 @@ class Scheduler:
         for req in sorted((r for r in self.waiting if lane.serves(r.priority_class)), key=self.urgency):
             if budget <= 0:
                 break
-            if len(lane.running) >= lane.max_batch and not self._preempt_for(lane, req, slots=True):
+            if len(lane.running) >= lane.max_batch and not self._preempt_for(lane, req):
                 continue
             n = min(self.prefill_chunk, req.total_len - req.num_computed, budget)
             if not self._reserve(lane, req, req.num_computed + n):
@@ -198,7 +198,7 @@ class Scheduler:
 
     def _reserve(self, lane: LaneQueue, req: Request, tokens: int) -> bool:
         while not lane.allocator.can_reserve(tokens, req.request_id):
-            if not self._preempt_for(lane, req, slots=False):
+            if not self._preempt_for(lane, req):
                 return False
         lane.allocator.reserve(req.request_id, tokens)
         return True
@@ -213,7 +213,7 @@ class Scheduler:
             return None
         return max(candidates, key=lambda r: (self.classes[r.priority_class].rank, r.arrival))
 
-    def _preempt_for(self, lane: LaneQueue, for_req: Request, slots: bool) -> bool:
+    def _preempt_for(self, lane: LaneQueue, for_req: Request) -> bool:
         victim = self._victim(lane, for_req)
         if victim is None:
             return False
