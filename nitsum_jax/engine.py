@@ -52,7 +52,7 @@ class RequestHandle:
         self._done = threading.Event()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        self.served_by: str | None = None
+        self.served_by: tuple[str, str, int] | None = None  # (plan, lane, tp) of the last step
         self.error: str | None = None  # set when the request finished with "error"
 
     def __iter__(self) -> Iterator[int]:
@@ -93,6 +93,9 @@ class Engine:
         self.controller = controller
         self.switches: list[PlanSwitch] = []
         self.kv_moves = 0
+        self.unhealthy: dict[str, str] = {}  # lane name -> the error that took it out
+        self._faults: dict[str, Exception] = {}  # test hook: lane name -> error its next step raises
+        self.reset_stats()
         self._handles: dict[str, RequestHandle] = {}
         self._recent: list[RequestHandle] = []  # finished, newest last (SLO attainment)
         self._lock = threading.Lock()
@@ -106,17 +109,27 @@ class Engine:
 
     @classmethod
     def build(cls, *, preset: str = "tiny", checkpoint: str | None = None, plans: str | None = None,
-              num_devices: int | None = None, seed: int = 0, **kwargs) -> "Engine":
+              num_devices: int | None = None, seed: int = 0, dtype: str | None = None, adaptive: bool = False,
+              hold_s: float = 0.5, min_dwell_s: float = 1.0, **kwargs) -> "Engine":
         """An engine from a preset (random weights) or a checkpoint, over the first `num_devices`
         devices, with a plan set in the compact form or a TOML path (None: the default set).
+        `adaptive`: a PlanController picks the plan from the load (else the first plan, or
+        `initial_plan`, stays until `switch_plan`).
         On a CPU-only machine set XLA_FLAGS=--xla_force_host_platform_device_count=N first."""
         from nitsum_jax.plans import read_plans
+        from nitsum_jax.scheduler import default_classes
         from nitsum_jax.source import load_model
 
-        model = load_model(checkpoint, preset, seed)
+        model = load_model(checkpoint, preset, seed, dtype)
         devices = jax.devices()[:num_devices] if num_devices else jax.devices()
         plan_set = read_plans(plans, len(devices), model.cfg)
         kwargs.setdefault("tokenizer", model.tokenizer)
+        if adaptive and kwargs.get("controller") is None:
+            classes = kwargs.get("classes") or default_classes()
+            high = classes.get("high")
+            kwargs["controller"] = PlanController(
+                plan_set, kwargs.get("initial_plan") or plan_set[0].name, hold_s=hold_s, min_dwell_s=min_dwell_s,
+                high_tpot_target_s=high.tpot_target_s if high else None)
         return cls(model.cfg, model.params, plan_set, devices=devices, **kwargs)
 
     # -- public API ----------------------------------------------------------------------
@@ -152,6 +165,30 @@ class Engine:
         self._pending_switch = (name, reason)
         self._wake.set()
 
+    def lanes_info(self) -> list[dict]:
+        """Every lane of the plan set: name, device ids, TP degree, KV pages, health, whether in
+        the current plan, and its measured decode step time (None until measured)."""
+        current = {self.plan_set.lanes[s.devices].name for s in self.plan_set.plans[self.plan_name].lanes}
+        return [{"name": lane.name, "devices": [int(d) for d in lane.spec.devices], "tp": lane.spec.tp,
+                 "kv_pages_used": lane.allocator.num_used, "kv_pages_total": lane.allocator.num_pages,
+                 "healthy": lane.name not in self.unhealthy, "in_plan": lane.name in current,
+                 "decode_step_s": self._step_s.get(lane.name)}
+                for lane in self.plan_set.lanes.values()]
+
+    def reset_stats(self) -> None:
+        """Start the busy-time window (and the plan history) afresh, e.g. after a warm-up."""
+        self._stats_t0 = time.monotonic()
+        self._busy_s = {lane.name: 0.0 for lane in self.plan_set.lanes.values()}
+        self._steps = {lane.name: 0 for lane in self.plan_set.lanes.values()}
+        if not hasattr(self, "_step_s"):
+            self._step_s: dict[str, float] = {}
+        self.plan_history: list[tuple[float, str]] = [(self._stats_t0, self.plan_name)]
+
+    def inject_fault(self, lane_name: str, error: Exception | None = None) -> None:
+        """Test hook: the lane's next step raises `error` (the fault path of a real failure)."""
+        self._lane(lane_name)
+        self._faults[lane_name] = error or RuntimeError(f"injected fault in lane {lane_name}")
+
     def stats(self) -> dict:
         with self._lock:
             per_class: dict[str, dict] = {}
@@ -174,7 +211,22 @@ class Engine:
                 "plan_switches": [dataclasses.asdict(s) for s in self.switches],
                 "preemptions": len(self.scheduler.preemption_log),
                 "kv_moves": self.kv_moves,
+                "lanes": self.lanes_info(),
+                "lane_busy_s": dict(self._busy_s),
+                "steps": dict(self._steps),
+                "device_busy_fraction": self._busy_fraction(),
+                "plan_history": list(self.plan_history),
+                "unhealthy": dict(self.unhealthy),
             }
+
+    def _busy_fraction(self) -> float:
+        """Device-seconds inside steps over device-seconds elapsed since `reset_stats`, over
+        the devices of the whole plan set (a lane of TP n keeps n devices busy while it steps)."""
+        elapsed = time.monotonic() - self._stats_t0
+        devices = {d for lane in self.plan_set.lanes.values() for d in lane.spec.devices}
+        tp = {lane.name: lane.spec.tp for lane in self.plan_set.lanes.values()}
+        busy = sum(s * tp[name] for name, s in self._busy_s.items())
+        return min(1.0, busy / (elapsed * len(devices))) if elapsed > 0 else 0.0
 
     def close(self) -> None:
         self._stop = True
@@ -228,18 +280,61 @@ class Engine:
             return
         busy = [name for name, w in work.items() if w]
         t0 = time.perf_counter()
-        futures = [self._lane_workers.submit(lambda n: jax.device_get(self._dispatch(self._lane(n), work[n])), name)
-                   for name in busy]
-        results = {name: f.result() for name, f in zip(busy, futures)}
+        futures = [self._lane_workers.submit(self._timed_step, name, work[name]) for name in busy]
+        results, failed = {}, {}
+        for name, future in zip(busy, futures):
+            try:
+                results[name] = future.result()
+            except Exception as error:  # one lane failing must not take the others down
+                failed[name] = error
         tokens = max(sum(w.num_tokens for w in work[name]) for name in busy)
-        if tokens > max(self.grid.decode_batch):  # prefill-heavy round: a recompute cost sample
+        if tokens > max(self.grid.decode_batch) and not failed:  # prefill-heavy round: a recompute sample
             self.costs.recompute_s_per_token = _ema(self.costs.recompute_s_per_token,
                                                     (time.perf_counter() - t0) / tokens)
         with self._lock:
-            for name, w in work.items():
-                if w:
-                    self._complete(name, w, results[name])
+            for name, (outputs, seconds) in results.items():
+                self._busy_s[name] += seconds
+                self._steps[name] += 1
+                if all(w.num_tokens == 1 for w in work[name]):  # a decode step: the controller's cost
+                    self._step_s[name] = _ema(self._step_s.get(name, seconds), seconds)
+                self._complete(name, work[name], outputs)
+            for name, error in failed.items():
+                self._lane_failed(name, error)
             self._flush_finished()
+
+    def _timed_step(self, name: str, work: list[Work]):
+        """Runs on the lane's worker thread: dispatch the step, wait for its tokens."""
+        t0 = time.perf_counter()
+        fault = self._faults.pop(name, None)
+        if fault is not None:
+            raise fault
+        outputs = jax.device_get(self._dispatch(self._lane(name), work))
+        return outputs, time.perf_counter() - t0
+
+    def _lane_failed(self, name: str, error: Exception) -> None:
+        """A lane's step raised: mark it unhealthy, put its requests back in line to be recomputed
+        on other lanes (their streamed tokens stay: recompute re-reads prompt + output), and leave
+        for a plan without it. With no such plan, requests no remaining lane serves fail."""
+        import logging
+
+        logging.getLogger(__name__).error("lane %s failed, marked unhealthy: %s", name, error)
+        self.unhealthy[name] = f"{type(error).__name__}: {error}"
+        lane = self._lane(name)
+        if self.controller is not None:
+            self.controller.mark_unhealthy(lane.spec.devices)
+        self.scheduler.evict_lane(name)
+        healthy = [p for p in self.plan_set.plans.values()
+                   if not any(self.plan_set.lanes[s.devices].name in self.unhealthy for s in p.lanes)]
+        if healthy:
+            target = next((p for p in healthy if p.name == (self.controller.current if self.controller else None)),
+                          healthy[0])
+            self._pending_switch = (target.name, f"lane {name} failed: {self.unhealthy[name]}")
+            return
+        del self.scheduler.lanes[name]
+        for req in list(self.scheduler.waiting):
+            if not any(q.serves(req.priority_class) for q in self.scheduler.lanes.values()):
+                self._handles[req.request_id].error = f"no healthy lane serves class {req.priority_class!r}"
+                self.scheduler.drop_waiting(req, "error")
 
     def _migrate(self, request: Request, src: str, dst: str) -> None:
         t0 = time.perf_counter()
@@ -249,6 +344,7 @@ class Engine:
         self.kv_moves += 1
 
     def _load(self) -> Load:
+        step_s = {self._lane(name).spec.devices: s for name, s in self._step_s.items()}
         waiting = {c: 0 for c in self.classes}
         running = {c: 0 for c in self.classes}
         for r in self.scheduler.waiting:
@@ -256,7 +352,7 @@ class Engine:
         for q in self.scheduler.lanes.values():
             for r in q.running:
                 running[r.priority_class] += 1
-        return Load(waiting, running, self._slo_attainment())
+        return Load(waiting, running, self._slo_attainment(), step_s)
 
     def _slo_attainment(self, window: int = 50) -> dict[str, float]:
         """Per class, the fraction of its last `window` completed requests that met both targets."""
@@ -309,7 +405,7 @@ class Engine:
                 seq = handle.seq
                 seq.output_logprobs.append(float(logprobs[i]))
                 append_token(seq, int(tokens[i]), self.tokenizer, self.cfg.eos_token_ids)
-                handle.served_by = lane_name
+                handle.served_by = (self.plan_name, lane_name, self._lane(lane_name).spec.tp)
                 if handle.first_token_time is None:
                     handle.first_token_time = now
                 handle._events.put(int(tokens[i]))
@@ -359,6 +455,7 @@ class Engine:
             self.switches.append(PlanSwitch(time.monotonic(), self.plan_name, name, reason,
                                             time.perf_counter() - t0, moved, recomputed))
             self.plan_name = name
+            self.plan_history.append((time.monotonic(), name))
             if self.controller is not None:
                 self.controller.force(name, time.monotonic())
 

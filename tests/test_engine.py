@@ -109,12 +109,51 @@ def test_high_preempts_low_whose_kv_moves_to_another_lane_and_tokens_stay_exact(
         results = [h.result(timeout=120) for h in lows + [high]]
         for h, got in zip(lows + [high], results):
             assert got.token_ids == solo.generate([h.seq.prompt_ids], h.seq.params)[0].token_ids
-        assert high.served_by == "tp4@0-3"
+        assert high.served_by == ("p", "tp4@0-3", 4)
         assert eng.stats()["preemptions"] >= 1
         assert eng.scheduler.migrations and eng.scheduler.migrations[0][2:] == ("tp4@0-3", "tp4@4-7")
         assert all(lane.allocator.num_used == 0 for lane in lanes.values())
     finally:
         eng.close()
+
+
+def test_a_failing_lane_is_marked_unhealthy_and_its_requests_finish_exactly_elsewhere(tiny_cfg, tiny_params):
+    from nitsum_jax.plans import parse_plans
+    from nitsum_jax.scheduler.controller import PlanController
+
+    plans = parse_plans("two: all=tp2@0-1, all=tp2@2-3; one: all=tp2@2-3")
+    grid = BucketGrid(decode_batch=(2,), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
+    eng = Engine(tiny_cfg, tiny_params, plans, num_pages=16, page_size=8, grid=grid,
+                 controller=PlanController(plans, "two", hold_s=60.0, min_dwell_s=60.0))
+    solo = Generator(tiny_cfg, tiny_params, page_size=8, max_batch=1, prefill_chunk=16, max_seq_len=64)
+    try:
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        handles = [eng.submit([256, 3 * i + 1, 5, 9, 2 * i], params, priority_class="low") for i in range(4)]
+        while not all(h.first_token_time for h in handles):
+            time.sleep(0.001)
+        eng.inject_fault("tp2@0-1")
+        results = [h.result(timeout=120) for h in handles]
+        for h, got in zip(handles, results):
+            assert got.token_ids == solo.generate([h.seq.prompt_ids], params)[0].token_ids
+            assert got.finish_reason == "length"
+        stats = eng.stats()
+        assert "tp2@0-1" in stats["unhealthy"] and "injected" in stats["unhealthy"]["tp2@0-1"]
+        assert {i["name"]: i["healthy"] for i in stats["lanes"]} == {"tp2@0-1": False, "tp2@2-3": True}
+        assert stats["plan"] == "one" and "failed" in stats["plan_switches"][-1]["reason"]
+        assert all(lane["kv_pages_used"] == 0 for lane in stats["lanes"])
+        assert eng.controller.current == "one" and not eng.controller.usable(eng.plan_set.plans["two"])
+    finally:
+        eng.close()
+
+
+def test_stats_report_lane_busy_time_and_the_plan_history(engine):
+    engine.reset_stats()
+    engine.generate([[256, 4, 4, 4]], SamplingParams(max_tokens=4, ignore_eos=True), priority_class="low")
+    stats = engine.stats()
+    assert sum(stats["steps"].values()) >= 4
+    assert 0.0 < stats["device_busy_fraction"] <= 1.0
+    assert stats["plan_history"][0][1] == stats["plan"]
+    assert all(lane["decode_step_s"] is None or lane["decode_step_s"] > 0 for lane in stats["lanes"])
 
 
 def test_engine_builds_from_a_preset_with_a_compact_plan_set():

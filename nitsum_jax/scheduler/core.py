@@ -227,11 +227,32 @@ class Scheduler:
             self.migrations.append((self.clock(), victim.request_id, lane.name, dst.name))
             self.preemption_log.append((self.clock(), victim.request_id, for_req.request_id))
             return True
-        lane.allocator.free(victim.request_id)
-        victim.state, victim.lane, victim.num_computed = State.WAITING, None, 0  # recomputed on readmission
-        self.waiting.append(victim)  # keeps its arrival: its place in line
+        self._requeue(lane, victim)
         self.preemption_log.append((self.clock(), victim.request_id, for_req.request_id))
         return True
+
+    def _requeue(self, lane: LaneQueue, req: Request) -> None:
+        """Back to the waiting queue, pages freed, to be recomputed on readmission."""
+        if req in lane.running:
+            lane.running.remove(req)
+        if req.request_id in lane.allocator:
+            lane.allocator.free(req.request_id)
+        req.state, req.lane, req.num_computed = State.WAITING, None, 0
+        self.waiting.append(req)  # keeps its arrival: its place in line
+
+    def evict_lane(self, lane_name: str) -> list[Request]:
+        """Every running request of a lane goes back in line (the lane failed or is leaving)."""
+        lane = self.lanes[lane_name]
+        evicted = list(lane.running)
+        for req in evicted:
+            self._requeue(lane, req)
+        return evicted
+
+    def drop_waiting(self, req: Request, reason: str) -> None:
+        """A waiting request ends without running (no lane can serve it)."""
+        self.waiting.remove(req)
+        req.state, req.finish_reason = State.FINISHED, reason
+        self.finished.append(req)
 
     def _migration_target(self, lane: LaneQueue, victim: Request) -> LaneQueue | None:
         """Another lane that serves the victim's class and has a slot and pages for it, when
