@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory-gib", type=float, default=None, help="fail unless every device fits this")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plans)
+    from nitsum_jax.server.cli import register as register_server  # serve, client, api-key (no JAX import)
+
+    register_server(sub)
     return parser
 
 

@@ -1,0 +1,233 @@
+"""The `nitsum.v1.Serving` service: one Generate call = one engine request, streamed back.
+
+A call passes, in order: the gate (UNAVAILABLE before the engine is warm and while draining),
+the key (UNAUTHENTICATED), the priority class from `x-nitsum-priority` (INVALID_ARGUMENT if
+unknown, PERMISSION_DENIED if the tenant may not claim it), the request's own checks
+(INVALID_ARGUMENT naming field, value and limit), the tenant's rate and the class queue
+(RESOURCE_EXHAUSTED). The client's deadline becomes the scheduler's deadline; a client cancel
+or disconnect cancels the engine request, which leaves at the next step and frees its pages.
+
+The stream: one message per generated token (`token_ids`, the `text` it adds, `served_by`),
+then a last message with `finish_reason` ("stop" or "length"), `usage` and any text held back
+(text that could still turn out to be part of a stop string). A request that ends otherwise
+ends with a status: DEADLINE_EXCEEDED, CANCELLED or INTERNAL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Iterator
+
+import grpc
+
+from nitsum_jax.sampling import SamplingError, SamplingParams
+from nitsum_jax.scheduler import QueueFull
+from nitsum_jax.sequence import RequestError, validate_prompt
+from nitsum_jax.server._proto import serving_pb2 as pb
+from nitsum_jax.server._proto import serving_pb2_grpc as pb_grpc
+from nitsum_jax.server.engine_view import lanes_info, served_by
+from nitsum_jax.server.metrics import ServerMetrics
+from nitsum_jax.server.tenants import ANONYMOUS, AccessError, Tenants
+
+PRIORITY_METADATA = "x-nitsum-priority"
+DEFAULT_MAX_TOKENS = 16  # when the request leaves sampling.max_tokens at 0 (unset in proto3)
+_NO_DEADLINE_S = 1e7  # grpc reports a far-future deadline when the client set none
+
+
+class Gate:
+    """Admits calls only while the engine is warm and not draining; counts calls in flight."""
+
+    def __init__(self):
+        self.engine = None  # set once the engine is built and warm
+        self.draining = False
+        self.in_flight = 0
+        self.idle = threading.Condition()
+        self.handles: set = set()  # engine requests of calls in flight (cancelled when a drain times out)
+
+    def enter(self):
+        with self.idle:
+            if self.draining:
+                raise AccessError("UNAVAILABLE", "server is draining (shutting down): retry on another replica")
+            if self.engine is None:
+                raise AccessError("UNAVAILABLE", "server is starting: the engine is still compiling its plans")
+            self.in_flight += 1
+            return self.engine
+
+    def leave(self, handle=None) -> None:
+        with self.idle:
+            self.in_flight -= 1
+            self.handles.discard(handle)
+            self.idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self.idle:
+            return self.idle.wait_for(lambda: self.in_flight == 0, timeout)
+
+
+def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS, temperature=s.temperature,
+                          top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
+                          stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
+
+
+def prompt_ids(request: pb.GenerateRequest, engine) -> list[int]:
+    if request.prompt and request.prompt_token_ids:
+        raise RequestError(f"give either prompt ({len(request.prompt)} characters) or prompt_token_ids "
+                           f"({len(request.prompt_token_ids)} ids), not both")
+    if request.prompt:
+        if engine.tokenizer is None:
+            raise RequestError("prompt is text but the model has no tokenizer: send prompt_token_ids")
+        return list(engine.tokenizer.encode(request.prompt))
+    return list(request.prompt_token_ids)
+
+
+class TextStream:
+    """Text deltas of a growing token list: holds back an unfinished UTF-8 character and the
+    last len(longest stop)-1 characters, which a stop string could still cut off."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.emitted = tokenizer, ""
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+
+    def delta(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        safe = self.tokenizer.decode(token_ids).rstrip("\ufffd")
+        return self._advance(safe[:max(0, len(safe) - self.holdback)])
+
+    def rest(self, final_text: str | None) -> str:
+        return self._advance(final_text or "")
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
+            return ""
+        out, self.emitted = text[len(self.emitted):], text
+        return out
+
+
+def _abort(context: grpc.ServicerContext, code: str, message: str):
+    context.abort(getattr(grpc.StatusCode, code), message)
+
+
+class ServingService(pb_grpc.ServingServicer):
+    def __init__(self, gate: Gate, tenants: Tenants, metrics: ServerMetrics, *, default_class: str = "low",
+                 model_name: str = ""):
+        self.gate, self.tenants, self.metrics = gate, tenants, metrics
+        self.default_class, self.model_name = default_class, model_name
+        self._ids = itertools.count(1)
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        metadata = dict(context.invocation_metadata())
+        priority_class = metadata.get(PRIORITY_METADATA) or self.default_class
+        try:
+            engine = self.gate.enter()
+        except AccessError as e:
+            self.metrics.requests.labels(priority_class, e.code).inc()
+            _abort(context, e.code, str(e))
+        self.metrics.in_flight.inc()
+        handle = None
+        code = "OK"
+        try:
+            try:
+                tenant = self.tenants.authenticate(metadata.get("authorization"))
+                if priority_class not in engine.classes:
+                    raise RequestError(f"{PRIORITY_METADATA} {priority_class!r} is not a priority class; "
+                                       f"known: {sorted(engine.classes)}")
+                self.tenants.authorize(tenant, priority_class)
+                sampling = sampling_from_proto(request.sampling)
+                ids = prompt_ids(request, engine)
+                validate_prompt(ids, sampling, engine.cfg.vocab_size, engine.grid.max_seq_len)
+                reserved = len(ids) + sampling.max_tokens
+                if tenant is not None:
+                    tenant.charge(reserved)
+                remaining = context.time_remaining()
+                try:
+                    handle = engine.submit(
+                        ids, sampling, priority_class=priority_class,
+                        deadline_s=remaining if remaining is not None and remaining < _NO_DEADLINE_S else None,
+                        request_id=f"{request.request_id}@{next(self._ids)}" if request.request_id else None)
+                except QueueFull as e:
+                    if tenant is not None:
+                        tenant.refund(reserved)
+                    raise AccessError("RESOURCE_EXHAUSTED", str(e)) from None
+            except AccessError as e:
+                code = e.code
+                _abort(context, e.code, str(e))
+            except (RequestError, SamplingError, ValueError) as e:
+                code = "INVALID_ARGUMENT"
+                _abort(context, code, str(e))
+            with self.gate.idle:
+                self.gate.handles.add(handle)
+            context.add_callback(handle.cancel)  # client cancel, disconnect or deadline
+            try:
+                code, message = yield from self._stream(engine, handle, sampling, context)
+            finally:
+                self._account(handle, tenant.name if tenant else ANONYMOUS, priority_class)
+                if tenant is not None:
+                    tenant.refund(reserved - len(ids) - len(handle.seq.output_ids))
+            if code != "OK" and context.is_active():
+                _abort(context, code, message)
+        finally:
+            self.metrics.requests.labels(priority_class, code).inc()
+            self.metrics.in_flight.dec()
+            self.gate.leave(handle)
+
+    def _stream(self, engine, handle, sampling: SamplingParams, context) -> Iterator[pb.GenerateResponse]:
+        """Yields the responses; returns the status (code name, message) the call ends with."""
+        text = TextStream(engine.tokenizer, sampling.stop)
+        generated: list[int] = []
+        for token in handle:
+            generated.append(token)
+            yield pb.GenerateResponse(token_ids=[token], text=text.delta(generated),
+                                      served_by=_served_by(engine, handle))
+        reason = handle.request.finish_reason
+        if reason in ("stop", "length"):
+            done = handle.result(timeout=30)
+            yield pb.GenerateResponse(text=text.rest(done.text), finish_reason=reason,
+                                      usage=pb.Usage(prompt_tokens=done.prompt_tokens,
+                                                     completion_tokens=len(done.token_ids)),
+                                      served_by=_served_by(engine, handle))
+            return "OK", ""
+        n = len(generated)
+        if reason == "deadline":
+            return "DEADLINE_EXCEEDED", (f"deadline passed after {n} of max_tokens {sampling.max_tokens} tokens; "
+                                         f"request stopped and its KV pages freed")
+        if reason == "cancelled":  # the client's own cancel, or the server's (a drain that ran out of time)
+            return "CANCELLED", f"request cancelled after {n} tokens"
+        return "INTERNAL", f"request failed after {n} tokens: {handle.error or reason}"
+
+    def _account(self, handle, tenant: str, priority_class: str) -> None:
+        h, n = handle, len(handle.seq.output_ids)
+        now = time.monotonic()
+        end = h.finish_time or now
+        first = h.first_token_time
+        self.metrics.observe(priority_class, tenant, prompt_tokens=len(h.seq.prompt_ids), completion_tokens=n,
+                             ttft_s=None if first is None else first - h.request.arrival,
+                             tpot_s=(end - first) / (n - 1) if first is not None and n > 1 else None,
+                             e2e_s=end - h.request.arrival if h.request.finish_reason in ("stop", "length") else None)
+
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        try:
+            engine = self.gate.enter()
+        except AccessError as e:
+            _abort(context, e.code, str(e))
+        try:
+            try:
+                self.tenants.authenticate(dict(context.invocation_metadata()).get("authorization"))
+            except AccessError as e:
+                _abort(context, e.code, str(e))
+            classes = sorted(engine.classes, key=lambda c: engine.classes[c].rank)
+            lanes = [pb.LaneInfo(name=lane["name"], devices=lane["devices"], tp=lane["tp"],
+                                 kv_pages_used=lane["kv_pages_used"], kv_pages_total=lane["kv_pages_total"])
+                     for lane in lanes_info(engine)]
+            return pb.ServerInfo(model=self.model_name, classes=classes, plans=list(engine.plan_set.plans),
+                                 current_plan=engine.plan_name, lanes=lanes)
+        finally:
+            self.gate.leave()
+
+
+def _served_by(engine, handle) -> pb.ServedBy | None:
+    value = served_by(engine, handle)
+    return None if value is None else pb.ServedBy(plan=value[0], lane=value[1], tp=value[2])
