@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nitsum_jax.server.cli import register as register_server  # serve, client, api-key (no JAX import)
 
     register_server(sub)
+    from nitsum_jax.bench.cli import register as register_bench  # bench (no JAX import)
+
+    register_bench(sub)
     return parser
 
 

@@ -1,0 +1,130 @@
+"""`nitsum-jax bench`: static TP against adaptive lanes on the same workload, side by side.
+
+`register(subparsers)` adds the subcommand; nothing here imports JAX until the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from nitsum_jax.bench.api import CONFIGS, DEFAULTS
+
+HOST_DEVICES = 8  # on a machine without an accelerator and without --devices
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"rates must be > 0 requests/s, got {text!r}")
+    return values
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _configs(text: str) -> list[str]:
+    names = [t for t in text.replace(",", " ").split() if t]
+    bad = [n for n in names if n not in CONFIGS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown configuration(s) {bad or text!r}; known: {', '.join(CONFIGS)}")
+    return names
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="static TP against adaptive lanes on one workload: throughput, latency, SLO goodput",
+        description="Runs each configuration in turn on the same seeded workload and writes results.json, "
+                    "requests.jsonl, report.md and PNG plots to --out. Without an accelerator and without "
+                    f"--devices it uses {HOST_DEVICES} host CPU devices.")
+    w = p.add_argument_group("workload")
+    w.add_argument("--rates", type=_floats, default=list(DEFAULTS["rates"]),
+                   help="Poisson arrival rates, requests/s; several make a sweep, the first is the headline "
+                        f"(default: {','.join(f'{r:g}' for r in DEFAULTS['rates'])})")
+    w.add_argument("--duration", type=float, default=DEFAULTS["duration_s"],
+                   help="seconds of arrivals per rate (default: %(default)s)")
+    w.add_argument("--num-requests", type=int, default=None, help="exactly this many requests instead of --duration")
+    w.add_argument("--high-fraction", type=float, default=DEFAULTS["high_fraction"],
+                   help="share of requests in class high (default: %(default)s)")
+    w.add_argument("--prompt-len", default=DEFAULTS["prompt_len"],
+                   help="prompt tokens: N, LO-HI (uniform) or lognormal:MEDIAN:SIGMA (default: %(default)s)")
+    w.add_argument("--output-len", default=DEFAULTS["output_len"], help="output tokens, same forms "
+                                                                         "(default: %(default)s)")
+    w.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="workload seed (default: %(default)s)")
+    w.add_argument("--trace", default=None, help="JSONL trace (arrival_s, class, prompt or prompt_len, output_len) "
+                                                 "instead of Poisson arrivals")
+    w.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times (default: 1)")
+    e = p.add_argument_group("what is measured")
+    e.add_argument("--configs", type=_configs, default=list(CONFIGS),
+                   help="comma-separated, run in this order (default: static,adaptive)")
+    m = e.add_mutually_exclusive_group()
+    m.add_argument("--checkpoint", help="a nitsum-jax checkpoint folder")
+    m.add_argument("--preset", default="tiny", help="random weights of a preset shape (default: tiny)")
+    e.add_argument("--plans", default=None, help="plan set (compact form or .toml); static uses its 'static' plan "
+                                                 "(default: derived from the device count)")
+    e.add_argument("--num-pages", type=int, default=DEFAULTS["num_pages"], help="KV pages per lane")
+    e.add_argument("--page-size", type=int, default=DEFAULTS["page_size"])
+    e.add_argument("--decode-batch", type=_ints, default=(2, 8), help="decode batch buckets (default: 2,8)")
+    e.add_argument("--prefill-len", type=_ints, default=(32,), help="prefill chunk buckets (default: 32)")
+    e.add_argument("--max-seq-len", type=int, default=128, help="longest prompt + output (default: 128)")
+    e.add_argument("--target", default=None, help="host:port of a running nitsum-jax server, instead of "
+                                                  "in-process engines")
+    e.add_argument("--api-key", default=os.environ.get("NITSUM_API_KEY"), help="API key for --target")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="bench-out", help="folder for results.json, report.md, plots "
+                                                      "(default: %(default)s)")
+    o.add_argument("--drain-timeout", type=float, default=120.0,
+                   help="seconds to wait for requests after the last arrival (default: %(default)s)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_bench)
+
+
+def _default_host_devices(devices: int | None) -> None:
+    """Without --devices, give JAX HOST_DEVICES host devices (it matters only where there is no
+    accelerator); the CPU backend must not have started yet."""
+    if devices or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", HOST_DEVICES)
+    except RuntimeError:  # backends already initialized: keep what there is
+        pass
+
+
+def _bench(args) -> int:
+    from rich.console import Console
+
+    from nitsum_jax.bench.api import run_bench
+    from nitsum_jax.bench.report import print_tables
+
+    console = Console(stderr=False)
+    if args.target is None:
+        _default_host_devices(args.devices)
+    from nitsum_jax.plans import BucketGrid
+
+    grid = BucketGrid(decode_batch=args.decode_batch, prefill_len=args.prefill_len, max_seq_len=args.max_seq_len,
+                      min_move_pages=min(8, max(1, args.max_seq_len // args.page_size)))
+    try:
+        results = run_bench(configs=args.configs, rates=args.rates, duration_s=args.duration,
+                            num_requests=args.num_requests, high_fraction=args.high_fraction,
+                            prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed,
+                            trace=args.trace, time_scale=args.time_scale, preset=args.preset,
+                            checkpoint=args.checkpoint, plans=args.plans, num_devices=args.devices, grid=grid,
+                            num_pages=args.num_pages, page_size=args.page_size, target=args.target,
+                            api_key=args.api_key, drain_timeout_s=args.drain_timeout, out_dir=args.out,
+                            console=console, progress=not args.no_progress)
+    except (ValueError, RuntimeError) as error:
+        print(f"nitsum-jax: error: {error}", file=sys.stderr)
+        return 2
+    print_tables(results, console)
+    console.print(f"wrote {args.out}/results.json, report.md, requests.jsonl, {', '.join(results['plots'])}")
+    return 0

@@ -1,0 +1,123 @@
+"""The bench's tables: a rich table on the terminal and the same rows in report.md."""
+
+from __future__ import annotations
+
+
+def _s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+CLASS_COLUMNS = ("config", "class", "sent", "done", "rej", "fail", "req/s", "tok/s", "goodput req/s", "SLO met",
+                 "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "e2e p50", "e2e p99")
+CONFIG_COLUMNS = ("config", "req/s", "out tok/s", "goodput req/s", "device busy", "host CPU", "plan switches",
+                  "KV moves", "preemptions", "start-up")
+
+
+def class_rows(results: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for name, c in results["configs"].items():
+        for cls, k in c["classes"].items():
+            rows.append((name, cls, str(k["sent"]), str(k["completed"]), str(k["rejected"]), str(k["failed"]),
+                         _f(k["throughput_rps"]), _f(k["output_tokens_per_s"], 0), _f(k["goodput_rps"]),
+                         _pct(k["slo_attainment"]), _s(k["ttft_p50_s"]), _s(k["ttft_p99_s"]), _s(k["tpot_p50_s"]),
+                         _s(k["tpot_p99_s"]), _s(k["e2e_p50_s"]), _s(k["e2e_p99_s"])))
+        rows.append((name, "all", str(c["sent"]), str(c["completed"]), str(c["rejected"]), str(c["failed"]),
+                     _f(c["throughput_rps"]), _f(c["output_tokens_per_s"], 0), _f(c["goodput_rps"]),
+                     _pct(c["slo_attainment"]), *("",) * 6))
+    return rows
+
+
+def config_rows(results: dict) -> list[tuple[str, ...]]:
+    return [(name, _f(c["throughput_rps"]), _f(c["output_tokens_per_s"], 0), _f(c["goodput_rps"]),
+             _pct(c["device_busy_fraction"]), _pct(c["host_cpu_fraction"]), str(c["plan_switches"]),
+             "-" if c["kv_moves"] is None else str(c["kv_moves"]),
+             "-" if c["preemptions"] is None else str(c["preemptions"]), _s(c.get("startup_s")))
+            for name, c in results["configs"].items()]
+
+
+def ratio_lines(results: dict) -> list[str]:
+    lines = []
+    for label, r in results.get("ratios", {}).items():
+        parts = [f"throughput {_f(r['throughput_rps'])}x", f"output tok/s {_f(r['output_tokens_per_s'])}x",
+                 f"goodput {_f(r['goodput_rps'])}x"]
+        parts += [f"{cls} TTFT p99 {_f(v['ttft_p99_s'])}x, goodput {_f(v['goodput_rps'])}x"
+                  for cls, v in r["classes"].items()]
+        lines.append(f"{label}: " + "; ".join(parts))
+    return lines
+
+
+def title(results: dict) -> str:
+    w, m = results["workload"], results["machine"]
+    where = f"{m.get('device_count', '?')} x {m.get('device_kind', m.get('backend', '?'))}" if "jax" in m else "server"
+    return (f"{results['model']} on {where} ({m['hostname']}, {m['cpu_count']} CPU cores); "
+            f"{w['kind']} {results['headline_rate_rps']:.3g} req/s, {w['num_requests']} requests, "
+            f"{100 * w['high_fraction']:.0f}% high")
+
+
+def print_tables(results: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=title(results), title_justify="left")
+    for col in CLASS_COLUMNS:
+        table.add_column(col, justify="left" if col in ("config", "class") else "right")
+    configs = list(results["configs"])
+    for row in class_rows(results):
+        table.add_row(*row, end_section=row[1] == "all" and row[0] != configs[-1],
+                      style="bold" if row[1] == "all" else None)
+    console.print(table)
+    table = Table(title_justify="left")
+    for col in CONFIG_COLUMNS:
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for row in config_rows(results):
+        table.add_row(*row)
+    console.print(table)
+    for line in ratio_lines(results):
+        console.print(line)
+
+
+def _md_table(columns, rows) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + ["| " + " | ".join(r) + " |"
+                                                                              for r in rows]
+
+
+def markdown_report(results: dict) -> str:
+    m, w, git = results["machine"], results["workload"], results["git"]
+    lines = [f"# nitsum-jax bench, {results['date']}", "", title(results), "",
+             f"- commit `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}",
+             f"- machine: {m['platform']}, {m['cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB"
+             + (f"; jax {m['jax']} {m['backend']}, {m['device_count']} devices ({m['device_kind']})" if "jax" in m
+                else ""),
+             f"- workload: {', '.join(f'{k}={v}' for k, v in w.items())}",
+             f"- SLO targets: " + ", ".join(f"{c} TTFT {_s(t['ttft_target_s'])} / TPOT {_s(t['tpot_target_s'])}"
+                                             for c, t in results["slo"].items()), ""]
+    for name, c in results["configs"].items():
+        lines.append(f"- `{name}`: {c['backend'].get('plans', c['backend'].get('target', ''))}")
+    lines += ["", "## Per class (headline rate)", ""] + _md_table(CLASS_COLUMNS, class_rows(results))
+    lines += ["", "## Per configuration", ""] + _md_table(CONFIG_COLUMNS, config_rows(results))
+    if results.get("ratios"):
+        lines += ["", "## Ratios", ""] + [f"- {line}" for line in ratio_lines(results)]
+    if len(results["rates_rps"]) > 1:
+        rows = [(name, _f(run["rate_rps"]), _f(run["throughput_rps"]), _f(run["goodput_rps"]),
+                 _f(run["output_tokens_per_s"], 0), _pct(run["device_busy_fraction"]))
+                for name, c in results["configs"].items() for run in c["by_rate"]]
+        lines += ["", "## Rate sweep", ""] + _md_table(("config", "rate", "req/s", "goodput req/s", "tok/s", "busy"),
+                                                       rows)
+    switches = [(name, s) for name, c in results["configs"].items() for s in c["plan_switch_log"]]
+    if switches:
+        lines += ["", "## Plan switches (headline rate)", ""]
+        lines += [f"- `{name}` at {s['time']:.2f} s: {s['from_plan']} -> {s['to_plan']} ({s['reason']}; "
+                  f"{s['moved']} moved, {s['recomputed']} recomputed, {_s(s['duration_s'])})" for name, s in switches]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in results.get("plots", [])]
+    lines += ["", "Device busy: device-seconds inside lane steps over device-seconds elapsed (the engine's step "
+              "timings). Host CPU: this machine's CPU use over the run (on host devices, the real limit).", ""]
+    return "\n".join(lines)

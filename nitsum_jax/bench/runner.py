@@ -1,0 +1,52 @@
+"""Drive a backend in real time: send each request at its arrival offset, collect outcomes."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from nitsum_jax.bench.backends import FAILED, Backend, make_record
+from nitsum_jax.bench.workload import Workload
+
+
+def run_workload(backend: Backend, workload: Workload, *, drain_timeout_s: float = 120.0, poll_s: float = 0.01,
+                 on_finished: Callable[[int], None] | None = None) -> dict:
+    """Send `workload` to `backend` on schedule and wait for every request (at most
+    `drain_timeout_s` after the last arrival; stragglers are recorded as failed).
+    Returns {"records": one dict per request in workload order, "wall_s", "backend": window stats}."""
+    requests = workload.requests
+    backend.begin()
+    t0 = time.monotonic()
+    pending: dict[str, object] = {}
+    records: dict[str, dict] = {}
+    sent = 0
+    give_up = None
+    while sent < len(requests) or pending:
+        now = time.monotonic() - t0
+        while sent < len(requests) and requests[sent].arrival_s <= now:
+            request = requests[sent]
+            pending[request.request_id] = (request, backend.submit(request, t0))
+            sent += 1
+        for request_id, (request, handle) in list(pending.items()):
+            record = handle.poll()
+            if record is not None:
+                records[request_id] = record
+                del pending[request_id]
+                if on_finished:
+                    on_finished(1)
+        if sent == len(requests):
+            give_up = give_up or time.monotonic() + drain_timeout_s
+            if time.monotonic() > give_up:
+                for request_id, (request, _) in pending.items():
+                    records[request_id] = make_record(request, t0, sent=t0 + request.arrival_s, first_token=None,
+                                                      finish=None, output_tokens=0, status=FAILED,
+                                                      error=f"no result {drain_timeout_s:g}s after the last arrival")
+                    if on_finished:
+                        on_finished(1)
+                pending.clear()
+                break
+        next_arrival = requests[sent].arrival_s - (time.monotonic() - t0) if sent < len(requests) else poll_s
+        time.sleep(max(0.0, min(poll_s, next_arrival)))
+    wall_s = time.monotonic() - t0
+    return {"records": [records[r.request_id] for r in requests], "wall_s": wall_s,
+            "backend": backend.window_stats()}

@@ -1,0 +1,155 @@
+"""Workloads: the requests a bench sends, fixed before any configuration runs.
+
+A workload is a list of `BenchRequest`s, each with its arrival offset, class, prompt and
+output length. It is drawn once from a seed (Poisson arrivals, a class mix, length
+distributions) or read from a JSONL trace, so every configuration sees exactly the same
+requests at the same offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_VOCAB = 256  # prompt ids drawn below this: valid for the byte-level tokenizer and any real vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRequest:
+    request_id: str
+    arrival_s: float  # offset from the start of the run
+    priority_class: str
+    prompt_len: int
+    output_len: int  # max_tokens, with EOS ignored, so every configuration generates the same count
+    prompt: str | None = None  # trace text; None: `prompt_len` token ids drawn from the workload seed
+    prompt_ids: tuple[int, ...] = ()
+
+    def prompt_input(self) -> str | list[int]:
+        return self.prompt if self.prompt is not None else list(self.prompt_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthDist:
+    """`"32"` (fixed), `"16-64"` (uniform, inclusive) or `"lognormal:32:0.5"` (median, sigma; clipped
+    to [1, 4 x median])."""
+
+    kind: str
+    a: float
+    b: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str | int) -> "LengthDist":
+        text = str(text).strip()
+        try:
+            if text.startswith("lognormal:"):
+                _, median, sigma = text.split(":")
+                dist = cls("lognormal", float(median), float(sigma))
+            elif "-" in text:
+                lo, hi = text.split("-")
+                dist = cls("uniform", int(lo), int(hi))
+            else:
+                dist = cls("fixed", int(text))
+        except ValueError:
+            raise ValueError(f"length distribution {text!r}: expected N, LO-HI or lognormal:MEDIAN:SIGMA") from None
+        if dist.a < 1 or (dist.kind == "uniform" and dist.b < dist.a):
+            raise ValueError(f"length distribution {text!r}: lengths must be >= 1 and LO <= HI")
+        return dist
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.kind == "fixed":
+            return np.full(n, int(self.a))
+        if self.kind == "uniform":
+            return rng.integers(int(self.a), int(self.b) + 1, size=n)
+        draws = rng.lognormal(np.log(self.a), self.b, size=n)
+        return np.clip(np.rint(draws), 1, 4 * self.a).astype(int)
+
+    def __str__(self) -> str:
+        return {"fixed": f"{int(self.a)}", "uniform": f"{int(self.a)}-{int(self.b)}"}.get(
+            self.kind, f"lognormal:{self.a:g}:{self.b:g}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    requests: tuple[BenchRequest, ...]
+    params: dict  # how it was made (goes into results.json)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [r.request_id for r in self.requests]
+
+    @property
+    def duration_s(self) -> float:
+        return max((r.arrival_s for r in self.requests), default=0.0)
+
+    def to_records(self) -> list[dict]:
+        """Plain dicts (pandas.DataFrame(workload.to_records()) in a notebook)."""
+        return [{k: v for k, v in dataclasses.asdict(r).items() if k != "prompt_ids"} for r in self.requests]
+
+    def to_jsonl(self, path: str | Path) -> None:
+        """Write as a trace `load_trace` reads back (prompt ids are redrawn from prompt_len)."""
+        with open(path, "w") as f:
+            for r in self.requests:
+                row = {"arrival_s": r.arrival_s, "class": r.priority_class, "output_len": r.output_len}
+                row |= {"prompt": r.prompt} if r.prompt is not None else {"prompt_len": r.prompt_len}
+                f.write(json.dumps(row) + "\n")
+
+
+def poisson_workload(rate: float, *, duration_s: float | None = 20.0, num_requests: int | None = None,
+                     high_fraction: float = 0.3, prompt_len: str = "8-48", output_len: str = "16-48",
+                     seed: int = 0, id_prefix: str = "r") -> Workload:
+    """Poisson arrivals at `rate` requests/s for `duration_s` (or exactly `num_requests`),
+    `high_fraction` of them `high` and the rest `low`, lengths from the given distributions."""
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    if not 0.0 <= high_fraction <= 1.0:
+        raise ValueError(f"high_fraction must be in [0, 1], got {high_fraction}")
+    if num_requests is None and (duration_s is None or duration_s <= 0):
+        raise ValueError("give num_requests or a duration_s > 0")
+    rng = np.random.default_rng(seed)
+    if num_requests is not None:  # exponential gaps
+        n = num_requests
+        arrivals = np.cumsum(rng.exponential(1.0 / rate, size=n))
+    else:  # a Poisson count, uniform times: the same process on [0, duration)
+        n = max(1, int(rng.poisson(rate * duration_s)))
+        arrivals = np.sort(rng.uniform(0.0, duration_s, size=n))
+    classes = np.where(rng.random(n) < high_fraction, "high", "low")
+    prompts = LengthDist.parse(prompt_len).sample(rng, n)
+    outputs = LengthDist.parse(output_len).sample(rng, n)
+    requests = tuple(
+        BenchRequest(f"{id_prefix}{i:05d}", round(float(arrivals[i]), 6), str(classes[i]), int(prompts[i]),
+                     int(outputs[i]), prompt_ids=tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB, int(prompts[i]))))
+        for i in range(n))
+    params = {"kind": "poisson", "rate_rps": rate, "duration_s": duration_s, "num_requests": n,
+              "high_fraction": high_fraction, "prompt_len": str(LengthDist.parse(prompt_len)),
+              "output_len": str(LengthDist.parse(output_len)), "seed": seed}
+    return Workload(requests, params)
+
+
+def load_trace(path: str | Path, *, seed: int = 0, time_scale: float = 1.0, id_prefix: str = "r") -> Workload:
+    """A JSONL trace, one request a line: `arrival_s` (offset), `class`, `prompt` (text) or
+    `prompt_len`, `output_len`. `time_scale` < 1 replays it faster."""
+    rng = np.random.default_rng(seed)
+    requests = []
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = row.get("prompt")
+            plen = len(prompt) if prompt is not None else int(row["prompt_len"])
+            request = BenchRequest(f"{id_prefix}{len(requests):05d}", float(row["arrival_s"]) * time_scale,
+                                   str(row.get("class", "low")), plen, int(row["output_len"]), prompt,
+                                   () if prompt is not None else tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB, plen)))
+        except (KeyError, ValueError, TypeError) as error:
+            raise ValueError(f"{path}:{line_no}: bad trace row ({error}); expected arrival_s, class, "
+                             f"prompt or prompt_len, output_len") from None
+        requests.append(request)
+    requests.sort(key=lambda r: r.arrival_s)
+    classes = [r.priority_class for r in requests]
+    params = {"kind": "trace", "path": str(path), "num_requests": len(requests), "time_scale": time_scale,
+              "high_fraction": classes.count("high") / max(1, len(classes)), "seed": seed,
+              "rate_rps": len(requests) / max(1e-9, requests[-1].arrival_s) if requests else 0.0}
+    return Workload(tuple(requests), params)
