@@ -78,8 +78,10 @@ def _attention_kernel(layer_ref, row_pos_ref, page_table_ref, q_ref, k_ref, v_re
     # Physical row of page 0 of (layer, kv_head) in the flattened [layers * K * P] page axis.
     base = (layer_ref[0] * num_kv_heads + kv_head) * num_pages
 
-    # Cache positions 0..max(row_pos) are all these rows can see: the loop stops there.
-    num_blocks = pl.cdiv(jnp.max(row_pos) + 1, block_n)
+    # Cache positions 0..max(row_pos) are all these rows can see: the loop stops there, and
+    # the loads of the last block are masked there too.
+    max_pos = jnp.max(row_pos)
+    num_blocks = pl.cdiv(max_pos + 1, block_n)
     if num_splits == 1:
         lo, hi = 0, num_blocks
     else:
@@ -95,7 +97,10 @@ def _attention_kernel(layer_ref, row_pos_ref, page_table_ref, q_ref, k_ref, v_re
         page = jnp.clip(page_table_ref[logical_page], 0, num_pages - 1)  # [block_n]
         row = base + page
         slot = key_pos % page_size
-        k = k_ref[row, slot, :]  # [block_n, H]
+        # Every index an integer array (interpret mode has no masked gather with a slice in it).
+        at = (row[:, None], slot[:, None], jnp.arange(head_dim, dtype=jnp.int32)[None, :])
+        seen = (key_pos <= max_pos)[:, None]  # [block_n, 1]
+        k = pl_triton.load(k_ref.at[at], mask=seen, other=0)  # [block_n, H]
         s = jnp.dot(q, k.T, precision=lax.Precision.HIGHEST,
                     preferred_element_type=jnp.float32) * scale_log2  # [block_m, block_n]
         s = jnp.where(key_pos[None, :] <= row_pos[:, None], s, -jnp.inf)
@@ -103,7 +108,7 @@ def _attention_kernel(layer_ref, row_pos_ref, page_table_ref, q_ref, k_ref, v_re
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        v = v_ref[row, slot, :]  # [block_n, H]
+        v = pl_triton.load(v_ref.at[at], mask=seen, other=0)  # [block_n, H]
         pv = jnp.dot(p.astype(v.dtype), v, precision=lax.Precision.HIGHEST,
                      preferred_element_type=jnp.float32)
         return o * alpha[:, None] + pv, m_new, l
