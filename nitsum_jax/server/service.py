@@ -120,62 +120,52 @@ class ServingService(pb_grpc.ServingServicer):
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         metadata = dict(context.invocation_metadata())
-        priority_class = metadata.get(PRIORITY_METADATA) or self.default_class
+        call = _Call(self, metadata.get(PRIORITY_METADATA) or self.default_class)
         try:
             engine = self.gate.enter()
         except AccessError as e:
-            self.metrics.requests.labels(priority_class, e.code).inc()
+            self.metrics.requests.labels(call.priority_class, e.code).inc()
             _abort(context, e.code, str(e))
         self.metrics.in_flight.inc()
-        handle = None
-        code = "OK"
+        # Runs when the call ends however it ends; a client cancel, disconnect or deadline leaves
+        # the response generator suspended (grpc never resumes it), so this is what frees the request.
+        if not context.add_callback(lambda: call.terminated(context)):
+            call.terminated(context)
         try:
+            call.tenant = self.tenants.authenticate(metadata.get("authorization"))
+            if call.priority_class not in engine.classes:
+                raise RequestError(f"{PRIORITY_METADATA} {call.priority_class!r} is not a priority class; "
+                                   f"known: {sorted(engine.classes)}")
+            self.tenants.authorize(call.tenant, call.priority_class)
+            sampling = sampling_from_proto(request.sampling)
+            ids = prompt_ids(request, engine)
+            validate_prompt(ids, sampling, engine.cfg.vocab_size, engine.grid.max_seq_len)
+            if call.tenant is not None:
+                call.tenant.charge(len(ids) + sampling.max_tokens)
+                call.reserved = len(ids) + sampling.max_tokens
+            remaining = context.time_remaining()
             try:
-                tenant = self.tenants.authenticate(metadata.get("authorization"))
-                if priority_class not in engine.classes:
-                    raise RequestError(f"{PRIORITY_METADATA} {priority_class!r} is not a priority class; "
-                                       f"known: {sorted(engine.classes)}")
-                self.tenants.authorize(tenant, priority_class)
-                sampling = sampling_from_proto(request.sampling)
-                ids = prompt_ids(request, engine)
-                validate_prompt(ids, sampling, engine.cfg.vocab_size, engine.grid.max_seq_len)
-                reserved = len(ids) + sampling.max_tokens
-                if tenant is not None:
-                    tenant.charge(reserved)
-                remaining = context.time_remaining()
-                try:
-                    handle = engine.submit(
-                        ids, sampling, priority_class=priority_class,
-                        deadline_s=remaining if remaining is not None and remaining < _NO_DEADLINE_S else None,
-                        request_id=f"{request.request_id}@{next(self._ids)}" if request.request_id else None)
-                except QueueFull as e:
-                    if tenant is not None:
-                        tenant.refund(reserved)
-                    raise AccessError("RESOURCE_EXHAUSTED", str(e)) from None
-            except AccessError as e:
-                code = e.code
-                _abort(context, e.code, str(e))
-            except (RequestError, SamplingError, ValueError) as e:
-                code = "INVALID_ARGUMENT"
-                _abort(context, code, str(e))
-            with self.gate.idle:
-                self.gate.handles.add(handle)
-            context.add_callback(handle.cancel)  # client cancel, disconnect or deadline
-            try:
-                code, message = yield from self._stream(engine, handle, sampling, context)
-            finally:
-                self._account(handle, tenant.name if tenant else ANONYMOUS, priority_class)
-                if tenant is not None:
-                    tenant.refund(reserved - len(ids) - len(handle.seq.output_ids))
-            if code != "OK" and context.is_active():
-                _abort(context, code, message)
-        finally:
-            self.metrics.requests.labels(priority_class, code).inc()
-            self.metrics.in_flight.dec()
-            self.gate.leave(handle)
+                call.handle = engine.submit(
+                    ids, sampling, priority_class=call.priority_class,
+                    deadline_s=remaining if remaining is not None and remaining < _NO_DEADLINE_S else None,
+                    request_id=f"{request.request_id}@{next(self._ids)}" if request.request_id else None)
+            except QueueFull as e:
+                raise AccessError("RESOURCE_EXHAUSTED", str(e)) from None
+        except AccessError as e:
+            call.settle(e.code)
+            _abort(context, e.code, str(e))
+        except (RequestError, SamplingError, ValueError) as e:
+            call.settle("INVALID_ARGUMENT")
+            _abort(context, "INVALID_ARGUMENT", str(e))
+        with self.gate.idle:
+            self.gate.handles.add(call.handle)
+        code, message = yield from self._stream(engine, call, sampling)
+        if code != "OK":
+            _abort(context, code, message)
 
-    def _stream(self, engine, handle, sampling: SamplingParams, context) -> Iterator[pb.GenerateResponse]:
-        """Yields the responses; returns the status (code name, message) the call ends with."""
+    def _stream(self, engine, call: "_Call", sampling: SamplingParams) -> Iterator[pb.GenerateResponse]:
+        """Yields the responses; settles the call and returns the status (code name, message) it ends with."""
+        handle = call.handle
         text = TextStream(engine.tokenizer, sampling.stop)
         generated: list[int] = []
         for token in handle:
@@ -183,30 +173,24 @@ class ServingService(pb_grpc.ServingServicer):
             yield pb.GenerateResponse(token_ids=[token], text=text.delta(generated),
                                       served_by=_served_by(engine, handle))
         reason = handle.request.finish_reason
+        n = len(generated)
         if reason in ("stop", "length"):
             done = handle.result(timeout=30)
+            call.settle("OK")
             yield pb.GenerateResponse(text=text.rest(done.text), finish_reason=reason,
                                       usage=pb.Usage(prompt_tokens=done.prompt_tokens,
                                                      completion_tokens=len(done.token_ids)),
                                       served_by=_served_by(engine, handle))
             return "OK", ""
-        n = len(generated)
         if reason == "deadline":
-            return "DEADLINE_EXCEEDED", (f"deadline passed after {n} of max_tokens {sampling.max_tokens} tokens; "
-                                         f"request stopped and its KV pages freed")
-        if reason == "cancelled":  # the client's own cancel, or the server's (a drain that ran out of time)
-            return "CANCELLED", f"request cancelled after {n} tokens"
-        return "INTERNAL", f"request failed after {n} tokens: {handle.error or reason}"
-
-    def _account(self, handle, tenant: str, priority_class: str) -> None:
-        h, n = handle, len(handle.seq.output_ids)
-        now = time.monotonic()
-        end = h.finish_time or now
-        first = h.first_token_time
-        self.metrics.observe(priority_class, tenant, prompt_tokens=len(h.seq.prompt_ids), completion_tokens=n,
-                             ttft_s=None if first is None else first - h.request.arrival,
-                             tpot_s=(end - first) / (n - 1) if first is not None and n > 1 else None,
-                             e2e_s=end - h.request.arrival if h.request.finish_reason in ("stop", "length") else None)
+            code, message = "DEADLINE_EXCEEDED", (f"deadline passed after {n} of max_tokens {sampling.max_tokens} "
+                                                  f"tokens; request stopped and its KV pages freed")
+        elif reason == "cancelled":  # the client's own cancel, or the server's (a drain that ran out of time)
+            code, message = "CANCELLED", f"request cancelled after {n} tokens"
+        else:
+            code, message = "INTERNAL", f"request failed after {n} tokens: {handle.error or reason}"
+        call.settle(code)
+        return code, message
 
     def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
         try:
@@ -226,6 +210,49 @@ class ServingService(pb_grpc.ServingServicer):
                                  current_plan=engine.plan_name, lanes=lanes)
         finally:
             self.gate.leave()
+
+
+class _Call:
+    """One Generate call's bookkeeping, settled exactly once: metrics, the tenant's unused
+    tokens refunded, and the gate told the call is over."""
+
+    def __init__(self, service: ServingService, priority_class: str):
+        self.service, self.priority_class = service, priority_class
+        self.tenant = None
+        self.handle = None
+        self.reserved = 0
+        self._settled = False
+        self._lock = threading.Lock()
+
+    def terminated(self, context: grpc.ServicerContext) -> None:
+        """The RPC ended (also: the client cancelled, went away or its deadline passed)."""
+        if self.handle is not None:
+            self.handle.cancel()  # no-op for a finished request; else it leaves at the next step
+        remaining = context.time_remaining()
+        self.settle("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+
+    def settle(self, code: str) -> None:
+        with self._lock:
+            if self._settled:
+                return
+            self._settled = True
+        metrics, h = self.service.metrics, self.handle
+        if h is not None:
+            n = len(h.seq.output_ids)
+            end = h.finish_time or time.monotonic()
+            first = h.first_token_time
+            metrics.observe(self.priority_class, self.tenant.name if self.tenant else ANONYMOUS,
+                            prompt_tokens=len(h.seq.prompt_ids), completion_tokens=n,
+                            ttft_s=None if first is None else first - h.request.arrival,
+                            tpot_s=(end - first) / (n - 1) if first is not None and n > 1 else None,
+                            e2e_s=end - h.request.arrival if code == "OK" else None)
+            if self.tenant is not None:
+                self.tenant.refund(self.reserved - len(h.seq.prompt_ids) - n)
+        elif self.tenant is not None:
+            self.tenant.refund(self.reserved)
+        metrics.requests.labels(self.priority_class, code).inc()
+        metrics.in_flight.dec()
+        self.service.gate.leave(h)
 
 
 def _served_by(engine, handle) -> pb.ServedBy | None:
