@@ -90,8 +90,13 @@ def test_memory_report_agrees_with_the_arrays_held(default_set):
         assert use["kv"] == kv_held[d]
 
 
-def test_moved_sequence_continues_with_the_tokens_and_nll_of_an_unmoved_run(tiny_cfg, move_set, reference):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-route", "piece-by-piece"])
+def test_moved_sequence_continues_with_the_tokens_and_nll_of_an_unmoved_run(tiny_cfg, move_set, reference, packed,
+                                                                           monkeypatch):
     lanes = move_set.lanes
+    assert len(move_set.routes) == len(lanes) * (len(lanes) - 1)  # every pair has a packed route
+    if not packed:
+        monkeypatch.setattr(move_set, "routes", {})
     route = [lanes[(0, 1, 2, 3)], lanes[(4, 5)], lanes[(0, 1, 2, 3)], lanes[(0, 1)], lanes[(4, 5)], lanes[(6,)],
              lanes[tuple(range(8))], lanes[(7,)], lanes[(2, 3)]]  # tp4>2>4, tp2>tp2, tp2>1, tp1>8>1, tp1>2
     want = reference[2]

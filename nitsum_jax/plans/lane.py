@@ -73,6 +73,8 @@ class Lane:
         self._steps: dict[tuple[int, int], object] = {}
         self._gathers: dict[int, object] = {}
         self._scatters: dict[int, object] = {}
+        self._packed_gathers: dict[tuple, object] = {}  # (pages, groups) -> program
+        self._packed_scatters: dict[tuple, object] = {}  # (pages, placement, sources, per_buffer) -> program
 
     # -- ahead-of-time compilation -------------------------------------------------------
     def _abstract(self, shape, dtype):
@@ -103,6 +105,59 @@ class Lane:
                 kv_abs, pages, pieces, pieces).compile()
         self.warm_up()
         return len(self._steps) + len(self._gathers) + len(self._scatters)
+
+    def move_sizes(self) -> tuple[int, ...]:
+        return pow2_upto(self.pages_per_seq, self.grid.min_move_pages)
+
+    def _packed_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(None, None, None, "tp"))  # [q, K|V, layers, kv_heads, n, S, H]
+
+    def compile_packed_gather(self, groups: tuple[tuple[int, ...], ...]) -> int:
+        """Programs that copy a sequence's pages out as one buffer per transfer group (moves.py)."""
+        kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv)
+        count = 0
+        for n in self.move_sizes():
+            if (n, groups) in self._packed_gathers:
+                continue
+            fn = jax.jit(_gather_packed, static_argnames=("groups",),
+                         out_shardings=tuple(self._packed_sharding() for _ in groups))
+            self._packed_gathers[(n, groups)] = fn.lower(kv_abs, self._abstract((n,), jnp.int32),
+                                                         groups=groups).compile()
+            count += 1
+        return count
+
+    def compile_packed_scatter(self, placement: tuple[tuple[int, int], ...], sources: int, per_buffer: int) -> int:
+        """Programs that write incoming packed buffers into this lane's pages (moves.py)."""
+        kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv)
+        layers, kv_heads, _, page_size, head_dim = self.kv_shape
+        count = 0
+        for n in self.move_sizes():
+            key = (n, placement, sources, per_buffer)
+            if key in self._packed_scatters:
+                continue
+            buf = jax.ShapeDtypeStruct((per_buffer, 2, layers, kv_heads, n, page_size, head_dim), self.cfg.jnp_dtype,
+                                       sharding=self._packed_sharding())
+            fn = jax.jit(_scatter_packed, static_argnames=("placement",), donate_argnames=("kv",))
+            self._packed_scatters[key] = fn.lower(kv_abs, self._abstract((n,), jnp.int32), (buf,) * sources,
+                                                  placement=placement).compile()
+            count += 1
+        return count
+
+    def gather_packed(self, pages: list[int], groups: tuple[tuple[int, ...], ...]):
+        n = _pick(self.move_sizes(), len(pages), "KV move")
+        padded = np.zeros(n, np.int32)
+        padded[:len(pages)] = pages
+        return self._packed_gathers[(n, groups)](self.kv, padded), n
+
+    def scatter_packed(self, pages: list[int], buffers: tuple[jax.Array, ...], placement, per_buffer: int,
+                       n: int) -> None:
+        padded = np.full(n, self.kv_shape[2], np.int32)  # out of range: padding rows are dropped
+        padded[:len(pages)] = pages
+        self.kv = self._packed_scatters[(n, placement, len(buffers), per_buffer)](self.kv, padded, buffers)
+
+    def packed_buffer_shape(self, per_buffer: int, n: int) -> tuple[int, ...]:
+        layers, kv_heads, _, page_size, head_dim = self.kv_shape
+        return (per_buffer, 2, layers, kv_heads, n, page_size, head_dim)
 
     def warm_up(self) -> None:
         """Run every compiled step once on idle rows (num_new 0: nothing is written)."""
@@ -155,6 +210,21 @@ class Lane:
 def _gather_pages(kv: KVCache, pages: jax.Array):
     """Each slot's pages [layers, kv_heads, n, page_size, head_dim], still sharded over tp."""
     return tuple(a[:, :, pages] for a in kv.k), tuple(a[:, :, pages] for a in kv.v)
+
+
+def _gather_packed(kv: KVCache, pages: jax.Array, groups: tuple[tuple[int, ...], ...]):
+    """One buffer per group of slots: [q, K|V, layers, kv_heads, n, page_size, head_dim], sharded
+    over tp on kv_heads, so each device's shard is its slots' pages, contiguous."""
+    return tuple(jnp.stack([jnp.stack([kv.k[r][:, :, pages], kv.v[r][:, :, pages]]) for r in group])
+                 for group in groups)
+
+
+def _scatter_packed(kv: KVCache, pages: jax.Array, buffers, placement: tuple[tuple[int, int], ...]) -> KVCache:
+    """Slot r takes position q of incoming buffer u, where placement[r] = (u, q)."""
+    return KVCache(k=tuple(a.at[:, :, pages].set(buffers[u][q, 0], mode="drop")
+                           for a, (u, q) in zip(kv.k, placement)),
+                   v=tuple(a.at[:, :, pages].set(buffers[u][q, 1], mode="drop")
+                           for a, (u, q) in zip(kv.v, placement)))
 
 
 def _scatter_pages(kv: KVCache, pages: jax.Array, k_pieces, v_pieces) -> KVCache:

@@ -15,6 +15,7 @@ from nitsum_jax.model import Params
 from nitsum_jax.plans.lane import BucketGrid, Lane
 from nitsum_jax.plans.layout import assign_chunks, device_chunks
 from nitsum_jax.plans.memory import MemoryBudget, memory_report
+from nitsum_jax.plans.moves import MoveRoute, plan_route
 from nitsum_jax.plans.spec import LaneSpec, Plan, validate_plans
 from nitsum_jax.plans.weights import WeightStore
 
@@ -50,6 +51,16 @@ class PlanSet:
                             num_pages, page_size, grid)
                 self.num_programs += lane.compile()
                 self.lanes[spec.devices] = lane
+        # Packed KV-move programs for every ordered pair of lanes, compiled now like the steps.
+        self.routes: dict[tuple[tuple[int, ...], tuple[int, ...]], MoveRoute] = {}
+        for a, src in self.lanes.items():
+            for b, dst in self.lanes.items():
+                route = plan_route(src.layout, dst.layout) if a != b else None
+                if route is not None:
+                    self.routes[(a, b)] = route
+                    self.num_programs += src.compile_packed_gather(route.groups)
+                    self.num_programs += dst.compile_packed_scatter(route.placement, len(route.sources[0]),
+                                                                    route.per_buffer)
         self.budget = MemoryBudget(num_pages, page_size, max(grid.decode_batch), max(grid.prefill_len, default=1))
         self.startup_seconds = time.perf_counter() - t0
 
@@ -70,6 +81,32 @@ class PlanSet:
         src_pages = src.allocator.pages(seq_id)
         dst.allocator.reserve(seq_id, len(src_pages) * src.page_size)
         dst_pages = dst.allocator.pages(seq_id)
+        route = self.routes.get((src.spec.devices, dst.spec.devices))
+        if route is not None:
+            moved = self._move_packed(route, src, dst, src_pages, dst_pages)
+        else:
+            moved = self._move_pieces(src, dst, src_pages, dst_pages)
+        src.allocator.free(seq_id)
+        return moved
+
+    def _move_packed(self, route: MoveRoute, src: Lane, dst: Lane, src_pages: list[int],
+                     dst_pages: list[int]) -> int:
+        """One transfer per (source device, destination device) pair (see moves.py)."""
+        buffers, n = src.gather_packed(src_pages, route.groups)
+        shards = [{s.device: s.data for s in b.addressable_shards} for b in buffers]
+        pieces = [shards[t][src.devices[i]] for t, i, _ in route.transfers]
+        placed = jax.device_put(pieces, [dst.devices[j] for _, _, j in route.transfers])
+        arrived = {(j, route.sources[j].index((t, i))): a for (t, i, j), a in zip(route.transfers, placed)}
+        shape = dst.packed_buffer_shape(route.per_buffer, n)
+        sharding = NamedSharding(dst.mesh, P(None, None, None, "tp"))
+        incoming = tuple(jax.make_array_from_single_device_arrays(
+            shape, sharding, [arrived[(j, u)] for j in range(len(dst.devices))])
+            for u in range(len(route.sources[0])))
+        dst.scatter_packed(dst_pages, incoming, route.placement, route.per_buffer, n)
+        return sum(p.nbytes for p in pieces)
+
+    def _move_pieces(self, src: Lane, dst: Lane, src_pages: list[int], dst_pages: list[int]) -> int:
+        """Fallback for layouts without a packed route: one transfer per (chunk, K or V) piece."""
         k_src, v_src, n = src.gather_pages(src_pages)
         where = {c: (i, r) for i, row in enumerate(src.layout.assign) for r, c in enumerate(row)}
         src_devices = src.devices
@@ -99,5 +136,4 @@ class PlanSet:
         k_dst = assemble()
         v_dst = assemble()
         dst.scatter_pages(dst_pages, k_dst, v_dst, n)
-        src.allocator.free(seq_id)
         return moved
