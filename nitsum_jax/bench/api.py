@@ -19,7 +19,7 @@ from nitsum_jax.bench.workload import Workload, load_trace, poisson_workload
 
 CONFIGS = ("static", "adaptive")
 # The default run: short enough for a 2-core CPU machine, long enough for the controller to act.
-DEFAULTS = {"rates": (12.0,), "duration_s": 15.0, "high_fraction": 0.3, "prompt_len": "8-48",
+DEFAULTS = {"rates": (16.0,), "duration_s": 15.0, "high_fraction": 0.3, "prompt_len": "8-48",
             "output_len": "16-48", "seed": 0, "num_pages": 96, "page_size": 8}
 
 
@@ -27,7 +27,7 @@ def default_grid():
     """A small shape grid: few compilations at start-up, sequences up to 128 tokens."""
     from nitsum_jax.plans import BucketGrid
 
-    return BucketGrid(decode_batch=(2, 8), prefill_len=(32,), max_seq_len=128, min_move_pages=8)
+    return BucketGrid(decode_batch=(8,), prefill_len=(32,), max_seq_len=128, min_move_pages=128 // 8)
 
 
 def make_workloads(rates: Sequence[float], *, trace: str | None = None, time_scale: float = 1.0,
@@ -104,9 +104,7 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
                 results["requests"] += [{"config": name, "rate_index": k, "rate_rps": workload.params["rate_rps"],
                                          **r} for r in run["records"]]
             head = runs[0]
-            results["configs"][name] = {**head, "startup_s": startup_s, "backend": backend.info(),
-                                        "by_rate": [{k: v for k, v in r.items() if k != "classes"} | {
-                                            "classes": r["classes"]} for r in runs],
+            results["configs"][name] = {**head, "startup_s": startup_s, "backend": backend.info(), "by_rate": runs,
                                         "request_ids": [r["request_id"] for r in results["requests"]
                                                         if r["config"] == name]}
         finally:

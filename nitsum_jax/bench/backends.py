@@ -177,7 +177,7 @@ class GrpcBackend:
     def __init__(self, target: str, name: str, *, api_key: str | None = None, max_in_flight: int = 256):
         try:
             from nitsum_jax.server import client as grpc_client
-        except ImportError as error:
+        except ImportError as error:  # e.g. the generated _proto modules are missing
             raise RuntimeError(f"--target needs the gRPC client (nitsum_jax.server.client), which is not "
                                f"available in this checkout: {error}") from None
         self._client_module = grpc_client
@@ -200,7 +200,11 @@ class GrpcBackend:
                 "plan_history": []}
 
     def info(self) -> dict:
-        return {"kind": "grpc", "target": self.target}
+        try:
+            server = self.client.server_info()
+        except Exception as error:  # the figures are informative; the run does not need them
+            server = {"error": str(error)}
+        return {"kind": "grpc", "target": self.target, "server": server}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -218,8 +222,37 @@ class _FuturePending:
 
 
 def _open_client(grpc_client, target: str, api_key: str | None):
-    raise RuntimeError("the gRPC client (nitsum_jax.server.client) is not written yet; --target is unavailable")
+    client = grpc_client.NitsumClient(target, api_key=api_key)
+    try:
+        client.wait_serving(timeout=30.0)
+    except TimeoutError:
+        client.close()
+        raise RuntimeError(f"no nitsum-jax server SERVING at {target} (waited 30 s)") from None
+    return client
 
 
 def _stream_via_client(client, request: BenchRequest, t0: float) -> dict:
-    raise RuntimeError("the gRPC client (nitsum_jax.server.client) is not written yet; --target is unavailable")
+    """One Generate call to the end. The service has no ignore_eos: an answer may stop early."""
+    import grpc
+
+    from nitsum_jax.server.client import GenerateError
+
+    to_monotonic = time.monotonic() - time.perf_counter()  # client times are perf_counter
+    prompt = request.prompt_input()
+    kwargs = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+    sent = time.monotonic()
+    first = None
+    tokens, reason = 0, None
+    try:
+        for event in client.stream(**kwargs, priority=request.priority_class, max_tokens=request.output_len,
+                                   request_id=request.request_id):
+            if event.token_ids and first is None:
+                first = event.time + to_monotonic
+            tokens += len(event.token_ids)
+            reason = event.finish_reason or reason
+    except GenerateError as error:
+        status = REJECTED if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED else FAILED
+        return make_record(request, t0, sent=sent, first_token=first, finish=time.monotonic(), output_tokens=tokens,
+                           status=status, error=str(error))
+    return make_record(request, t0, sent=sent, first_token=first, finish=time.monotonic(), output_tokens=tokens,
+                       status=COMPLETED, finish_reason=reason)

@@ -72,7 +72,7 @@ def register(subparsers) -> None:
                                                  "(default: derived from the device count)")
     e.add_argument("--num-pages", type=int, default=DEFAULTS["num_pages"], help="KV pages per lane")
     e.add_argument("--page-size", type=int, default=DEFAULTS["page_size"])
-    e.add_argument("--decode-batch", type=_ints, default=(2, 8), help="decode batch buckets (default: 2,8)")
+    e.add_argument("--decode-batch", type=_ints, default=(8,), help="decode batch buckets (default: 8)")
     e.add_argument("--prefill-len", type=_ints, default=(32,), help="prefill chunk buckets (default: 32)")
     e.add_argument("--max-seq-len", type=int, default=128, help="longest prompt + output (default: 128)")
     e.add_argument("--target", default=None, help="host:port of a running nitsum-jax server, instead of "
@@ -106,13 +106,13 @@ def _bench(args) -> int:
     from nitsum_jax.bench.api import run_bench
     from nitsum_jax.bench.report import print_tables
 
-    console = Console(stderr=False)
+    console = Console(width=None if sys.stdout.isatty() else 150)
     if args.target is None:
         _default_host_devices(args.devices)
     from nitsum_jax.plans import BucketGrid
 
     grid = BucketGrid(decode_batch=args.decode_batch, prefill_len=args.prefill_len, max_seq_len=args.max_seq_len,
-                      min_move_pages=min(8, max(1, args.max_seq_len // args.page_size)))
+                      min_move_pages=max(1, -(-args.max_seq_len // args.page_size)))  # one KV-move size
     try:
         results = run_bench(configs=args.configs, rates=args.rates, duration_s=args.duration,
                             num_requests=args.num_requests, high_fraction=args.high_fraction,

@@ -1,0 +1,90 @@
+"""`nitsum-jax bench` end to end on 8 host devices: a short static-vs-adaptive run on the tiny
+model, checked for its files, its results.json schema and its request accounting (no timing)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nitsum_jax.bench import load_trace, poisson_workload, run_bench, to_frames
+from nitsum_jax.plans import BucketGrid
+
+PLANS = "static: all=tp8@0-7; mixed: high=tp4@0-3, low=tp4@4-7"  # few lanes: a short compile
+GRID = BucketGrid(decode_batch=(4,), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = run_bench(configs=("static", "adaptive"), rates=(20.0,), num_requests=14, prompt_len="4-16",
+                        output_len="4-12", seed=3, plans=PLANS, num_devices=8, grid=GRID, num_pages=32,
+                        page_size=8, out_dir=out, progress=False)
+    return out, results
+
+
+def test_bench_writes_results_report_requests_and_plots(bench):
+    out, results = bench
+    for name in ("results.json", "report.md", "requests.jsonl", "latency_cdf.png",
+                 "throughput_goodput_vs_rate.png", "plan_timeline.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "latency_cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| static | high |" in (out / "report.md").read_text()
+
+
+def test_results_json_has_the_documented_schema(bench):
+    out, _ = bench
+    results = json.loads((out / "results.json").read_text())
+    for name in ("static", "adaptive"):
+        config = results["configs"][name]
+        for key in ("throughput_rps", "output_tokens_per_s", "goodput_rps", "device_busy_fraction"):
+            assert isinstance(config[key], float), (name, key)
+        for cls, figures in config["classes"].items():
+            assert cls in ("high", "low")
+            for key in ("ttft_p99_s", "tpot_p99_s", "e2e_p99_s", "goodput_rps"):
+                assert key in figures, (name, cls, key)
+    assert set(results["ratios"]["adaptive/static"]) >= {"throughput_rps", "goodput_rps", "classes"}
+    assert results["workload"]["seed"] == 3 and results["workload"]["num_requests"] == 14
+    assert results["machine"]["device_count"] == 8 and results["git"]["commit"]
+    assert results["date"] and results["slo"]["high"]["ttft_target_s"] > 0
+
+
+def test_both_configurations_saw_the_same_requests(bench):
+    _, results = bench
+    ids = [results["configs"][name]["request_ids"] for name in ("static", "adaptive")]
+    assert ids[0] == ids[1] and len(ids[0]) == 14 and len(set(ids[0])) == 14
+    assert results["request_ids"]["same_across_configs"]
+    frames = to_frames(results)["requests"]
+    by_config = frames.groupby("config")[["request_id", "priority_class", "prompt_tokens", "max_tokens"]]
+    static, adaptive = (g.reset_index(drop=True) for _, g in by_config)
+    assert static.equals(adaptive)
+
+
+def test_counts_add_up_and_completed_requests_got_all_their_tokens(bench):
+    _, results = bench
+    for name, counts in results["counts"].items():
+        assert counts["completed"] + counts["rejected"] + counts["failed"] == counts["sent"] == 14, name
+        classes = results["configs"][name]["classes"].values()
+        assert sum(c["sent"] for c in classes) == 14
+    for record in results["requests"]:
+        if record["status"] == "completed":
+            assert record["output_tokens"] == record["max_tokens"]  # EOS ignored: same work in every config
+            assert record["sent_s"] <= record["first_token_s"] <= record["finish_s"]
+
+
+def test_the_same_seed_gives_the_same_workload_and_a_trace_round_trips(tmp_path):
+    a = poisson_workload(5.0, duration_s=4.0, seed=9, prompt_len="lognormal:20:0.5", output_len="8-16")
+    b = poisson_workload(5.0, duration_s=4.0, seed=9, prompt_len="lognormal:20:0.5", output_len="8-16")
+    assert a.requests == b.requests and len(a.requests) > 5
+    assert all(1 <= r.prompt_len <= 80 and 8 <= r.output_len <= 16 for r in a.requests)
+    a.to_jsonl(tmp_path / "trace.jsonl")
+    replay = load_trace(tmp_path / "trace.jsonl")
+    assert [(r.arrival_s, r.priority_class, r.prompt_len, r.output_len) for r in replay.requests] == \
+           [(r.arrival_s, r.priority_class, r.prompt_len, r.output_len) for r in a.requests]
+
+
+def test_bench_command_is_registered_without_importing_jax():
+    code = ("import sys; from nitsum_jax.cli import build_parser; "
+            "args = build_parser().parse_args(['bench', '--rates', '4,8', '--configs', 'adaptive']); "
+            "assert args.rates == [4.0, 8.0] and args.configs == ['adaptive']; assert 'jax' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
