@@ -1,0 +1,225 @@
+"""Check and time the Pallas paged-attention kernel against the plain-JAX reference on a GPU.
+
+Run on the device machine:  PYTHONPATH=. python bench/gpu_kernel.py --out $OUT
+(1) correctness at llama-3.1-8b attention shapes (N=32, K=8, H=128; per-shard K=4, K=2 for TP2 and
+    TP4), fresh random bf16 data (one fp32 case), ||out - ref|| / ||ref|| with the reference run on
+    fp32-upcast inputs; the kernel's output memory is poisoned with NaN first.
+(2) timing, kernel vs reference: each timed call runs `calls` attention layers inside one jitted
+    loop over a stacked cache of `layers` distinct layers (the cache is far larger than L2), so
+    the median per layer excludes dispatch. Decode at batch 1/8/32/64 x context 512/2048/4096;
+    one prefill chunk of 512 tokens over a 2048-token context; a small block/warps sweep.
+Every case is caught on its own: one failure prints and the script goes on. A compact table is
+printed last; everything goes to $OUT/gpu_kernel.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from nitsum_jax.attention import paged_attention_reference
+from nitsum_jax.kernels.paged_attention import paged_attention_kernel
+
+HEAD_DIM, PAGE_SIZE, GROUP = 128, 16, 4  # llama-3.1-8b: N = 32 query heads, K = 8 kv heads
+
+
+def make_inputs(seed, *, batch, new_tokens, kv_heads, lengths, pages_per_seq, layers, dtype):
+    """Random q and a random stacked cache with exactly the pages the batch needs, shuffled so each
+    sequence's pages are scattered (non-contiguous). lengths: cached tokens before the new ones."""
+    key = jax.random.key(seed)
+    kq, kk, kv = jax.random.split(key, 3)
+    need = [min(pages_per_seq, math.ceil((n + new_tokens) / PAGE_SIZE)) for n in lengths]
+    num_pages = max(sum(need), 1)
+    cache_shape = (layers, kv_heads, num_pages, PAGE_SIZE, HEAD_DIM)
+    k_cache = jax.random.normal(kk, cache_shape, jnp.float32).astype(dtype)
+    v_cache = jax.random.normal(kv, cache_shape, jnp.float32).astype(dtype)
+    q = jax.random.normal(kq, (batch, new_tokens, kv_heads * GROUP, HEAD_DIM), jnp.float32).astype(dtype)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(num_pages)
+    table = np.zeros((batch, pages_per_seq), np.int32)
+    start = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[start:start + n]
+        start += n
+    positions = np.asarray(lengths)[:, None] + np.arange(new_tokens)[None, :]
+    return q, k_cache, v_cache, jnp.asarray(positions, jnp.int32), jnp.asarray(table)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def poison_allocator(shape, dtype):
+    """Fill then free a buffer of the output's size, so an unwritten output shows up as NaN."""
+    jax.block_until_ready(jnp.full(shape, jnp.nan, dtype))
+
+
+def check(name, *, batch, new_tokens, kv_heads, lengths, pages_per_seq, dtype, seed):
+    layers = 3
+    q, k_cache, v_cache, positions, table = make_inputs(
+        seed, batch=batch, new_tokens=new_tokens, kv_heads=kv_heads, lengths=lengths,
+        pages_per_seq=pages_per_seq, layers=layers, dtype=dtype)
+    layer = jnp.int32(layers - 1)
+    poison_allocator(q.shape, q.dtype)
+    out = jax.block_until_ready(paged_attention_kernel(q, k_cache, v_cache, layer, positions, table))
+    finite = bool(jnp.isfinite(out.astype(jnp.float32)).all())
+    f32 = [x.astype(jnp.float32) for x in (q, k_cache, v_cache)]
+    ref = paged_attention_reference(*f32, layer, positions, table)
+    err = rel_err(out, ref)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+    return dict(case=name, dtype=jnp.dtype(dtype).name, batch=batch, new_tokens=new_tokens, kv_heads=kv_heads,
+                rel_err=err, all_finite=finite, ok=finite and err < tol, tol=tol)
+
+
+def timed_loop(attention, layers, calls):
+    """One jitted call runs `calls` attention layers (layer index i % layers), summing outputs so
+    nothing is dead; returns a function of (q, k_cache, v_cache, positions, page_table)."""
+    @jax.jit
+    def run(q, k_cache, v_cache, positions, table):
+        def body(i, acc):
+            out = attention(q, k_cache, v_cache, i % layers, positions, table)
+            return acc + out.astype(jnp.float32)
+        return lax.fori_loop(0, calls, body, jnp.zeros(q.shape, jnp.float32))
+    return run
+
+
+def median_seconds(fn, args, iters, warmup=3):
+    jax.block_until_ready(fn(*args))  # compile
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def time_case(name, *, batch, new_tokens, context, kv_heads=8, dtype=jnp.bfloat16, layers=4, calls=16,
+              iters=15, kernel_cfg=None, with_reference=True, seed=0):
+    """context: cache length after the new tokens. pages_per_seq = context / page size exactly: the
+    reference's best case (the engine buckets pages_per_seq up to a power of two of max_seq_len)."""
+    lengths = [context - new_tokens] * batch
+    pages_per_seq = math.ceil(context / PAGE_SIZE)
+    args = make_inputs(seed, batch=batch, new_tokens=new_tokens, kv_heads=kv_heads, lengths=lengths,
+                       pages_per_seq=pages_per_seq, layers=layers, dtype=dtype)
+    kv_bytes = 2 * batch * context * kv_heads * HEAD_DIM * jnp.dtype(dtype).itemsize  # K and V, one layer
+    row = dict(case=name, batch=batch, new_tokens=new_tokens, context=context, kv_heads=kv_heads,
+               kernel_cfg=kernel_cfg or {}, kv_bytes_per_layer=kv_bytes)
+    kernel = functools.partial(paged_attention_kernel, **(kernel_cfg or {}))
+    med, lo, hi = median_seconds(timed_loop(kernel, layers, calls), args, iters)
+    row.update(kernel_us=1e6 * med / calls, kernel_us_min=1e6 * lo / calls, kernel_us_max=1e6 * hi / calls,
+               kernel_gbps=kv_bytes / (med / calls) / 1e9)
+    if with_reference:
+        med, lo, hi = median_seconds(timed_loop(paged_attention_reference, layers, calls), args, iters)
+        row.update(ref_us=1e6 * med / calls, ref_us_min=1e6 * lo / calls, ref_us_max=1e6 * hi / calls,
+                   speedup=row["ref_us"] / row["kernel_us"])
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".", help="folder for gpu_kernel.json")
+    parser.add_argument("--quick", action="store_true", help="checks and two timings only")
+    args = parser.parse_args()
+
+    info = dict(jax=jax.__version__, python=platform.python_version(), backend=jax.default_backend(),
+                devices=[str(d) for d in jax.devices()],
+                device_kind=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    print(json.dumps(info), flush=True)
+    results = dict(info=info, checks=[], timings=[], sweep=[], failures=[])
+    t_start = time.time()
+
+    def attempt(section, label, fn):
+        try:
+            row = fn()
+            results[section].append(row)
+            print(f"[{time.time() - t_start:6.1f}s] {section} {label}: "
+                  + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in row.items() if k not in ("kernel_cfg",)), flush=True)
+        except Exception as e:  # one failing case must not end the run
+            results["failures"].append(dict(section=section, case=label, error=f"{type(e).__name__}: {e}",
+                                            trace=traceback.format_exc()[-4000:]))
+            print(f"[{time.time() - t_start:6.1f}s] FAILED {section} {label}: {type(e).__name__}: "
+                  f"{str(e)[:1500]}", flush=True)
+
+    rng = np.random.default_rng(1)
+    # (1) correctness: ragged lengths (partial pages), tables longer than needed, several shards.
+    for kv_heads, tp in ((8, 1), (4, 2), (2, 4)):
+        lengths = rng.integers(1, 2048, size=8).tolist()
+        attempt("checks", f"decode_tp{tp}", lambda kv_heads=kv_heads, tp=tp, lengths=lengths: check(
+            f"decode B=8 tp{tp}", batch=8, new_tokens=1, kv_heads=kv_heads, lengths=lengths, pages_per_seq=256,
+            dtype=jnp.bfloat16, seed=10 + tp))
+        attempt("checks", f"prefill_tp{tp}", lambda kv_heads=kv_heads, tp=tp: check(
+            f"prefill T=512 over 1536 tp{tp}", batch=1, new_tokens=512, kv_heads=kv_heads, lengths=[1536],
+            pages_per_seq=160, dtype=jnp.bfloat16, seed=20 + tp))
+    attempt("checks", "decode_b1_tp1", lambda: check(
+        "decode B=1 tp1 (kv splits)", batch=1, new_tokens=1, kv_heads=8, lengths=[3999], pages_per_seq=256,
+        dtype=jnp.bfloat16, seed=30))
+    attempt("checks", "decode_fp32", lambda: check(
+        "decode B=4 tp1 fp32", batch=4, new_tokens=1, kv_heads=8, lengths=[5, 700, 1500, 33], pages_per_seq=128,
+        dtype=jnp.float32, seed=31))
+    attempt("checks", "prefill_fp32", lambda: check(
+        "prefill T=64 over 300 tp2 fp32", batch=2, new_tokens=64, kv_heads=4, lengths=[300, 17],
+        pages_per_seq=32, dtype=jnp.float32, seed=32))
+
+    # (2) timing.
+    batches, contexts = ((1, 64), (2048,)) if args.quick else ((1, 8, 32, 64), (512, 2048, 4096))
+    for context in contexts:
+        for batch in batches:
+            attempt("timings", f"decode B={batch} ctx={context}", lambda batch=batch, context=context: time_case(
+                f"decode B={batch} ctx={context}", batch=batch, new_tokens=1, context=context))
+    attempt("timings", "prefill T=512 ctx=2048", lambda: time_case(
+        "prefill T=512 ctx=2048", batch=1, new_tokens=512, context=2048, calls=8, iters=10))
+    if not args.quick:
+        for cfg in (dict(block_n=32), dict(block_n=128), dict(num_warps=8), dict(num_stages=3),
+                    dict(block_n=128, num_warps=8)):
+            attempt("sweep", f"decode B=64 ctx=2048 {cfg}", lambda cfg=cfg: time_case(
+                f"decode B=64 ctx=2048", batch=64, new_tokens=1, context=2048, kernel_cfg=cfg,
+                with_reference=False))
+            attempt("sweep", f"decode B=1 ctx=4096 {cfg}", lambda cfg=cfg: time_case(
+                f"decode B=1 ctx=4096", batch=1, new_tokens=1, context=4096, kernel_cfg=cfg,
+                with_reference=False))
+        for cfg in (dict(block_m=128, num_warps=8), dict(block_n=128)):
+            attempt("sweep", f"prefill {cfg}", lambda cfg=cfg: time_case(
+                "prefill T=512 ctx=2048", batch=1, new_tokens=512, context=2048, calls=8, iters=10,
+                kernel_cfg=cfg, with_reference=False))
+
+    results["wall_s"] = time.time() - t_start
+    with open(f"{args.out}/gpu_kernel.json", "w") as f:
+        json.dump(results, f, indent=1)
+
+    print("\n== checks (rel err vs fp32 reference) ==")
+    for r in results["checks"]:
+        print(f"{r['case']:<34} {r['dtype']:<9} err={r['rel_err']:.2e} finite={r['all_finite']} "
+              f"{'OK' if r['ok'] else 'BAD'}")
+    print("\n== per-layer time, median (us); GB/s = KV bytes needed / kernel time ==")
+    print(f"{'case':<26}{'kernel':>9}{'ref':>9}{'speedup':>9}{'GB/s':>8}")
+    for r in results["timings"]:
+        print(f"{r['case']:<26}{r['kernel_us']:>9.1f}{r.get('ref_us', float('nan')):>9.1f}"
+              f"{r.get('speedup', float('nan')):>9.2f}{r['kernel_gbps']:>8.0f}")
+    if results["sweep"]:
+        print("\n== sweep (kernel only) ==")
+        for r in results["sweep"]:
+            print(f"{r['case']:<26}{json.dumps(r['kernel_cfg']):<34}{r['kernel_us']:>9.1f}{r['kernel_gbps']:>8.0f}")
+    print(f"\nfailures: {len(results['failures'])}; wall {results['wall_s']:.0f}s")
+    for fl in results["failures"]:
+        print(f"  {fl['section']} {fl['case']}: {fl['error'][:300]}")
+    return 0 if not results["failures"] and all(r["ok"] for r in results["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
