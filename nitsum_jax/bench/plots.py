@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from nitsum_jax.bench.metrics import request_latencies
 
@@ -32,6 +33,7 @@ def plot_latency_cdf(ax, results: dict, metric: str = "ttft") -> None:
         for cls, target in results.get("slo", {}).items():
             ax.axvline(target[f"{metric}_target_s"], color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only
     ax.set_xlabel(f"{metric.upper()} (s)")
     ax.set_ylabel("fraction of requests")
     ax.set_ylim(0, 1.02)
