@@ -1,4 +1,4 @@
-"""Paged attention as a Pallas kernel for NVIDIA GPUs (Triton backend), with a dispatcher.
+"""Paged attention as a Pallas kernel for NVIDIA GPUs (Triton backend); `dispatch` picks it.
 
 Same signature and semantics as `nitsum_jax.attention.paged_attention_reference`: queries
 [B, T, N, H] attend causally (a query at position p sees cache positions 0..p) over the pages of
