@@ -260,7 +260,7 @@ def test_server_info_reports_model_classes_plans_and_lanes(server):
     assert info["plans"] == ["mixed"] and info["current_plan"] == "mixed"
     assert sorted((lane["tp"], tuple(lane["devices"])) for lane in info["lanes"]) == [
         (2, (4, 5)), (2, (6, 7)), (4, (0, 1, 2, 3))]
-    assert all(lane["kv_pages_total"] == 32 for lane in info["lanes"])
+    assert all(lane["kv_pages_total"] == 32 and lane["in_plan"] and lane["healthy"] for lane in info["lanes"])
 
 
 def test_metrics_page_has_per_class_and_per_tenant_series(server):

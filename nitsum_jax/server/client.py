@@ -132,7 +132,8 @@ class NitsumClient:
         return {"model": info.model, "classes": list(info.classes), "plans": list(info.plans),
                 "current_plan": info.current_plan,
                 "lanes": [{"name": lane.name, "devices": list(lane.devices), "tp": lane.tp,
-                           "kv_pages_used": lane.kv_pages_used, "kv_pages_total": lane.kv_pages_total}
+                           "kv_pages_used": lane.kv_pages_used, "kv_pages_total": lane.kv_pages_total,
+                           "in_plan": lane.in_plan, "healthy": lane.healthy}
                           for lane in info.lanes]}
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:

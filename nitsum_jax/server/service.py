@@ -204,7 +204,8 @@ class ServingService(pb_grpc.ServingServicer):
                 _abort(context, e.code, str(e))
             classes = sorted(engine.classes, key=lambda c: engine.classes[c].rank)
             lanes = [pb.LaneInfo(name=lane["name"], devices=lane["devices"], tp=lane["tp"],
-                                 kv_pages_used=lane["kv_pages_used"], kv_pages_total=lane["kv_pages_total"])
+                                 kv_pages_used=lane["kv_pages_used"], kv_pages_total=lane["kv_pages_total"],
+                                 in_plan=lane.get("in_plan", True), healthy=lane.get("healthy", True))
                      for lane in lanes_info(engine)]
             return pb.ServerInfo(model=self.model_name, classes=classes, plans=list(engine.plan_set.plans),
                                  current_plan=engine.plan_name, lanes=lanes)
