@@ -186,7 +186,13 @@ class GrpcBackend:
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="bench-grpc")
 
     def begin(self) -> None:
-        pass
+        self._t0, self._plan_at_begin = time.monotonic(), self._current_plan()
+
+    def _current_plan(self) -> str | None:
+        try:
+            return self.client.server_info()["current_plan"] or None
+        except Exception:  # informative only
+            return None
 
     def submit(self, request: BenchRequest, t0: float) -> Pending:
         future = self._pool.submit(self._stream, request, t0)
@@ -196,8 +202,13 @@ class GrpcBackend:
         return _stream_via_client(self.client, request, t0)
 
     def window_stats(self) -> dict:
+        """The server's busy figures are not visible over gRPC; the plan is sampled at both ends."""
+        history = [(0.0, self._plan_at_begin)] if self._plan_at_begin else []
+        end = self._current_plan()
+        if end and end != self._plan_at_begin:
+            history.append((time.monotonic() - self._t0, end))
         return {"device_busy_fraction": None, "plan_switches": [], "kv_moves": None, "preemptions": None,
-                "plan_history": []}
+                "plan_history": history}
 
     def info(self) -> dict:
         try:
@@ -224,10 +235,10 @@ class _FuturePending:
 def _open_client(grpc_client, target: str, api_key: str | None):
     client = grpc_client.NitsumClient(target, api_key=api_key)
     try:
-        client.wait_serving(timeout=30.0)
+        client.wait_serving(timeout=120.0)
     except TimeoutError:
         client.close()
-        raise RuntimeError(f"no nitsum-jax server SERVING at {target} (waited 30 s)") from None
+        raise RuntimeError(f"no nitsum-jax server SERVING at {target} (waited 120 s)") from None
     return client
 
 

@@ -59,11 +59,11 @@ def plot_plan_timeline(ax, results: dict) -> None:
     class as ticks under it."""
     names: list[str] = []
     for summary in results["configs"].values():
-        for _, plan in summary["plan_history"]:
+        for _, plan in summary["plan_history"] or [(0.0, "unknown")]:
             if plan not in names:
                 names.append(plan)
     for i, (config, summary) in enumerate(results["configs"].items()):
-        history = summary["plan_history"] or [(0.0, "?")]
+        history = summary["plan_history"] or [(0.0, "unknown")]
         end = summary["span_s"]
         times = [t for t, _ in history] + [end]
         levels = [names.index(p) + 0.08 * i for _, p in history]
