@@ -12,6 +12,7 @@ K kv heads, G query heads per kv head, H head dim, F ffn dim, V vocab, S cache p
 from __future__ import annotations
 
 import dataclasses
+import os
 import math
 from typing import Callable
 
@@ -21,7 +22,8 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from nitsum_jax.attention import KVCache, paged_attention_reference, write_kv_pages
+from nitsum_jax.attention import KVCache, write_kv_pages
+from nitsum_jax.kernels import paged_attention
 from nitsum_jax.config import LlamaConfig
 
 
@@ -237,6 +239,12 @@ class StepInput:
     page_table: jax.Array  # [B, pages_per_seq] int32, page ids of each sequence
 
 
+def attention_impl() -> str:
+    """Paged-attention implementation for steps traced from now on: NITSUM_ATTENTION=auto (the
+    Pallas kernel on GPU, the plain-JAX reference elsewhere), kernel, interpret or reference."""
+    return os.environ.get("NITSUM_ATTENTION", "auto")
+
+
 def embed_tokens(params: Params, tokens: jax.Array, layout: ChunkLayout) -> jax.Array:
     """tokens: [B, T] -> [B, T, D] in model dim order."""
     pieces = [jnp.take(c.embed, tokens, axis=0) for c in params.chunks]  # R x [B, T, D/R]
@@ -273,8 +281,8 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
                 v = jnp.einsum("BTD,DKH->BTKH", h, w.wv)
                 k_slots[r], v_slots[r] = write_kv_pages(k_slots[r], v_slots[r], layer_idx, k, v, positions,
                                                         valid, step.page_table)
-                attn = paged_attention_reference(q, k_slots[r], v_slots[r], layer_idx, positions,
-                                                 step.page_table)
+                attn = paged_attention(q, k_slots[r], v_slots[r], layer_idx, positions, step.page_table,
+                                       impl=attention_impl())
                 out = out + jnp.einsum("BTNH,NHD->BTD", attn, w.wo)
             x = x + out
         with jax.named_scope("mlp"):

@@ -1,0 +1,181 @@
+"""Decode step time against the memory-bandwidth floor (MBU), per TP degree and batch, for the
+reference attention and the Pallas kernel, plus a kernel-level profile of one step.
+
+    PYTHONPATH=. python bench/gpu_step.py --preset llama-3.1-8b --out $OUT
+
+Floor of one step on one device = (weight bytes the step reads on that device + KV bytes of
+the context it attends to) / measured HBM bandwidth (a large on-device copy, read + write).
+The embedding table is not counted (a step reads B rows of it); the LM head is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nitsum_jax.config import preset
+from nitsum_jax.kv import kv_bytes_per_page
+from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
+from nitsum_jax.sampling import SamplingBatch
+
+
+def hbm_bandwidth(device, gib: float = 2.0) -> float:
+    """Bytes/s of a large on-device elementwise pass (read + write), median of 20."""
+    n = int(gib * 2**30 / 2)
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16), device)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / statistics.median(times)
+
+
+def fill_random(lane, seed):
+    def rnd(kv):
+        keys = jax.random.split(jax.random.key(seed), 2 * len(kv.k))
+        return jax.tree.map(lambda a, k: jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype), kv,
+                            type(kv)(k=tuple(keys[:len(kv.k)]), v=tuple(keys[len(kv.k):])))
+    lane.kv = jax.jit(rnd, out_shardings=jax.tree.map(lambda a: a.sharding, lane.kv))(lane.kv)
+
+
+def decode_inputs(lane, batch, context, rng):
+    """Each row its own random pages (no two rows share a page), position context - 1."""
+    pages = -(-context // lane.page_size)
+    ids = rng.permutation(lane.kv_shape[2])[:batch * pages].reshape(batch, pages).astype(np.int32)
+    table = np.pad(ids, ((0, 0), (0, lane.pages_per_seq - pages)))
+    tokens = rng.integers(0, lane.cfg.vocab_size, (batch, 1)).astype(np.int32)
+    return (tokens, np.full(batch, context - 1, np.int32), np.ones(batch, np.int32), table,
+            SamplingBatch.from_params([None] * batch, [0] * batch, [context] * batch))
+
+
+def time_step(lane, inputs, repeats):
+    for _ in range(3):
+        jax.block_until_ready(lane.dispatch(*inputs))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(lane.dispatch(*inputs))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), (max(times) - min(times))
+
+
+def weight_bytes_read(lane) -> int:
+    """Bytes of weights one device of the lane reads per step (all but the embedding table)."""
+    dev = lane.devices[0]
+    total = 0
+    for slot in lane.params.chunks:
+        for name, a in ((n, getattr(slot, n)) for n in slot.__dataclass_fields__):
+            if a is None or name == "embed" and slot.lm_head is not None:
+                continue
+            total += sum(s.data.nbytes for s in a.addressable_shards if s.device == dev)
+    for a in (lane.params.attn_norm, lane.params.mlp_norm, lane.params.final_norm):
+        total += sum(s.data.nbytes for s in a.addressable_shards if s.device == dev)
+    return total
+
+
+def profile_step(lane, inputs, steps=5) -> list[dict]:
+    """GPU kernel time per step by kernel name (top 15), from a jax.profiler trace."""
+    out_dir = tempfile.mkdtemp()
+    jax.block_until_ready(lane.dispatch(*inputs))
+    with jax.profiler.trace(out_dir):
+        for _ in range(steps):
+            jax.block_until_ready(lane.dispatch(*inputs))
+    files = glob.glob(f"{out_dir}/**/*.xplane.pb", recursive=True)
+    data = jax.profiler.ProfileData.from_file(files[0])
+    per_name: dict[str, float] = {}
+    gpu0 = str(lane.devices[0].id)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU:") or not plane.name.endswith(gpu0):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower() or "xla" in line.name.lower():
+                continue
+            for ev in line.events:
+                per_name[ev.name] = per_name.get(ev.name, 0.0) + ev.duration_ns / 1e6 / steps
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
+    return [{"kernel": k[:120], "ms_per_step": round(v, 4)} for k, v in top]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--tps", default="1,2,4")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--impls", default="kernel,reference")
+    ap.add_argument("--reference-batches", default="8,64")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--profile", default="1:32")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cfg = preset(args.preset)
+    tps = [int(t) for t in args.tps.split(",")]
+    plans = parse_plans("; ".join(f"t{t}: all=tp{t}@{'0' if t == 1 else f'0-{t - 1}'}" for t in tps))
+    bw = hbm_bandwidth(jax.devices()[0])
+    per_token = kv_bytes_per_page(cfg, 1)
+    print(f"HBM bandwidth (copy, read+write): {bw / 1e9:.0f} GB/s", flush=True)
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
+               "context": args.context, "max_seq_len": args.max_seq_len, "hbm_GBps": bw / 1e9, "rows": [],
+               "profiles": {}}
+    rng = np.random.default_rng(0)
+    for impl in args.impls.split(","):
+        os.environ["NITSUM_ATTENTION"] = {"kernel": "auto", "reference": "reference"}[impl]
+        batches = [int(b) for b in (args.batches if impl == "kernel" else args.reference_batches).split(",")]
+        pages = max(batches) * -(-args.context // 16) + 64
+        grid = BucketGrid(decode_batch=tuple(batches), prefill_len=(), max_seq_len=args.max_seq_len,
+                          min_move_pages=args.max_seq_len // 16)
+        t0 = time.perf_counter()
+        try:
+            ps = PlanSet(cfg, None, plans, num_pages=pages, page_size=16, grid=grid)
+        except Exception as e:  # report and go on with the other impl
+            print(f"{impl}: start-up failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            results[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:4000]}"
+            continue
+        print(f"{impl}: start-up {time.perf_counter() - t0:.1f}s", flush=True)
+        for i, lane in enumerate(ps.lanes.values()):
+            fill_random(lane, i)
+        for lane in ps.lanes.values():
+            wbytes = weight_bytes_read(lane)
+            for b in batches:
+                inputs = decode_inputs(lane, b, args.context, rng)
+                t, spread = time_step(lane, inputs, args.repeats)
+                kv = b * args.context * per_token / lane.spec.tp
+                floor = (wbytes + kv) / bw
+                row = {"impl": impl, "tp": lane.spec.tp, "batch": b, "step_ms": t * 1e3, "spread_ms": spread * 1e3,
+                       "weight_GB_per_device": wbytes / 1e9, "kv_GB_per_device": kv / 1e9,
+                       "floor_ms": floor * 1e3, "mbu": floor / t, "tokens_per_s": b / t}
+                results["rows"].append(row)
+                print(f"{impl:9s} tp{lane.spec.tp} b{b:3d}: {t * 1e3:7.2f} ms (spread {spread * 1e3:.2f}) "
+                      f"floor {floor * 1e3:6.2f} ms  MBU {floor / t:5.1%}  {b / t:8.0f} tok/s", flush=True)
+        ptp, pb = (int(x) for x in args.profile.split(":"))
+        lane = next((l for l in ps.lanes.values() if l.spec.tp == ptp), None)
+        if lane is not None and pb in batches:
+            try:
+                results["profiles"][f"{impl}_tp{ptp}_b{pb}"] = prof = profile_step(
+                    lane, decode_inputs(lane, pb, args.context, rng))
+                print(f"profile {impl} tp{ptp} b{pb} (ms per step):")
+                for p in prof:
+                    print(f"  {p['ms_per_step']:8.3f}  {p['kernel']}")
+            except Exception as e:
+                print(f"profile failed: {type(e).__name__}: {e}")
+        del ps
+    if args.out:
+        with open(f"{args.out}/gpu_step.json", "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
