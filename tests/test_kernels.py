@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nitsum_jax.attention import paged_attention_reference
 from nitsum_jax.kernels import paged_attention, paged_attention_kernel
 
-LAYERS, NUM_PAGES, HEAD_DIM = 3, 24, 16
+LAYERS, NUM_PAGES, HEAD_DIM = 2, 24, 16
 
 
 def make_case(seed, *, batch, new_tokens, kv_heads, group, page_size, pages_per_seq, lengths, dtype):
@@ -101,7 +101,7 @@ def test_dispatcher_impls_agree_and_auto_is_reference_on_cpu():
     q, k_cache, v_cache, positions, page_table = make_case(
         17, batch=2, new_tokens=1, kv_heads=2, group=2, page_size=4, pages_per_seq=4, lengths=[2, 10],
         dtype=jnp.float32)
-    args = (q, k_cache, v_cache, jnp.int32(2), positions, page_table)
+    args = (q, k_cache, v_cache, jnp.int32(1), positions, page_table)
     ref = paged_attention_reference(*args)
     np.testing.assert_array_equal(paged_attention(*args, impl="auto"), ref)
     assert rel_err(paged_attention(*args, impl="interpret"), ref) < 1e-5
