@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Everything measured on the lent GPU machine, in one call (30 device-minutes a session):
+#   kernel check + timings, decode step vs memory floor (MBU), plan-set figures (weights,
+#   KV moves, switch, lanes side by side). Usage on the device: bash bench/gpu_suite.sh [parts]
+# parts: any of kernel,step,plans,bench (default kernel,step,plans). Output under $OUT.
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=.
+OUT=${OUT:-/tmp/nitsum-gpu}
+mkdir -p "$OUT"
+PARTS=${1:-kernel,step,plans}
+nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpus.txt"
+python -c "import jax; print('jax', jax.__version__, jax.devices())"
+run() {  # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "--- $name exit $? ($(date -u +%H:%M:%S))"
+  grep -v -E "^\s*$|Warning|warn\(" "$OUT/$name.log" | tail -n 45
+}
+[[ $PARTS == *kernel* ]] && run kernel 170 python bench/gpu_kernel.py --quick --out "$OUT"
+[[ $PARTS == *step* ]] && run step 330 python bench/gpu_step.py --preset llama-3.1-8b --out "$OUT"
+[[ $PARTS == *plans* ]] && run plans 240 python bench/gpu_plans.py --preset llama-3.1-8b --out "$OUT"
+[[ $PARTS == *bench* ]] && run bench 420 python -m nitsum_jax.cli bench ${BENCH_ARGS:-} --out "$OUT/bench"
+exit 0
