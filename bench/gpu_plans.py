@@ -56,6 +56,57 @@ def time_moves(plan_set, src, dst, tokens, repeats):
     return statistics.median(times), before, after
 
 
+def time_move_phases(plan_set, src, dst, tokens, repeats):
+    """Median ms of each phase of a packed move (gather, transfer, scatter), each synced, and
+    the raw device-to-device bandwidth of one transfer of the same total size."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    route = plan_set.routes[(src.spec.devices, dst.spec.devices)]
+    seq = ("phases", src.name, dst.name)
+    src.allocator.reserve(seq, tokens)
+    dst.allocator.reserve(seq, tokens)
+    src_pages, dst_pages = src.allocator.pages(seq), dst.allocator.pages(seq)
+    phases = {"gather": [], "transfer": [], "scatter": [], "python_total": []}
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        buffers, n = src.gather_packed(src_pages, route.groups)
+        jax.block_until_ready(buffers)
+        t1 = time.perf_counter()
+        shards = [{s.device: s.data for s in b.addressable_shards} for b in buffers]
+        pieces = [shards[t][src.devices[k]] for t, k, _ in route.transfers]
+        placed = jax.device_put(pieces, [dst.devices[j] for _, _, j in route.transfers])
+        jax.block_until_ready(placed)
+        t2 = time.perf_counter()
+        arrived = {(j, route.sources[j].index((t, k))): a for (t, k, j), a in zip(route.transfers, placed)}
+        shape = dst.packed_buffer_shape(route.per_buffer, n)
+        incoming = tuple(jax.make_array_from_single_device_arrays(
+            shape, NamedSharding(dst.mesh, P(None, None, None, "tp")),
+            [arrived[(j, u)] for j in range(len(dst.devices))]) for u in range(len(route.sources[0])))
+        dst.scatter_packed(dst_pages, incoming, route.placement, route.per_buffer, n)
+        jax.block_until_ready(dst.kv)
+        t3 = time.perf_counter()
+        if i >= 2:
+            phases["gather"].append(t1 - t0)
+            phases["transfer"].append(t2 - t1)
+            phases["scatter"].append(t3 - t2)
+            phases["python_total"].append(t3 - t0)
+    src.allocator.free(seq)
+    dst.allocator.free(seq)
+    out = {k: statistics.median(v) * 1e3 for k, v in phases.items()}
+    out["transfers"] = len(route.transfers)
+    out["piece_MB"] = pieces[0].nbytes / 1e6
+    # Raw: the same bytes as one array, device 0 -> device 1 (or the lane's devices).
+    a = jax.device_put(jnp.ones((sum(p.nbytes for p in pieces) // 2,), jnp.bfloat16), src.devices[0])
+    other = next(d for d in jax.devices() if d != src.devices[0])
+    raw = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(jax.device_put(a, other))
+        raw.append(time.perf_counter() - t0)
+    out["raw_one_transfer_GBps"] = a.nbytes / statistics.median(raw) / 1e9
+    return out
+
+
 def decode_inputs(lane, batch, seq_len):
     pages = lane.allocator.pages_for(seq_len)
     table = np.tile(np.arange(pages, dtype=np.int32), (batch, 1))
@@ -139,6 +190,12 @@ def main():
             moves[f"{a}->{b}"] = {"ms": t * 1e3, "GB": gbytes, "GB_per_s": gbytes / t,
                                   "contents_equal": abs(before - after) <= 1e-6 * abs(before)}
     results["kv_moves"] = moves
+    phases = {}
+    for a, b in (("tp2@0-1", "tp4@0-3"), ("tp4@0-3", "tp1@3")):
+        if a in lanes and b in lanes:
+            phases[f"{a}->{b}"] = time_move_phases(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
+            print(f"move phases {a}->{b}: {phases[f'{a}->{b}']}", flush=True)
+    results["kv_move_phases"] = phases
     seq_len = min(1024, args.move_tokens)
     static = ps.lanes_of(plans[0].name)
     mixed = ps.lanes_of(plans[1].name)

@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--reference-batches", default="8,64")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--profile", default="1:32")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = preset(args.preset)
@@ -173,7 +174,8 @@ def main():
                 print(f"profile failed: {type(e).__name__}: {e}")
         del ps
     if args.out:
-        with open(f"{args.out}/gpu_step.json", "w") as f:
+        results["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+        with open(f"{args.out}/gpu_step{args.tag}.json", "w") as f:
             json.dump(results, f, indent=2)
 
 

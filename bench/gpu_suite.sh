@@ -21,5 +21,15 @@ run() {  # name, timeout, command...
 [[ $PARTS == *kernel* ]] && run kernel 170 python bench/gpu_kernel.py --quick --out "$OUT"
 [[ $PARTS == *step* ]] && run step 330 python bench/gpu_step.py --preset llama-3.1-8b --out "$OUT"
 [[ $PARTS == *plans* ]] && run plans 240 python bench/gpu_plans.py --preset llama-3.1-8b --out "$OUT"
+if [[ $PARTS == *flags* ]]; then  # which XLA flags remove the per-step copies (tp1, batch 32, with profile)
+  i=0
+  for flags in "--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*sample_step.*" \
+               "--xla_disable_hlo_passes=dot-merger" "--xla_gpu_enable_dynamic_slice_fusion=true" \
+               "--xla_disable_hlo_passes=dot-merger --xla_gpu_enable_dynamic_slice_fusion=true"; do
+    XLA_FLAGS="$flags" run "flags$i" 150 python bench/gpu_step.py --tps 1 --batches 32 --impls kernel --profile 1:32 \
+      --repeats 10 --tag "_flags$i" --out "$OUT"
+    i=$((i+1))
+  done
+fi
 [[ $PARTS == *bench* ]] && run bench 420 python -m nitsum_jax.cli bench ${BENCH_ARGS:-} --out "$OUT/bench"
 exit 0
