@@ -133,7 +133,10 @@ def main():
                "profiles": {}}
     rng = np.random.default_rng(0)
     for impl in args.impls.split(","):
-        os.environ["NITSUM_ATTENTION"] = {"kernel": "auto", "reference": "reference"}[impl]
+        # kernel: Pallas attention + our XLA step options; reference: plain-JAX attention, same
+        # options; xla_default: Pallas attention with XLA's default options (the earlier baseline).
+        os.environ["NITSUM_ATTENTION"] = {"kernel": "auto", "reference": "reference", "xla_default": "auto"}[impl]
+        os.environ["NITSUM_XLA_OPTIONS"] = "off" if impl == "xla_default" else "on"
         batches = [int(b) for b in (args.batches if impl == "kernel" else args.reference_batches).split(",")]
         pages = max(batches) * -(-args.context // 16) + 64
         grid = BucketGrid(decode_batch=tuple(batches), prefill_len=(), max_seq_len=args.max_seq_len,

@@ -4,6 +4,7 @@ allocator, and its steps compiled ahead of time for a fixed grid of shapes."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,20 @@ def _pick(grid: tuple[int, ...], n: int, what: str) -> int:
         if n <= b:
             return b
     raise ShapeOutsideGrid(f"{what} of {n} is outside the compiled grid {sorted(grid)}")
+
+
+# XLA options for the model steps on GPU. Measured on an H100 (BENCHMARKS.md, llama-3.1-8b TP1,
+# batch 32): with the defaults, each layer's weights are copied out of the stacked [layers, ...]
+# arrays by a memcpy every step (9.6 ms of a 19.6 ms step); cuBLAS gemms with dynamic-slice
+# fusion read the layer's slice in place (10.3 ms, MBU 75%). Triton gemm fusions cannot take the
+# slice in place, hence both options. NITSUM_XLA_OPTIONS=off compiles with XLA's defaults.
+GPU_STEP_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True}
+
+
+def step_compiler_options(devices: list) -> dict:
+    if os.environ.get("NITSUM_XLA_OPTIONS", "on") == "off" or devices[0].platform != "gpu":
+        return {}
+    return dict(GPU_STEP_OPTIONS)
 
 
 def pow2_upto(n: int, start: int = 1) -> tuple[int, ...]:
@@ -95,7 +110,7 @@ class Lane:
                                      top_k=self._abstract((b,), jnp.int32), top_p=self._abstract((b,), jnp.float32),
                                      seed=self._abstract((b,), jnp.uint32), position=self._abstract((b,), jnp.int32))
             self._steps[(b, t)] = step_fn.lower(self.params, kv_abs, step, sampling, cfg=self.cfg,
-                                                layout=self.layout).compile()
+                                                layout=self.layout).compile(step_compiler_options(self.devices))
         for n in pow2_upto(self.pages_per_seq, self.grid.min_move_pages):
             pages = self._abstract((n,), jnp.int32)
             self._gathers[n] = jax.jit(_gather_pages).lower(kv_abs, pages).compile()
