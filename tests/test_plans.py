@@ -2,6 +2,7 @@
 KV moves between TP degrees keep sequences exact, and serving compiles nothing."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -193,3 +194,23 @@ def test_converted_gqa_model_with_replicated_kv_heads_matches_on_every_lane(tmp_
         for got, ref in zip(outs, want):
             assert got.token_ids == ref.token_ids, lane.name
             np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_packed_move_programs_carry_bf16_pages_as_words_bit_exactly():
+    from nitsum_jax.attention import KVCache
+    from nitsum_jax.plans.lane import _gather_packed, _scatter_packed
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    shape = (3, 2, 10, 4, 8)  # [layers, kv_heads, pages, page_size, head_dim]
+    src = KVCache(k=tuple(jax.random.normal(keys[i], shape).astype(jnp.bfloat16) for i in range(2)),
+                  v=tuple(jax.random.normal(keys[2 + i], shape).astype(jnp.bfloat16) for i in range(2)))
+    src_pages, dst_pages = jnp.array([7, 2, 5]), jnp.array([1, 4, 9])
+    (buffer,) = _gather_packed(src, src_pages, ((0, 1),))
+    assert buffer.dtype == jnp.uint32 and buffer.shape[-1] == shape[-1] // 2
+    dst = KVCache(k=tuple(jnp.full(shape, 3.0, jnp.bfloat16) for _ in range(2)),
+                  v=tuple(jnp.full(shape, 3.0, jnp.bfloat16) for _ in range(2)))
+    out = _scatter_packed(dst, dst_pages, (buffer,), ((0, 1), (0, 0)))  # slots swapped on the way
+    assert out.k[0].dtype == jnp.bfloat16
+    assert jnp.array_equal(out.k[0][:, :, dst_pages], src.k[1][:, :, src_pages])
+    assert jnp.array_equal(out.v[1][:, :, dst_pages], src.v[0][:, :, src_pages])
+    assert jnp.all(jnp.delete(out.k[0], dst_pages, axis=2) == 3.0)  # other pages untouched

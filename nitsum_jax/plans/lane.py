@@ -150,7 +150,8 @@ class Lane:
             key = (n, placement, sources, per_buffer)
             if key in self._packed_scatters:
                 continue
-            buf = jax.ShapeDtypeStruct((per_buffer, 2, layers, kv_heads, n, page_size, head_dim), self.cfg.jnp_dtype,
+            words = _as_words(jax.ShapeDtypeStruct((head_dim,), self.cfg.jnp_dtype))
+            buf = jax.ShapeDtypeStruct(self.packed_buffer_shape(per_buffer, n), words.dtype,
                                        sharding=self._packed_sharding())
             fn = jax.jit(_scatter_packed, static_argnames=("placement",), donate_argnames=("kv",))
             self._packed_scatters[key] = fn.lower(kv_abs, self._abstract((n,), jnp.int32), (buf,) * sources,
@@ -172,7 +173,8 @@ class Lane:
 
     def packed_buffer_shape(self, per_buffer: int, n: int) -> tuple[int, ...]:
         layers, kv_heads, _, page_size, head_dim = self.kv_shape
-        return (per_buffer, 2, layers, kv_heads, n, page_size, head_dim)
+        words = _as_words(jax.ShapeDtypeStruct((head_dim,), self.cfg.jnp_dtype))
+        return (per_buffer, 2, layers, kv_heads, n, page_size, words.shape[-1])
 
     def warm_up(self) -> None:
         """Run every compiled step once on idle rows (num_new 0: nothing is written)."""
@@ -227,19 +229,37 @@ def _gather_pages(kv: KVCache, pages: jax.Array):
     return tuple(a[:, :, pages] for a in kv.k), tuple(a[:, :, pages] for a in kv.v)
 
 
+def _as_words(a):
+    """[..., H] of a 2-byte dtype -> [..., H/2] uint32 over the same bytes (other dtypes: as is).
+    Gathers and scatters of pages move elements one by one; 4-byte words halve their count."""
+    if jnp.dtype(a.dtype).itemsize != 2 or a.shape[-1] % 2:
+        return a
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape[:-1] + (a.shape[-1] // 2,), jnp.uint32)
+    return jax.lax.bitcast_convert_type(a.reshape(a.shape[:-1] + (a.shape[-1] // 2, 2)), jnp.uint32)
+
+
+def _from_words(w, dtype):
+    if w.dtype == dtype:
+        return w
+    x = jax.lax.bitcast_convert_type(w, dtype)  # [..., H/2, 2]
+    return x.reshape(x.shape[:-2] + (x.shape[-2] * 2,))
+
+
 def _gather_packed(kv: KVCache, pages: jax.Array, groups: tuple[tuple[int, ...], ...]):
-    """One buffer per group of slots: [q, K|V, layers, kv_heads, n, page_size, head_dim], sharded
-    over tp on kv_heads, so each device's shard is its slots' pages, contiguous."""
-    return tuple(jnp.stack([jnp.stack([kv.k[r][:, :, pages], kv.v[r][:, :, pages]]) for r in group])
-                 for group in groups)
+    """One buffer per group of slots: [q, K|V, layers, kv_heads, n, page_size, head_dim (as words)],
+    sharded over tp on kv_heads, so each device's shard is its slots' pages, contiguous."""
+    return tuple(jnp.stack([jnp.stack([_as_words(kv.k[r])[:, :, pages], _as_words(kv.v[r])[:, :, pages]])
+                            for r in group]) for group in groups)
 
 
 def _scatter_packed(kv: KVCache, pages: jax.Array, buffers, placement: tuple[tuple[int, int], ...]) -> KVCache:
     """Slot r takes position q of incoming buffer u, where placement[r] = (u, q)."""
-    return KVCache(k=tuple(a.at[:, :, pages].set(buffers[u][q, 0], mode="drop")
-                           for a, (u, q) in zip(kv.k, placement)),
-                   v=tuple(a.at[:, :, pages].set(buffers[u][q, 1], mode="drop")
-                           for a, (u, q) in zip(kv.v, placement)))
+    def put(a, update):
+        return _from_words(_as_words(a).at[:, :, pages].set(update, mode="drop"), a.dtype)
+
+    return KVCache(k=tuple(put(a, buffers[u][q, 0]) for a, (u, q) in zip(kv.k, placement)),
+                   v=tuple(put(a, buffers[u][q, 1]) for a, (u, q) in zip(kv.v, placement)))
 
 
 def _scatter_pages(kv: KVCache, pages: jax.Array, k_pieces, v_pieces) -> KVCache:
