@@ -170,6 +170,7 @@ PRESETS: dict[str, LlamaConfig] = {
 
 
 def preset(name: str) -> LlamaConfig:
+    """The config of a named preset ("tiny", "llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b"); ConfigError otherwise."""
     try:
         return PRESETS[name]
     except KeyError:

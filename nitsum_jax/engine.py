@@ -63,16 +63,27 @@ class RequestHandle:
             yield item
 
     def cancel(self) -> None:
+        """Stop the request at the next step boundary; its KV pages are freed."""
         self._engine.scheduler.cancel(self.request)
         self._engine._wake.set()
 
     def result(self, timeout: float | None = None) -> Completion:
+        """Block until the request ends; its tokens, text and finish reason (TimeoutError after `timeout` s)."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.request.request_id} not done after {timeout}s")
         return dataclasses.replace(self.seq.completion(), finish_reason=self.request.finish_reason or "length")
 
 
 class Engine:
+    """Serves priority classes on the lanes of a plan set: `submit` a prompt with a class, stream its
+    tokens from the returned `RequestHandle`, read `stats()`; `close()` when done.
+
+    `Engine.build(preset=... | checkpoint=..., plans=..., num_devices=..., adaptive=...)` is the
+    usual way in; the constructor takes a config, params and `Plan`s directly. Every lane of every
+    plan is compiled before the constructor returns, so serving compiles nothing; a request whose
+    prompt + max_tokens exceeds `grid.max_seq_len` is refused at `submit`.
+    """
+
     def __init__(self, cfg: LlamaConfig, params: Params | None, plans: tuple[Plan, ...], *,
                  classes: dict[str, PriorityClass] | None = None, tokenizer: TextTokenizer | None = None,
                  num_pages: int = 256, page_size: int = 16, grid: BucketGrid = BucketGrid(),
@@ -136,6 +147,9 @@ class Engine:
     def submit(self, prompt: str | Seq[int], sampling: SamplingParams = SamplingParams(), *,
                priority_class: str = "low", deadline_s: float | None = None,
                request_id: str | None = None) -> RequestHandle:
+        """Queue a prompt (text or token ids) under `priority_class`; returns at once. `deadline_s`:
+        seconds from now after which the request ends with finish_reason "deadline". Raises
+        ValueError (unknown class) or a RequestError/SamplingError naming the bad value."""
         if priority_class not in self.classes:
             raise ValueError(f"unknown priority class {priority_class!r}; known: {sorted(self.classes)}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -155,6 +169,7 @@ class Engine:
 
     def generate(self, prompts: Seq[str | Seq[int]], sampling: SamplingParams = SamplingParams(),
                  priority_class: str = "low") -> list[Completion]:
+        """Submit every prompt under one class and wait for all of them; completions in prompt order."""
         handles = [self.submit(p, sampling, priority_class=priority_class) for p in prompts]
         return [h.result() for h in handles]
 
@@ -190,6 +205,10 @@ class Engine:
         self._faults[lane_name] = error or RuntimeError(f"injected fault in lane {lane_name}")
 
     def stats(self) -> dict:
+        """Plain data: current `plan`; per-class TTFT/TPOT/e2e p50/p99 (seconds) of finished requests;
+        waiting requests per class; KV pages in use per lane; plan switches, preemptions, KV moves;
+        `lanes` (as `lanes_info`); busy seconds and steps per lane, `device_busy_fraction`,
+        `plan_history` ([(time, plan), ...]) since `reset_stats`; unhealthy lanes."""
         with self._lock:
             per_class: dict[str, dict] = {}
             for h in self._handles.values():
@@ -229,6 +248,7 @@ class Engine:
         return min(1.0, busy / (elapsed * len(devices))) if elapsed > 0 else 0.0
 
     def close(self) -> None:
+        """Stop the engine thread and the lane workers (requests still running are not finished)."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=30)

@@ -24,6 +24,8 @@ class SamplingError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How one request samples: greedy by default; `seed` fixes its draw whatever shares the batch."""
+
     max_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off

@@ -72,6 +72,8 @@ def parse_lane(text: str) -> LaneSpec:
 
 
 def parse_plans(text: str) -> tuple[Plan, ...]:
+    """Plans in the compact form (see the module docstring); syntax only, `validate_plans` checks
+    them against a model and a device count. Raises PlanError naming the bad plan or lane."""
     plans = []
     for chunk in filter(str.strip, text.split(";")):
         name, sep, lanes = chunk.partition(":")
@@ -133,6 +135,8 @@ def default_plans(num_devices: int, cfg: LlamaConfig) -> tuple[Plan, ...]:
 
 
 def validate_plans(plans: tuple[Plan, ...], num_devices: int, cfg: LlamaConfig) -> None:
+    """Raise PlanError unless names are unique and every lane has a power-of-two TP degree that
+    divides the heads, and devices inside 0..num_devices-1 that no other lane of its plan uses."""
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise PlanError(f"plan names must be unique, got {names}")

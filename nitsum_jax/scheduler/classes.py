@@ -16,6 +16,7 @@ class PriorityClass:
 
 
 def default_classes() -> dict[str, PriorityClass]:
+    """`high` (rank 0: TTFT 0.5 s, TPOT 50 ms) and `low` (rank 1: TTFT 10 s, TPOT 0.5 s), by name."""
     return {
         "high": PriorityClass("high", rank=0, ttft_target_s=0.5, tpot_target_s=0.05),
         "low": PriorityClass("low", rank=1, ttft_target_s=10.0, tpot_target_s=0.5),
