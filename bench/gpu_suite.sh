@@ -19,8 +19,8 @@ run() {  # name, timeout, command...
   grep -v -E "^\s*$|Warning|warn\(" "$OUT/$name.log" | tail -n 45
 }
 [[ $PARTS == *kernel* ]] && run kernel 170 python bench/gpu_kernel.py --quick --out "$OUT"
-[[ $PARTS == *step* ]] && run step 330 python bench/gpu_step.py --preset llama-3.1-8b --impls kernel,reference,xla_default --out "$OUT"
-[[ $PARTS == *plans* ]] && run plans 240 python bench/gpu_plans.py --preset llama-3.1-8b --out "$OUT"
+[[ $PARTS == *step* ]] && run step 220 python bench/gpu_step.py --preset llama-3.1-8b --impls kernel,reference,xla_default --reference-batches 32 --out "$OUT"
+[[ $PARTS == *plans* ]] && run plans 130 python bench/gpu_plans.py --preset llama-3.1-8b --out "$OUT"
 if [[ ,$PARTS, == *,flags,* ]]; then  # which XLA flags remove the per-step copies (tp1, batch 32, with profile)
   i=0
   for flags in "--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*sample_step.*" \
@@ -46,5 +46,5 @@ if [[ $PARTS == *moreflags* ]]; then
   grep -n -E "memcpy|dynamic-slice|copy\(" "$f" | grep -v -E "s32\[\]|u32\[" | cut -c1-260 | head -40
   rm -rf $OUT/hlo
 fi
-[[ $PARTS == *bench* ]] && run bench 420 python -m nitsum_jax.cli bench ${BENCH_ARGS:-} --out "$OUT/bench"
+[[ $PARTS == *bench* ]] && run bench 330 python -m nitsum_jax.cli bench ${BENCH_ARGS:-} --out "$OUT/bench"
 exit 0

@@ -131,7 +131,17 @@ class Engine:
         from nitsum_jax.scheduler import default_classes
         from nitsum_jax.source import load_model
 
-        model = load_model(checkpoint, preset, seed, dtype)
+        if checkpoint is None and preset != "tiny":
+            # Random weights of a large shape are drawn on the devices, chunk by chunk (no host copy).
+            from nitsum_jax.config import preset as preset_config
+            from nitsum_jax.source import LoadedModel
+
+            cfg = preset_config(preset)
+            if dtype:
+                cfg = cfg.replace(dtype={"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype))
+            model = LoadedModel(cfg, None, None, f"preset:{preset}")
+        else:
+            model = load_model(checkpoint, preset, seed, dtype)
         devices = jax.devices()[:num_devices] if num_devices else jax.devices()
         plan_set = read_plans(plans, len(devices), model.cfg)
         kwargs.setdefault("tokenizer", model.tokenizer)
