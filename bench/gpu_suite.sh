@@ -9,6 +9,10 @@ export PYTHONPATH=.
 OUT=${OUT:-/tmp/nitsum-gpu}
 mkdir -p "$OUT"
 PARTS=${1:-kernel,step,plans}
+if [[ -d .wheels ]]; then  # pure or cp312 wheels carried from the dev machine (no network here)
+  python -c "import rich, matplotlib, psutil, prometheus_client" 2>/dev/null || \
+    pip install -q --no-index --no-deps .wheels/*.whl 2>&1 | tail -2
+fi
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpus.txt"
 python -c "import jax; print('jax', jax.__version__, jax.devices())"
 run() {  # name, timeout, command...
