@@ -19,13 +19,34 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nitsum_jax.server._proto import serving_pb2 as pb
-from nitsum_jax.server._proto import serving_pb2_grpc as pb_grpc
 from nitsum_jax.server.metrics import ServerMetrics
-from nitsum_jax.server.service import Gate, ServingService
+from nitsum_jax.server.service import Gate, ServingService, lenient_deserializer
 from nitsum_jax.server.tenants import Tenants
 
 log = logging.getLogger("nitsum_jax.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Serving"].full_name  # "nitsum.v1.Serving"
+
+
+def _add_serving(service: ServingService, server: grpc.Server) -> None:
+    """`pb_grpc.add_ServingServicer_to_server`, except that a request that does not parse reaches
+    the service (INVALID_ARGUMENT naming the parse error) instead of failing in grpc (INTERNAL)."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=lenient_deserializer(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetServerInfo, request_deserializer=lenient_deserializer(pb.GetServerInfoRequest),
+            response_serializer=pb.ServerInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def workers_for(classes: dict, running: int = 64) -> int:
+    """gRPC threads for every call the class queues may hold (their `max_queue`s), `running`
+    calls being served and a few for health and info: the class queues, priority-aware and
+    bounded, are then where calls wait."""
+    return sum(c.max_queue for c in classes.values()) + running + 8
 
 
 class NitsumServer:
@@ -33,16 +54,20 @@ class NitsumServer:
                  tenants: Tenants | None = None, default_class: str = "low", model_name: str = "",
                  metrics_port: int | None = None, tls: tuple[bytes, bytes] | None = None, max_workers: int = 64):
         """`build_engine()` makes the engine (called on a start-up thread); `tls` = (cert PEM, key PEM);
-        `port` 0 and `metrics_port` 0 pick free ports."""
+        `port` 0 and `metrics_port` 0 pick free ports. `max_workers` bounds the calls served at once
+        (each holds a thread while it waits or streams): size it with `workers_for(classes)`, since a
+        call beyond it is refused RESOURCE_EXHAUSTED whatever its class."""
         self._build_engine = build_engine
         self.tenants = tenants or Tenants.open()
         self.gate = Gate()
         self.metrics = ServerMetrics(lambda: self.gate.engine)
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="nitsum-grpc"))
-        pb_grpc.add_ServingServicer_to_server(
-            ServingService(self.gate, self.tenants, self.metrics, default_class=default_class,
-                           model_name=model_name), self.server)
+        # Calls beyond the threads are refused, not queued inside grpc: such a queue is unbounded,
+        # blind to priority and in front of the class queues (high would wait behind low there).
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="nitsum-grpc"),
+                                  maximum_concurrent_rpcs=max_workers)
+        _add_serving(ServingService(self.gate, self.tenants, self.metrics, default_class=default_class,
+                                    model_name=model_name), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -43,7 +43,9 @@ def register(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=256, help="longest prompt + max_tokens served")
     p.add_argument("--decode-batch", type=_int_tuple, default=(1, 2, 4, 8), help="compiled decode batch sizes")
     p.add_argument("--prefill-len", type=_int_tuple, default=(16, 64), help="compiled prefill chunk lengths")
-    p.add_argument("--max-workers", type=int, default=64, help="gRPC threads (calls served at once)")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="gRPC threads, the most calls served at once (default: enough for every class queue's "
+                        "bound plus 64 running; calls beyond it are refused RESOURCE_EXHAUSTED)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("client", help="call a nitsum-jax server (Generate, or --info / --health)")
@@ -78,7 +80,7 @@ def _serve(args) -> int:
     import threading
 
     from nitsum_jax.scheduler import default_classes
-    from nitsum_jax.server.app import NitsumServer
+    from nitsum_jax.server.app import NitsumServer, workers_for
     from nitsum_jax.server.tenants import Tenants, TenantsFileError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -110,7 +112,8 @@ def _serve(args) -> int:
 
     server = NitsumServer(build_engine, host=args.host, port=args.port, tenants=tenants,
                           default_class=args.default_class, model_name=args.checkpoint or f"preset:{args.preset}",
-                          metrics_port=args.metrics_port, tls=tls, max_workers=args.max_workers).start()
+                          metrics_port=args.metrics_port, tls=tls,
+                          max_workers=args.max_workers or workers_for(classes)).start()
     print(f"nitsum-jax serve: listening on {args.host}:{server.port}"
           f"{' (TLS)' if tls else ''}, health NOT_SERVING until the engine is warm"
           + (f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)

@@ -4,7 +4,7 @@ Per request (observed by the service when a request ends): TTFT, TPOT and end-to
 histograms per class, prompt/completion tokens per tenant and class (what tiered billing
 needs), requests per class and status. Engine state (read from `engine.stats()` at scrape
 time by a collector): queue sizes per class, KV pages used/total per lane, plan switches,
-preemptions, KV moves, the current plan.
+preemptions, KV moves, the current plan, each lane's health and membership of the current plan.
 """
 
 from __future__ import annotations
@@ -37,13 +37,18 @@ class EngineCollector(Collector):
             queue.add_metric([cls], n)
         used = GaugeMetricFamily("nitsum_kv_pages_used", "KV cache pages in use, per lane", labels=["lane"])
         total = GaugeMetricFamily("nitsum_kv_pages_total", "KV cache pages, per lane", labels=["lane"])
+        healthy = GaugeMetricFamily("nitsum_lane_healthy", "1 while the lane's steps succeed, 0 once one failed",
+                                    labels=["lane"])
+        in_plan = GaugeMetricFamily("nitsum_lane_in_plan", "1 if the lane belongs to the current plan", labels=["lane"])
         for lane in lanes_info(engine):
             used.add_metric([lane["name"]], lane["kv_pages_used"])
             total.add_metric([lane["name"]], lane["kv_pages_total"])
+            healthy.add_metric([lane["name"]], 1.0 if lane.get("healthy", True) else 0.0)
+            in_plan.add_metric([lane["name"]], 1.0 if lane.get("in_plan", True) else 0.0)
         plan = GaugeMetricFamily("nitsum_current_plan", "1 for the plan the engine runs now", labels=["plan"])
         for name in engine.plan_set.plans:
             plan.add_metric([name], 1.0 if name == stats["plan"] else 0.0)
-        yield from (queue, used, total, plan)
+        yield from (queue, used, total, healthy, in_plan, plan)
         yield CounterMetricFamily("nitsum_plan_switches", "Plan switches since start", value=len(stats["plan_switches"]))
         yield CounterMetricFamily("nitsum_preemptions", "Preemptions since start", value=stats["preemptions"])
         yield CounterMetricFamily("nitsum_kv_moves", "KV page moves between lanes since start", value=stats["kv_moves"])

@@ -34,6 +34,29 @@ from nitsum_jax.server.tenants import ANONYMOUS, AccessError, Tenants
 PRIORITY_METADATA = "x-nitsum-priority"
 DEFAULT_MAX_TOKENS = 16  # when the request leaves sampling.max_tokens at 0 (unset in proto3)
 _NO_DEADLINE_S = 1e7  # grpc reports a far-future deadline when the client set none
+UNKNOWN_CLASS_LABEL = "unknown"  # metrics label of a call naming no known class (labels stay bounded)
+
+
+class UndecodableRequest:
+    """Stands for a request message that did not parse (e.g. a string field that is not UTF-8):
+    the service answers it INVALID_ARGUMENT, where grpc's own deserializer failure would be an
+    INTERNAL "Exception deserializing request!"."""
+
+    def __init__(self, message_type, error: Exception):
+        self.message_type, self.error = message_type, error
+
+    def __str__(self) -> str:
+        return f"request is not a valid {self.message_type.DESCRIPTOR.full_name}: {self.error}"
+
+
+def lenient_deserializer(message_type):
+    """A request deserializer that hands an `UndecodableRequest` to the service instead of raising."""
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError (and friends) on malformed bytes
+            return UndecodableRequest(message_type, e)
+    return parse
 
 
 class Gate:
@@ -121,10 +144,13 @@ class ServingService(pb_grpc.ServingServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         metadata = dict(context.invocation_metadata())
         call = _Call(self, metadata.get(PRIORITY_METADATA) or self.default_class)
+        if isinstance(request, UndecodableRequest):
+            self.metrics.requests.labels(call.class_label, "INVALID_ARGUMENT").inc()
+            _abort(context, "INVALID_ARGUMENT", str(request))
         try:
             engine = self.gate.enter()
         except AccessError as e:
-            self.metrics.requests.labels(call.priority_class, e.code).inc()
+            self.metrics.requests.labels(call.class_label, e.code).inc()
             _abort(context, e.code, str(e))
         self.metrics.in_flight.inc()
         # Runs when the call ends however it ends; a client cancel, disconnect or deadline leaves
@@ -193,6 +219,8 @@ class ServingService(pb_grpc.ServingServicer):
         return code, message
 
     def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        if isinstance(request, UndecodableRequest):
+            _abort(context, "INVALID_ARGUMENT", str(request))
         try:
             engine = self.gate.enter()
         except AccessError as e:
@@ -225,6 +253,14 @@ class _Call:
         self._settled = False
         self._lock = threading.Lock()
 
+    @property
+    def class_label(self) -> str:
+        """The class as a metrics label: a name the client made up becomes "unknown", so random
+        x-nitsum-priority values cannot grow the registry without bound."""
+        engine = self.service.gate.engine
+        known = engine.classes if engine is not None else (self.service.default_class,)
+        return self.priority_class if self.priority_class in known else UNKNOWN_CLASS_LABEL
+
     def terminated(self, context: grpc.ServicerContext) -> None:
         """The RPC ended (also: the client cancelled, went away or its deadline passed)."""
         if self.handle is not None:
@@ -242,7 +278,7 @@ class _Call:
             n = len(h.seq.output_ids)
             end = h.finish_time or time.monotonic()
             first = h.first_token_time
-            metrics.observe(self.priority_class, self.tenant.name if self.tenant else ANONYMOUS,
+            metrics.observe(self.class_label, self.tenant.name if self.tenant else ANONYMOUS,
                             prompt_tokens=len(h.seq.prompt_ids), completion_tokens=n,
                             ttft_s=None if first is None else first - h.request.arrival,
                             tpot_s=(end - first) / (n - 1) if first is not None and n > 1 else None,
@@ -251,7 +287,7 @@ class _Call:
                 self.tenant.refund(self.reserved - len(h.seq.prompt_ids) - n)
         elif self.tenant is not None:
             self.tenant.refund(self.reserved)
-        metrics.requests.labels(self.priority_class, code).inc()
+        metrics.requests.labels(self.class_label, code).inc()
         metrics.in_flight.dec()
         self.service.gate.leave(h)
 
