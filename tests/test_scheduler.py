@@ -222,3 +222,19 @@ def test_victim_is_recomputed_when_moving_costs_more():
     sched.schedule("a")
     victim = next(r for r in sched.waiting if r.request_id == "low-2")
     assert victim.num_computed == 0 and sched.migrations == []
+
+
+def test_requests_that_outgrow_the_lane_together_do_not_wait_for_each_other_forever():
+    sched, lane, clock = make(num_pages=6, max_batch=4)  # 24 tokens; each request grows to 20
+    for i in range(3):
+        sched.submit(req(f"low-{i}", "low", prompt=4, max_tokens=16, arrival=float(i)))
+    clock.now = 3.0
+    for _ in range(200):
+        run_step(sched)
+        if len(sched.finished) == 3:
+            break
+    assert sorted(r.request_id for r in sched.finished) == ["low-0", "low-1", "low-2"]
+    assert all(r.finish_reason == "length" for r in sched.finished)
+    assert lane.allocator.num_used == 0
+    # The latest arrivals gave way (recomputed later), the first kept its pages.
+    assert "low-0" not in [victim for _, victim, _ in sched.preemption_log]

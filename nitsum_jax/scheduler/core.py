@@ -104,6 +104,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.finished: list[Request] = []
         self.preemption_log: list[tuple[float, str, str]] = []  # (time, victim, for whom)
+        # Whether a lane may take a migrated sequence now (the engine says no while its step runs).
+        self.can_receive: Callable[[str], bool] = lambda lane_name: True
 
     # -- intake --------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -130,13 +132,17 @@ class Scheduler:
         lane = self.lanes[lane_name]
         self._reap(lane)
         work: list[Work] = []
+        stalled: list[tuple[Request, int]] = []  # running requests with no page to grow into
         budget = self.token_budget
         # 1. Running decodes grow by one token; running prefills continue.
         for req in sorted(lane.running, key=self.urgency):
             if req not in lane.running:
                 continue  # preempted below for a more urgent running request
             n = 1 if not req.in_prefill else min(self.prefill_chunk, req.total_len - req.num_computed, budget)
-            if n <= 0 or not self._reserve(lane, req, req.num_computed + n):
+            if n <= 0:
+                continue
+            if not self._reserve(lane, req, req.num_computed + n):
+                stalled.append((req, n))
                 continue
             work.append(Work(req, req.num_computed, n))
             budget -= n
@@ -154,6 +160,13 @@ class Scheduler:
             lane.running.append(req)
             work.append(Work(req, req.num_computed, n))
             budget -= n
+        # 3. Nothing could move: running requests each hold part of the lane and wait for each
+        # other. The latest of the least urgent gives way so the most urgent stalled one grows.
+        if not work:
+            for req, n in stalled:
+                if req in lane.running and self._make_room(lane, req, req.num_computed + n):
+                    work.append(Work(req, req.num_computed, n))
+                    break
         # Admission may have preempted (or moved away) a request planned above.
         return [w for w in work if w.request.state is State.RUNNING and w.request.lane == lane.name]
 
@@ -199,6 +212,23 @@ class Scheduler:
     def _reserve(self, lane: LaneQueue, req: Request, tokens: int) -> bool:
         while not lane.allocator.can_reserve(tokens, req.request_id):
             if not self._preempt_for(lane, req):
+                return False
+        lane.allocator.reserve(req.request_id, tokens)
+        return True
+
+    def _make_room(self, lane: LaneQueue, req: Request, tokens: int) -> bool:
+        """A running request cannot grow, and nothing else in the lane can run: requeue (for
+        recompute) the least urgent, latest-arriving running request of its class or below,
+        which may be `req` itself. Without this, requests admitted on the way up could each hold
+        part of the lane and wait for each other forever."""
+        rank = self.classes[req.priority_class].rank
+        while not lane.allocator.can_reserve(tokens, req.request_id):
+            candidates = [r for r in lane.running if self.classes[r.priority_class].rank >= rank]
+            victim = max(candidates, key=lambda r: (self.classes[r.priority_class].rank, r.arrival))
+            victim.preemptions += 1
+            self._requeue(lane, victim)
+            self.preemption_log.append((self.clock(), victim.request_id, req.request_id))
+            if victim is req:
                 return False
         lane.allocator.reserve(req.request_id, tokens)
         return True
@@ -263,7 +293,7 @@ class Scheduler:
             return None
         tokens = lane.allocator.capacity(victim.request_id)
         options = [q for q in self.lanes.values() if q is not lane and q.serves(victim.priority_class)
-                   and len(q.running) < q.max_batch and q.allocator.can_reserve(tokens)]
+                   and len(q.running) < q.max_batch and q.allocator.can_reserve(tokens) and self.can_receive(q.name)]
         return max(options, key=lambda q: q.allocator.num_free, default=None)
 
     def pages_in_use(self) -> dict[str, int]:
