@@ -51,4 +51,5 @@ if [[ $PARTS == *moreflags* ]]; then
   rm -rf $OUT/hlo
 fi
 [[ $PARTS == *bench* ]] && run bench 330 python -m nitsum_jax.cli bench ${BENCH_ARGS:-} --out "$OUT/bench"
+rm -f "$OUT/gpus.txt" "$OUT/bench/requests.jsonl"  # the device returns only a few files a call
 exit 0

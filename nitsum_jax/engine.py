@@ -1,17 +1,20 @@
 """The engine: lanes of the current plan stepping side by side, fed by the scheduler.
 
-One engine thread runs step rounds: for every lane of the current plan it asks the scheduler
-for the lane's work, hands each lane's step to that lane's own worker thread (dispatch and
-wait), then collects all results, streams tokens and reports back. Plan switches happen between
-rounds. Thread-per-lane was chosen by measurement (BENCHMARKS.md, 4x H100): two TP2 lanes ran
-at 0.72x their solo rate from one dispatching thread and at 0.94x with a thread per lane.
+Every lane of the plan set has its own thread. While its lane is in the current plan, the
+thread loops: take the lane's next work from the scheduler (under the engine lock), dispatch
+the step and wait for its tokens (without the lock), then stream the tokens and report back.
+Lanes do not wait for each other, so a fast TP2 lane for `high` keeps its own step time while
+TP1 lanes beside it take longer steps. A control thread runs the plan controller; a plan
+switch pauses every lane at its next step boundary, moves or requeues the sequences of lanes
+that leave, and lets the lanes of the new plan run. Thread-per-lane was chosen by measurement
+(BENCHMARKS.md, 4x H100): two TP2 lanes ran at 0.65-0.72x their solo rate from one dispatching
+thread and at 0.89-1.0x with a thread per lane.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import queue
-from concurrent.futures import ThreadPoolExecutor
 import random
 import threading
 import time
@@ -65,7 +68,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Stop the request at the next step boundary; its KV pages are freed."""
         self._engine.scheduler.cancel(self.request)
-        self._engine._wake.set()
+        self._engine._wake()
 
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request ends; its tokens, text and finish reason (TimeoutError after `timeout` s)."""
@@ -107,16 +110,22 @@ class Engine:
         self.unhealthy: dict[str, str] = {}  # lane name -> the error that took it out
         self._faults: dict[str, Exception] = {}  # test hook: lane name -> error its next step raises
         self.reset_stats()
-        self._handles: dict[str, RequestHandle] = {}
-        self._recent: list[RequestHandle] = []  # finished, newest last (SLO attainment)
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._handles: dict[str, RequestHandle] = {}  # requests not finished yet
+        self._recent: list[RequestHandle] = []  # the last `keep_finished` finished, newest last
+        self.keep_finished = 1000
+        self._completed: dict[str, int] = {}  # class -> requests finished since start
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # lanes wait on it for work, switches for lanes
+        self._in_step: set[str] = set()  # lanes whose step is on the device (their KV is theirs alone)
+        self._switching = False
         self._pending_switch: tuple[str, str] | None = None
         self._stop = False
         self._ids = 0
-        self._lane_workers = ThreadPoolExecutor(len(self.plan_set.lanes), thread_name_prefix="nitsum-lane")
-        self._thread = threading.Thread(target=self._loop, name="nitsum-engine", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._lane_loop, args=(lane.name,), name=f"nitsum-{lane.name}",
+                                          daemon=True) for lane in self.plan_set.lanes.values()]
+        self._threads.append(threading.Thread(target=self._control_loop, name="nitsum-control", daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     @classmethod
     def build(cls, *, preset: str = "tiny", checkpoint: str | None = None, plans: str | None = None,
@@ -174,7 +183,7 @@ class Engine:
             handle = RequestHandle(self, req, Sequence(rid, ids, sampling, seed))
             self.scheduler.submit(req)
             self._handles[rid] = handle
-        self._wake.set()
+        self._wake()
         return handle
 
     def generate(self, prompts: Seq[str | Seq[int]], sampling: SamplingParams = SamplingParams(),
@@ -188,7 +197,13 @@ class Engine:
         if name not in self.plan_set.plans:
             raise ValueError(f"unknown plan {name!r}; known: {sorted(self.plan_set.plans)}")
         self._pending_switch = (name, reason)
-        self._wake.set()
+        self._wake()
+
+    def recent(self) -> list[RequestHandle]:
+        """Handles of the last `keep_finished` finished requests, oldest first (live ones are not
+        kept after they finish, so a long-running server does not grow)."""
+        with self._lock:
+            return list(self._recent)
 
     def lanes_info(self) -> list[dict]:
         """Every lane of the plan set: name, device ids, TP degree, KV pages, health, whether in
@@ -221,7 +236,7 @@ class Engine:
         `plan_history` ([(time, plan), ...]) since `reset_stats`; unhealthy lanes."""
         with self._lock:
             per_class: dict[str, dict] = {}
-            for h in self._handles.values():
+            for h in self._recent:
                 if h.finish_time is None or h.first_token_time is None:
                     continue
                 c = per_class.setdefault(h.request.priority_class, {"ttft": [], "tpot": [], "e2e": []})
@@ -231,7 +246,8 @@ class Engine:
                     c["tpot"].append((h.finish_time - h.first_token_time) / (len(h.seq.output_ids) - 1))
             latency = {cls: {f"{k}_{q}_s": float(np.percentile(v, p)) if v else None
                              for k, v in vals.items() for q, p in (("p50", 50), ("p99", 99))}
-                       | {"completed": len(vals["e2e"])} for cls, vals in per_class.items()}
+                       | {"completed": len(vals["e2e"]), "finished_total": self._completed.get(cls, 0)}
+                       for cls, vals in per_class.items()}
             return {
                 "plan": self.plan_name,
                 "classes": latency,
@@ -258,11 +274,15 @@ class Engine:
         return min(1.0, busy / (elapsed * len(devices))) if elapsed > 0 else 0.0
 
     def close(self) -> None:
-        """Stop the engine thread and the lane workers (requests still running are not finished)."""
+        """Stop the lane and control threads (requests still running are not finished)."""
         self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=30)
-        self._lane_workers.shutdown(wait=True)
+        self._wake()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     # -- engine thread -------------------------------------------------------------------
     def _lane_queues(self, plan_name: str) -> list[LaneQueue]:
@@ -273,64 +293,74 @@ class Engine:
     def _lane(self, name: str) -> Lane:
         return self._lanes_by_name[name]
 
-    def _loop(self) -> None:
+    def _control_loop(self) -> None:
+        """Plan control: ask the controller, and carry out switches at the lanes' step boundaries."""
         while not self._stop:
+            with self._cond:
+                if self.controller is not None and self._pending_switch is None:
+                    self._pending_switch = self.controller.decide(self._load(), time.monotonic())
+                if self._pending_switch:
+                    self._switching = True
+                    while self._in_step and not self._stop:  # lanes finish the step they are in
+                        self._cond.wait(0.05)
+                    try:
+                        self._do_switch(*self._pending_switch)
+                    finally:
+                        self._pending_switch, self._switching = None, False
+                        self._cond.notify_all()
+                self._cond.wait(0.005)
+
+    def _lane_loop(self, name: str) -> None:
+        while not self._stop:
+            with self._cond:
+                if self._switching or name not in self.scheduler.lanes or name in self.unhealthy:
+                    self._cond.wait(0.05)
+                    continue
+                try:
+                    work = self.scheduler.schedule(name)
+                except Exception as error:  # a scheduling bug must not strand the lane's requests
+                    self._fail_running(name, error)
+                    continue
+                self._flush_finished()
+                if not work:
+                    self._cond.wait(0.005)
+                    continue
+                self._in_step.add(name)
             try:
-                self._round()
-            except Exception as error:  # a failed step must not strand its requests
-                self._fail_running(error)
-
-    def _fail_running(self, error: Exception) -> None:
-        """Finish every running request with an error (their pages go back); waiting ones stay."""
-        import logging
-
-        logging.getLogger(__name__).exception("engine round failed: %s", error)
-        with self._lock:
-            for lane in self.scheduler.lanes.values():
-                for req in list(lane.running):
-                    self._handles[req.request_id].error = f"{type(error).__name__}: {error}"
-                    self.scheduler._finish(lane, req, "error")
-            self._flush_finished()
-
-    def _round(self) -> None:
-        if self.controller is not None and self._pending_switch is None:
-            with self._lock:
-                decision = self.controller.decide(self._load(), time.monotonic())
-            if decision:
-                self._pending_switch = decision
-        if self._pending_switch:
-            self._do_switch(*self._pending_switch)
-            self._pending_switch = None
-        with self._lock:
-            work = {name: self.scheduler.schedule(name) for name in self.scheduler.lanes}
-            self._flush_finished()
-        if not any(work.values()):
-            self._wake.wait(0.01)
-            self._wake.clear()
-            return
-        busy = [name for name, w in work.items() if w]
-        t0 = time.perf_counter()
-        futures = [self._lane_workers.submit(self._timed_step, name, work[name]) for name in busy]
-        results, failed = {}, {}
-        for name, future in zip(busy, futures):
-            try:
-                results[name] = future.result()
-            except Exception as error:  # one lane failing must not take the others down
-                failed[name] = error
-        tokens = max(sum(w.num_tokens for w in work[name]) for name in busy)
-        if tokens > max(self.grid.decode_batch) and not failed:  # prefill-heavy round: a recompute sample
-            self.costs.recompute_s_per_token = _ema(self.costs.recompute_s_per_token,
-                                                    (time.perf_counter() - t0) / tokens)
-        with self._lock:
-            for name, (outputs, seconds) in results.items():
+                outputs, seconds = self._timed_step(name, work)
+            except Exception as error:  # the lane failed: its requests go elsewhere
+                with self._cond:
+                    self._in_step.discard(name)
+                    self._lane_failed(name, error)
+                    self._flush_finished()
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                self._in_step.discard(name)
                 self._busy_s[name] += seconds
                 self._steps[name] += 1
-                if all(w.num_tokens == 1 for w in work[name]):  # a decode step: the controller's cost
+                tokens = sum(w.num_tokens for w in work)
+                if all(w.num_tokens == 1 for w in work):  # a decode step: the controller's cost
                     self._step_s[name] = _ema(self._step_s.get(name, seconds), seconds)
-                self._complete(name, work[name], outputs)
-            for name, error in failed.items():
-                self._lane_failed(name, error)
-            self._flush_finished()
+                elif tokens > max(self.grid.decode_batch):  # prefill-heavy: a recompute cost sample
+                    self.costs.recompute_s_per_token = _ema(self.costs.recompute_s_per_token, seconds / tokens)
+                try:
+                    self._complete(name, work, outputs)
+                except Exception as error:
+                    self._fail_running(name, error)
+                self._flush_finished()
+                self._cond.notify_all()
+
+    def _fail_running(self, lane_name: str, error: Exception) -> None:
+        """Finish the lane's running requests with an error (their pages go back); waiting ones stay."""
+        import logging
+
+        logging.getLogger(__name__).exception("lane %s: engine error: %s", lane_name, error)
+        lane = self.scheduler.lanes.get(lane_name)
+        for req in list(lane.running if lane else []):
+            self._handles[req.request_id].error = f"{type(error).__name__}: {error}"
+            self.scheduler._finish(lane, req, "error")
+        self._flush_finished()
 
     def _timed_step(self, name: str, work: list[Work]):
         """Runs on the lane's worker thread: dispatch the step, wait for its tokens."""
@@ -367,11 +397,17 @@ class Engine:
                 self.scheduler.drop_waiting(req, "error")
 
     def _migrate(self, request: Request, src: str, dst: str) -> None:
-        t0 = time.perf_counter()
-        moved = self.plan_set.move(request.request_id, self._lane(src), self._lane(dst))
-        jax.block_until_ready(self._lane(dst).kv)
-        self.costs.move_bytes_per_s = _ema(self.costs.move_bytes_per_s, moved / (time.perf_counter() - t0))
+        """A preemption victim moves to another lane. Only enqueued: the destination may be mid-step
+        (the device orders the move after it); the cost model learns from switch moves, which sync."""
+        self.plan_set.move(request.request_id, self._lane(src), self._lane(dst))
         self.kv_moves += 1
+
+    def _timed_move(self, request_id: str, src: Lane, dst: Lane) -> None:
+        """A move with every lane paused (plan switch): synced, so its bandwidth feeds the cost model."""
+        t0 = time.perf_counter()
+        moved = self.plan_set.move(request_id, src, dst)
+        jax.block_until_ready(dst.kv)
+        self.costs.move_bytes_per_s = _ema(self.costs.move_bytes_per_s, moved / (time.perf_counter() - t0))
 
     def _load(self) -> Load:
         step_s = {self._lane(name).spec.devices: s for name, s in self._step_s.items()}
@@ -446,12 +482,13 @@ class Engine:
     def _flush_finished(self) -> None:
         while self.scheduler.finished:
             req = self.scheduler.finished.pop()
-            handle = self._handles[req.request_id]
+            handle = self._handles.pop(req.request_id)
             handle.finish_time = time.monotonic()
+            self._completed[req.priority_class] = self._completed.get(req.priority_class, 0) + 1
             handle._events.put(None)
             handle._done.set()
             self._recent.append(handle)
-            del self._recent[:-1000]
+            del self._recent[:-self.keep_finished]
 
     def _do_switch(self, name: str, reason: str) -> None:
         if name == self.plan_name:
@@ -460,9 +497,12 @@ class Engine:
         moved = recomputed = 0
         with self._lock:
             new_queues = {q.name: q for q in self._lane_queues(name)}
+            # Lanes in both plans keep their running batch; do this before any move adds to them.
             for old in self.scheduler.lanes.values():
                 if old.name in new_queues:
                     new_queues[old.name].running = old.running
+            for old in self.scheduler.lanes.values():
+                if old.name in new_queues:
                     continue
                 for req in list(old.running):
                     dst = max((q for q in new_queues.values() if q.serves(req.priority_class)
@@ -476,7 +516,7 @@ class Engine:
                         self.scheduler.waiting.append(req)
                         recomputed += 1
                         continue
-                    self.plan_set.move(req.request_id, self._lane(old.name), self._lane(dst.name))
+                    self._timed_move(req.request_id, self._lane(old.name), self._lane(dst.name))
                     req.lane = dst.name
                     dst.running.append(req)
                     moved += 1

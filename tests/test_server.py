@@ -229,7 +229,7 @@ def test_client_deadline_is_deadline_exceeded_and_frees_its_pages(server, engine
         assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert wait_pages_idle(c) == {lane["name"]: 0 for lane in c.server_info()["lanes"]}
     # The scheduler held the deadline too (not only the client): the engine request carries it.
-    [handle] = [h for rid, h in engine._handles.items() if rid.startswith("deadline-test@")]
+    [handle] = [h for h in engine.recent() if h.request.request_id.startswith("deadline-test@")]
     assert handle.request.deadline is not None
     assert handle.request.finish_reason in ("deadline", "cancelled")
     assert len(handle.seq.output_ids) < 56

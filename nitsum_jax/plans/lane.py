@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,10 @@ class Lane:
                         out_shardings=KVCache(k=(self.kv_sharding,) * slots, v=(self.kv_sharding,) * slots))
         self.kv: KVCache = zeros()
         self._steps: dict[tuple[int, int], object] = {}
+        # Held while a program that consumes (donates) `self.kv` is enqueued and `self.kv` is
+        # replaced by its output: a step on the lane's thread and a KV move from another thread
+        # take turns, and the device orders the programs by their data dependencies.
+        self.kv_lock = threading.Lock()
         self._gathers: dict[int, object] = {}
         self._scatters: dict[int, object] = {}
         self._packed_gathers: dict[tuple, object] = {}  # (pages, groups) -> program
@@ -193,7 +198,8 @@ class Lane:
             raise ShapeOutsideGrid(f"step shape [batch {b}, tokens {t}] is not in lane {self.name}'s grid "
                                    f"{sorted(self._steps)}")
         step = StepInput(tokens=tokens, start_pos=start_pos, num_new=num_new, page_table=page_table)
-        next_tokens, logprobs, self.kv = fn(self.params, self.kv, step, sampling)
+        with self.kv_lock:
+            next_tokens, logprobs, self.kv = fn(self.params, self.kv, step, sampling)
         return next_tokens, logprobs
 
     def step(self, tokens: np.ndarray, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,

@@ -78,6 +78,11 @@ class PlanSet:
         """
         if src is dst:
             return 0
+        first, second = sorted((src, dst), key=lambda lane: lane.name)  # one lock order: no deadlock
+        with first.kv_lock, second.kv_lock:
+            return self._move(seq_id, src, dst)
+
+    def _move(self, seq_id, src: Lane, dst: Lane) -> int:
         src_pages = src.allocator.pages(seq_id)
         dst.allocator.reserve(seq_id, len(src_pages) * src.page_size)
         dst_pages = dst.allocator.pages(seq_id)
