@@ -80,7 +80,11 @@ def _plans(args) -> int:
     budget = MemoryBudget(args.kv_pages, args.page_size, args.max_batch, args.max_prefill)
     report = memory_report(cfg, plans, layouts, budget)
     if args.json:
-        print(json.dumps({"plans": [str(p) for p in plans], **report}, indent=2, default=str))
+        # The report's own "plans" (per-plan weight bytes) is kept under "plan_weights".
+        out = {**report, "plans": [str(p) for p in plans]}
+        if "plans" in report:
+            out["plan_weights"] = report["plans"]
+        print(json.dumps(out, indent=2, default=str))
     else:
         gib = 2**30
         print(f"model {args.checkpoint or args.preset} ({cfg.dtype}), {n} devices, {report['num_chunks']} weight "

@@ -13,6 +13,8 @@ thread and at 0.89-1.0x with a thread per lane.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import queue
 import random
@@ -33,6 +35,32 @@ from nitsum_jax.scheduler import (CostModel, LaneQueue, PriorityClass, Request, 
 from nitsum_jax.scheduler.controller import Load, PlanController
 from nitsum_jax.sequence import Completion, Sequence, append_token, validate_prompt
 from nitsum_jax.tokenizer import TextTokenizer
+
+
+class Turnstile:
+    """A lock that lets waiting threads through in arrival order (threading.Lock is not fair)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[threading.Event] = collections.deque()
+        self._busy = False
+
+    def __enter__(self):
+        turn = threading.Event()
+        with self._lock:
+            if not self._busy:
+                self._busy = True
+                return self
+            self._waiting.append(turn)
+        turn.wait()
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()  # handed over: stays busy
+            else:
+                self._busy = False
 
 
 @dataclasses.dataclass
@@ -117,6 +145,11 @@ class Engine:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # lanes wait on it for work, switches for lanes
         self._in_step: set[str] = set()  # lanes whose step is on the device (their KV is theirs alone)
+        # Host "devices" of a CPU-only machine are slices of the same cores: lanes there take turns
+        # (in arrival order) instead of crowding each other out, which would let busy low lanes
+        # starve a high lane of CPU time. Accelerator lanes step freely side by side.
+        cpu_only = all(d.platform == "cpu" for d in self.plan_set.devices)
+        self._step_turns = Turnstile() if cpu_only else contextlib.nullcontext()
         self._switching = False
         self._pending_switch: tuple[str, str] | None = None
         self._stop = False
@@ -364,12 +397,13 @@ class Engine:
 
     def _timed_step(self, name: str, work: list[Work]):
         """Runs on the lane's worker thread: dispatch the step, wait for its tokens."""
-        t0 = time.perf_counter()
         fault = self._faults.pop(name, None)
         if fault is not None:
             raise fault
-        outputs = jax.device_get(self._dispatch(self._lane(name), work))
-        return outputs, time.perf_counter() - t0
+        with self._step_turns:  # the step's time starts when its turn does
+            t0 = time.perf_counter()
+            outputs = jax.device_get(self._dispatch(self._lane(name), work))
+            return outputs, time.perf_counter() - t0
 
     def _lane_failed(self, name: str, error: Exception) -> None:
         """A lane's step raised: mark it unhealthy, put its requests back in line to be recomputed

@@ -120,9 +120,10 @@ def test_plan_memory_of_the_default_70b_set_on_8_devices_matches_the_cli_report(
     cli = subprocess.run([sys.executable, "-m", "nitsum_jax.cli", "--devices", "8", "plans", "--preset",
                           "llama-3.1-70b", "--json"], check=True, capture_output=True, text=True, cwd=ROOT)
     expected = json.loads(cli.stdout)
-    # the CLI's "plans" key holds the per-plan weights (its list of plan strings is overwritten by them)
-    assert [p.name for p in report["plans"]] == list(report["per_plan"]) == list(expected["plans"])
-    assert report["per_plan"]["static"]["weights_total"] == expected["plans"]["static"]["weights_total"]
+    # the CLI lists the plans as strings and gives their weights under "plan_weights"
+    assert [str(p) for p in report["plans"]] == expected["plans"]
+    assert [p.name for p in report["plans"]] == list(report["per_plan"]) == list(expected["plan_weights"])
+    assert report["per_plan"]["static"]["weights_total"] == expected["plan_weights"]["static"]["weights_total"]
     assert {str(d): use for d, use in report["devices"].items()} == expected["devices"]
     assert report["weight_overhead"] == pytest.approx(expected["weight_overhead"])
     with pytest.raises(nj.PlanError, match="device 0 needs .* but has 80.00 GiB"):
