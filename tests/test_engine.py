@@ -95,24 +95,28 @@ def test_adaptive_controller_switches_to_the_reserved_plan_when_high_work_arrive
 def test_high_preempts_low_whose_kv_moves_to_another_lane_and_tokens_stay_exact(tiny_cfg, tiny_params):
     from nitsum_jax.plans import parse_plans
 
-    plans = parse_plans("p: high+low=tp4@0-3, low=tp4@4-7")
+    # Plan `one` has only lane A, so both lows start there; plan `two` adds an empty lane B.
+    plans = parse_plans("one: high+low=tp4@0-3; two: high+low=tp4@0-3, low=tp4@4-7")
     grid = BucketGrid(decode_batch=(1, 2), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
     eng = Engine(tiny_cfg, tiny_params, plans, num_pages=8, page_size=8, grid=grid)  # 64 tokens a lane
     solo = Generator(tiny_cfg, tiny_params, page_size=8, max_batch=1, prefill_chunk=16, max_seq_len=64)
     try:
-        lanes = eng.scheduler.lanes
-        low_params = SamplingParams(max_tokens=40, ignore_eos=True)
+        low_params = SamplingParams(max_tokens=23, ignore_eos=True)  # 9 + 23 tokens: 4 pages each, A full
         lows = [eng.submit([256] + list(range(1 + i, 9 + i)), low_params, priority_class="low") for i in range(2)]
         while not all(h.first_token_time for h in lows):
             time.sleep(0.001)
+        eng.switch_plan("two")
+        while eng.plan_name != "two":
+            time.sleep(0.001)
+        assert {h.request.lane for h in lows} == {"tp4@0-3"}
         high = eng.submit([256, 7, 7, 7], SamplingParams(max_tokens=8, ignore_eos=True), priority_class="high")
         results = [h.result(timeout=120) for h in lows + [high]]
         for h, got in zip(lows + [high], results):
             assert got.token_ids == solo.generate([h.seq.prompt_ids], h.seq.params)[0].token_ids
-        assert high.served_by == ("p", "tp4@0-3", 4)
+        assert high.served_by == ("two", "tp4@0-3", 4)
         assert eng.stats()["preemptions"] >= 1
         assert eng.scheduler.migrations and eng.scheduler.migrations[0][2:] == ("tp4@0-3", "tp4@4-7")
-        assert all(lane.allocator.num_used == 0 for lane in lanes.values())
+        assert all(lane["kv_pages_used"] == 0 for lane in eng.lanes_info())
     finally:
         eng.close()
 
