@@ -153,18 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that mean "bad input" (exit 2 with the message), by module; a module that was never
+# imported cannot have raised, so none is imported just to be caught (`client` stays JAX-free).
+USER_ERRORS = {"checkpoints_tools.store": "CheckpointError", "nitsum_jax.config": "ConfigError",
+               "nitsum_jax.plans.spec": "PlanError", "nitsum_jax.sampling": "SamplingError",
+               "nitsum_jax.sequence": "RequestError"}
+
+
+def _is_user_error(error: Exception) -> bool:
+    if isinstance(error, FileNotFoundError):
+        return True
+    return any(isinstance(error, getattr(sys.modules[m], name)) for m, name in USER_ERRORS.items()
+               if m in sys.modules)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _set_host_devices(args.devices)
-    from checkpoints_tools.store import CheckpointError
-    from nitsum_jax.config import ConfigError
-    from nitsum_jax.plans.spec import PlanError
-    from nitsum_jax.sampling import SamplingError
-    from nitsum_jax.sequence import RequestError
-
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, PlanError, SamplingError, RequestError, FileNotFoundError) as e:
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"nitsum-jax: error: {e}", file=sys.stderr)
         return 2
 
