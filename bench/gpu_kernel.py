@@ -190,10 +190,10 @@ def main():
         for cfg in (dict(block_n=32), dict(block_n=128), dict(num_warps=8), dict(num_stages=3),
                     dict(block_n=128, num_warps=8)):
             attempt("sweep", f"decode B=64 ctx=2048 {cfg}", lambda cfg=cfg: time_case(
-                f"decode B=64 ctx=2048", batch=64, new_tokens=1, context=2048, kernel_cfg=cfg,
+                "decode B=64 ctx=2048", batch=64, new_tokens=1, context=2048, kernel_cfg=cfg,
                 with_reference=False))
             attempt("sweep", f"decode B=1 ctx=4096 {cfg}", lambda cfg=cfg: time_case(
-                f"decode B=1 ctx=4096", batch=1, new_tokens=1, context=4096, kernel_cfg=cfg,
+                "decode B=1 ctx=4096", batch=1, new_tokens=1, context=4096, kernel_cfg=cfg,
                 with_reference=False))
         for cfg in (dict(block_m=128, num_warps=8), dict(block_n=128)):
             attempt("sweep", f"prefill {cfg}", lambda cfg=cfg: time_case(

@@ -27,6 +27,8 @@ from nitsum_jax.kv import kv_bytes_per_page
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
 from nitsum_jax.sampling import SamplingBatch
 
+from gpu_plans import fill_random  # bench/ is on sys.path when run as a script
+
 
 def hbm_bandwidth(device, gib: float = 2.0) -> float:
     """Bytes/s of a large on-device elementwise pass (read + write), median of 20."""
@@ -40,14 +42,6 @@ def hbm_bandwidth(device, gib: float = 2.0) -> float:
         jax.block_until_ready(f(x))
         times.append(time.perf_counter() - t0)
     return 2 * x.nbytes / statistics.median(times)
-
-
-def fill_random(lane, seed):
-    def rnd(kv):
-        keys = jax.random.split(jax.random.key(seed), 2 * len(kv.k))
-        return jax.tree.map(lambda a, k: jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype), kv,
-                            type(kv)(k=tuple(keys[:len(kv.k)]), v=tuple(keys[len(kv.k):])))
-    lane.kv = jax.jit(rnd, out_shardings=jax.tree.map(lambda a: a.sharding, lane.kv))(lane.kv)
 
 
 def decode_inputs(lane, batch, context, rng):

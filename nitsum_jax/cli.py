@@ -61,10 +61,10 @@ def _generate(args) -> int:
 
 
 def _plans(args) -> int:
+    from nitsum_jax import plan_memory
     from nitsum_jax.config import preset
     from nitsum_jax.plans.layout import assign_chunks
-    from nitsum_jax.plans.memory import MemoryBudget, check_fits, memory_report
-    from nitsum_jax.plans.spec import read_plans
+    from nitsum_jax.plans.memory import check_fits
 
     if args.checkpoint:
         from checkpoints_tools.store import read_config
@@ -75,17 +75,15 @@ def _plans(args) -> int:
         if args.dtype:
             cfg = cfg.replace(dtype={"bf16": "bfloat16", "fp32": "float32"}[args.dtype])
     n = args.devices or _device_count()
-    plans = read_plans(args.plans, n, cfg)
-    layouts = assign_chunks(plans, cfg)
-    budget = MemoryBudget(args.kv_pages, args.page_size, args.max_batch, args.max_prefill)
-    report = memory_report(cfg, plans, layouts, budget)
+    report = plan_memory(cfg, args.plans, n, num_pages=args.kv_pages, page_size=args.page_size,
+                         max_batch=args.max_batch, max_prefill=args.max_prefill)
+    plans = report.pop("plans")
     if args.json:
-        # The report's own "plans" (per-plan weight bytes) is kept under "plan_weights".
-        out = {**report, "plans": [str(p) for p in plans]}
-        if "plans" in report:
-            out["plan_weights"] = report["plans"]
+        # Per-plan weight bytes are under "plan_weights"; "plans" lists the plans in compact form.
+        out = {**report, "plans": [str(p) for p in plans], "plan_weights": report.pop("per_plan")}
         print(json.dumps(out, indent=2, default=str))
     else:
+        layouts = assign_chunks(plans, cfg)
         gib = 2**30
         print(f"model {args.checkpoint or args.preset} ({cfg.dtype}), {n} devices, {report['num_chunks']} weight "
               f"chunks of {report['chunk_bytes'] / gib:.3f} GiB")

@@ -9,7 +9,6 @@ import re
 import statistics
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -28,6 +27,7 @@ from nitsum_jax.server.app import NitsumServer, workers_for
 from nitsum_jax.server.client import GenerateError, NitsumClient
 from nitsum_jax.server.tenants import Tenants, key_sha256
 from nitsum_jax.tokenizer import TextTokenizer
+from server_helpers import metrics_page, prompt, wait_pages_idle
 
 GRID = BucketGrid(decode_batch=(1, 8), prefill_len=(16,), max_seq_len=64)
 PLANS = "mixed: high=tp4@0-3, low=tp2@4-5, low=tp2@6-7"
@@ -67,24 +67,6 @@ def server(tiny_cfg, tiny_params, tmp_path_factory):
 
 def client(srv, tenant="gold"):
     return NitsumClient(f"127.0.0.1:{srv.port}", api_key=KEYS[tenant] if tenant else None)
-
-
-def prompt(seed, n=8):
-    rng = np.random.default_rng(seed)
-    return [256] + [int(t) for t in rng.integers(0, 256, size=n - 1)]
-
-
-def wait_pages_idle(c, timeout=60.0) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        lanes = c.server_info()["lanes"]
-        if all(lane["kv_pages_used"] == 0 for lane in lanes) or time.monotonic() > deadline:
-            return {lane["name"]: lane["kv_pages_used"] for lane in lanes}
-        time.sleep(0.05)
-
-
-def metrics_page(srv) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
 
 
 def assert_still_serves(srv):
@@ -323,8 +305,8 @@ def test_a_failing_lane_is_marked_unhealthy_left_and_its_requests_complete(fault
         with client(fault_server, None) as c:
             events = []
             try:
-                for event in c.stream(prompt_token_ids=ids, priority=cls, max_tokens=40, timeout=CALL_TIMEOUT_S):
-                    events.append(event)
+                for message in c.stream(prompt_token_ids=ids, priority=cls, max_tokens=40, timeout=CALL_TIMEOUT_S):
+                    events.append(message)
                     first_token[i].set()
                 streams[i] = events
             except GenerateError as e:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -26,6 +25,7 @@ import psutil
 import pytest
 
 from nitsum_jax.server.client import GenerateError, NitsumClient
+from server_helpers import metrics_page
 
 PLANS = "mixed: high=tp4@0-3, low=tp2@4-5, low=tp2@6-7"
 MAX_SEQ_LEN = 64
@@ -240,7 +240,7 @@ def run_soak(serve, n: int, threads: int = 48) -> dict:
 
 def scrape(server: ServeProcess, name: str) -> float:
     """A metric of the server summed over its labels (nitsum_requests_total: calls settled)."""
-    page = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    page = metrics_page(server)
     return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", page, re.M))
 
 

@@ -5,10 +5,8 @@ One server (and one engine) serves the whole module, with a keys file of three t
 
 import threading
 import time
-import urllib.request
 
 import grpc
-import numpy as np
 import pytest
 
 from nitsum_jax.engine import Engine
@@ -19,6 +17,7 @@ from nitsum_jax.server.app import NitsumServer
 from nitsum_jax.server.client import GenerateError, NitsumClient
 from nitsum_jax.server.tenants import Tenants, key_sha256
 from nitsum_jax.tokenizer import TextTokenizer
+from server_helpers import metrics_page, prompt, wait_pages_idle
 
 GRID = BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
 PLANS = "mixed: high=tp4@0-3, low=tp2@4-5, low=tp2@6-7"
@@ -71,21 +70,6 @@ def engine(server):
 
 def client(server, tenant="gold"):
     return NitsumClient(f"127.0.0.1:{server.port}", api_key=KEYS[tenant] if tenant else None)
-
-
-def prompt(seed, n=8):
-    rng = np.random.default_rng(seed)
-    return [256] + [int(t) for t in rng.integers(0, 256, size=n - 1)]
-
-
-def wait_pages_idle(c, timeout=60.0):
-    """Poll GetServerInfo until no lane holds KV pages (the request left at a step boundary)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lanes = c.server_info()["lanes"]
-        if all(lane["kv_pages_used"] == 0 for lane in lanes) or time.monotonic() > deadline:
-            return {lane["name"]: lane["kv_pages_used"] for lane in lanes}
-        time.sleep(0.05)
 
 
 def status_of(call_fn):
@@ -268,7 +252,7 @@ def test_metrics_page_has_per_class_and_per_tenant_series(server):
         c.generate(prompt_token_ids=prompt(10), priority="high", max_tokens=4)
     with client(server, "basic") as c:
         c.generate(prompt_token_ids=prompt(11), priority="low", max_tokens=4)
-    page = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    page = metrics_page(server)
     for series in ['nitsum_ttft_seconds_bucket{class="high"', 'nitsum_tpot_seconds_count{class="high"}',
                    'nitsum_e2e_seconds_count{class="low"}',
                    'nitsum_prompt_tokens_total{class="high",tenant="gold"} ',

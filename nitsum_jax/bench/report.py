@@ -98,7 +98,7 @@ def markdown_report(results: dict) -> str:
              + (f"; jax {m['jax']} {m['backend']}, {m['device_count']} devices ({m['device_kind']})" if "jax" in m
                 else ""),
              f"- workload: {', '.join(f'{k}={v}' for k, v in w.items())}",
-             f"- SLO targets: " + ", ".join(f"{c} TTFT {_s(t['ttft_target_s'])} / TPOT {_s(t['tpot_target_s'])}"
+             "- SLO targets: " + ", ".join(f"{c} TTFT {_s(t['ttft_target_s'])} / TPOT {_s(t['tpot_target_s'])}"
                                              for c, t in results["slo"].items()), ""]
     for name, c in results["configs"].items():
         lines.append(f"- `{name}`: {c['backend'].get('plans', c['backend'].get('target', ''))}")
