@@ -2,7 +2,7 @@
 # Everything measured on the lent GPU machine, in one call (30 device-minutes a session):
 #   kernel check + timings, decode step vs memory floor (MBU), plan-set figures (weights,
 #   KV moves, switch, lanes side by side). Usage on the device: bash bench/gpu_suite.sh [parts]
-# parts: any of kernel,step,plans,bench (default kernel,step,plans). Output under $OUT.
+# parts: any of kernel,step,moves,cmdbuf,plans,bench (default kernel,step,plans). Output under $OUT.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=.
@@ -24,6 +24,15 @@ run() {  # name, timeout, command...
 }
 [[ $PARTS == *kernel* ]] && run kernel 170 python bench/gpu_kernel.py --quick --out "$OUT"
 [[ $PARTS == *step* ]] && run step 220 python bench/gpu_step.py --preset llama-3.1-8b --impls kernel,reference,xla_default --reference-batches 32 --out "$OUT"
+[[ $PARTS == *moves* ]] && run moves 240 python bench/gpu_moves.py --preset llama-3.1-8b --out "$OUT"
+if [[ $PARTS == *cmdbuf* ]]; then  # CUDA graphs over the layer loop (command buffers), TP1 and TP4
+  i=0
+  for flags in "" "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
+    XLA_FLAGS="$flags" run "cmdbuf$i" 150 python bench/gpu_step.py --tps 1,4 --batches 8,32 --impls kernel \
+      --profile 9:9 --repeats 10 --tag "_cmdbuf$i" --out "$OUT"
+    i=$((i+1))
+  done
+fi
 [[ $PARTS == *plans* ]] && run plans 130 python bench/gpu_plans.py --preset llama-3.1-8b --out "$OUT"
 if [[ ,$PARTS, == *,flags,* ]]; then  # which XLA flags remove the per-step copies (tp1, batch 32, with profile)
   i=0

@@ -136,3 +136,21 @@ def test_kernel_runs_per_kv_head_shard_inside_a_scanned_tp_step():
     assert rel_err(out, ref) < 1e-5
     assert out.sharding.spec == PartitionSpec(None, None, None, "tp")
     assert "all-gather" not in step("interpret").lower(*args).compile().as_text()
+
+
+def test_page_copy_kernels_gather_and_scatter_whole_pages_exactly():
+    from nitsum_jax.kernels.page_copy import gather_pages_kernel, scatter_pages_kernel
+
+    shape = (2, 2, 12, 4, 8)  # [layers, kv_heads, pages, page_size, head_dim]
+    src = [jax.random.normal(jax.random.key(i), shape).astype(jnp.bfloat16) for i in range(3)]
+    pages = jnp.array([3, 7, 1, 11, 0, 5, 12, 12], jnp.int32)  # the last two are padding (>= pages)
+    packed = gather_pages_kernel(tuple(src), pages, interpret=True)
+    assert packed.shape == (3, 2, 2, 8, 4, 8)
+    for a in range(3):
+        assert jnp.array_equal(packed[a, :, :, :6], src[a][:, :, pages[:6]])
+    dst = [jnp.full(shape, 3.0, jnp.bfloat16) for _ in range(2)]
+    dst_pages = jnp.array([2, 4, 6, 8, 10, 1, 12, 12], jnp.int32)
+    out = scatter_pages_kernel(tuple(dst), dst_pages, (packed,), sources=((0, 2), (0, 0)), interpret=True)
+    assert jnp.array_equal(out[0][:, :, dst_pages[:6]], src[2][:, :, pages[:6]])
+    assert jnp.array_equal(out[1][:, :, dst_pages[:6]], src[0][:, :, pages[:6]])
+    assert jnp.all(jnp.delete(out[0], dst_pages[:6], axis=2) == 3.0)  # other pages untouched, padding dropped

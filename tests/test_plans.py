@@ -119,6 +119,29 @@ def test_moved_sequence_continues_with_the_tokens_and_nll_of_an_unmoved_run(tiny
     route[-1].allocator.free(seq.seq_id)
 
 
+def test_moves_with_page_copy_kernels_in_pieces_keep_tokens_and_nll(tiny_cfg, tiny_params, reference, monkeypatch):
+    """The GPU path of a move (Pallas page copies, here in interpret mode), sent in pieces."""
+    monkeypatch.setenv("NITSUM_MOVE_COPY", "interpret")
+    plans = parse_plans("big: all=tp4@0-3; mix: high=tp2@0-1, low=tp1@2, low=tp1@3; pair: low=tp2@0-1, low=tp2@2-3")
+    ps = PlanSet(tiny_cfg, tiny_params, plans, num_pages=24, page_size=PAGE_SIZE, move_pieces=2,
+                 grid=BucketGrid(decode_batch=(1,), prefill_len=(16,), max_seq_len=64, min_move_pages=2))
+    lanes = ps.lanes
+    assert {lane.move_copy for lane in lanes.values()} == {"interpret"}
+    route = [lanes[(0, 1, 2, 3)], lanes[(0, 1)], lanes[(0, 1, 2, 3)], lanes[(2,)], lanes[(0, 1)], lanes[(2, 3)],
+             lanes[(3,)], lanes[(0, 1, 2, 3)]]  # tp4>2>4>1>2>2(other devices)>1>4
+    want = reference[2]
+    gen = lane_generator(tiny_cfg, route[0])
+    seq = gen.new_sequence("moving", prompts()[2], GREEDY)
+    route[0].allocator.reserve(seq.seq_id, seq.max_total_len)
+    gen.prefill(seq)
+    for src, dst in zip(route, route[1:]):
+        assert ps.move(seq.seq_id, src, dst) > 0 and seq.seq_id not in src.allocator
+        gen.runner = dst
+        gen.decode([seq])
+    assert seq.output_ids == want.token_ids[:len(route)]
+    np.testing.assert_allclose(-np.sum(seq.output_logprobs), -np.sum(want.logprobs[:len(route)]), rtol=1e-5)
+
+
 def test_nothing_compiles_after_start_up(tiny_cfg, move_set):
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(

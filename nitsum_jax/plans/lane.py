@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nitsum_jax.attention import KVCache
 from nitsum_jax.config import LlamaConfig
+from nitsum_jax.kernels import page_copy
 from nitsum_jax.kv import PageAllocator
 from nitsum_jax.model import ChunkLayout, Params, StepInput
 from nitsum_jax.plans.spec import LaneSpec
@@ -60,6 +61,18 @@ def step_compiler_options(devices: list) -> dict:
     return dict(GPU_STEP_OPTIONS)
 
 
+def move_copy_impl(devices: list) -> str:
+    """How KV-move programs copy pages: "kernel" (Pallas page copies, GPU), "xla" (XLA gather /
+    scatter of 4-byte words, CPU) or "interpret" (the kernels in Pallas interpret mode: tests).
+    NITSUM_MOVE_COPY overrides the choice made from the platform."""
+    impl = os.environ.get("NITSUM_MOVE_COPY", "auto")
+    if impl == "auto":
+        return "kernel" if devices[0].platform == "gpu" else "xla"
+    if impl not in ("kernel", "xla", "interpret"):
+        raise ValueError(f"NITSUM_MOVE_COPY={impl!r}; expected auto, kernel, xla or interpret")
+    return impl
+
+
 def pow2_upto(n: int, start: int = 1) -> tuple[int, ...]:
     out, b = [], start
     while b < n:
@@ -95,6 +108,9 @@ class Lane:
         self._scatters: dict[int, object] = {}
         self._packed_gathers: dict[tuple, object] = {}  # (pages, groups) -> program
         self._packed_scatters: dict[tuple, object] = {}  # (pages, placement, sources, per_buffer) -> program
+        self.move_copy = move_copy_impl(self.devices)
+        if self.move_copy != "xla" and not all(page_copy.supported(self.kv_shape, n) for n in self.move_sizes()):
+            self.move_copy = "xla"
 
     # -- ahead-of-time compilation -------------------------------------------------------
     def _abstract(self, shape, dtype):
@@ -139,7 +155,7 @@ class Lane:
         for n in self.move_sizes():
             if (n, groups) in self._packed_gathers:
                 continue
-            fn = jax.jit(_gather_packed, static_argnames=("groups",),
+            fn = jax.jit(self._gather_fn(), static_argnames=("groups",),
                          out_shardings=tuple(self._packed_sharding() for _ in groups))
             self._packed_gathers[(n, groups)] = fn.lower(kv_abs, self._abstract((n,), jnp.int32),
                                                          groups=groups).compile()
@@ -155,10 +171,9 @@ class Lane:
             key = (n, placement, sources, per_buffer)
             if key in self._packed_scatters:
                 continue
-            words = _as_words(jax.ShapeDtypeStruct((head_dim,), self.cfg.jnp_dtype))
-            buf = jax.ShapeDtypeStruct(self.packed_buffer_shape(per_buffer, n), words.dtype,
+            buf = jax.ShapeDtypeStruct(self.packed_buffer_shape(per_buffer, n), self._packed_dtype(),
                                        sharding=self._packed_sharding())
-            fn = jax.jit(_scatter_packed, static_argnames=("placement",), donate_argnames=("kv",))
+            fn = jax.jit(self._scatter_fn(), static_argnames=("placement",), donate_argnames=("kv",))
             self._packed_scatters[key] = fn.lower(kv_abs, self._abstract((n,), jnp.int32), (buf,) * sources,
                                                   placement=placement).compile()
             count += 1
@@ -178,8 +193,51 @@ class Lane:
 
     def packed_buffer_shape(self, per_buffer: int, n: int) -> tuple[int, ...]:
         layers, kv_heads, _, page_size, head_dim = self.kv_shape
-        words = _as_words(jax.ShapeDtypeStruct((head_dim,), self.cfg.jnp_dtype))
-        return (per_buffer, 2, layers, kv_heads, n, page_size, words.shape[-1])
+        if self.move_copy == "xla":
+            head_dim = _as_words(jax.ShapeDtypeStruct((head_dim,), self.cfg.jnp_dtype)).shape[-1]
+        return (per_buffer, 2, layers, kv_heads, n, page_size, head_dim)
+
+    def _packed_dtype(self):
+        if self.move_copy == "xla":
+            return _as_words(jax.ShapeDtypeStruct((self.kv_shape[-1],), self.cfg.jnp_dtype)).dtype
+        return self.cfg.jnp_dtype
+
+    def _gather_fn(self):
+        if self.move_copy == "xla":
+            return _gather_packed
+        interpret = self.move_copy == "interpret"
+        kv_spec = KVCache(k=(P(None, "tp"),) * self.layout.slots, v=(P(None, "tp"),) * self.layout.slots)
+
+        def gather(kv, pages, groups):
+            def local(kv, pages):
+                out = []
+                for group in groups:
+                    arrays = tuple(a for r in group for a in (kv.k[r], kv.v[r]))
+                    packed = page_copy.gather_pages_kernel(arrays, pages, interpret=interpret)
+                    out.append(packed.reshape((len(group), 2) + packed.shape[1:]))
+                return tuple(out)
+            return jax.shard_map(local, mesh=self.mesh, in_specs=(kv_spec, P()),
+                                 out_specs=tuple(P(None, None, None, "tp") for _ in groups), check_vma=False)(kv, pages)
+        return gather
+
+    def _scatter_fn(self):
+        if self.move_copy == "xla":
+            return _scatter_packed
+        interpret = self.move_copy == "interpret"
+        slots = self.layout.slots
+        kv_spec = KVCache(k=(P(None, "tp"),) * slots, v=(P(None, "tp"),) * slots)
+
+        def scatter(kv, pages, buffers, placement):
+            def local(kv, pages, buffers):
+                arrays = tuple(a for r in range(slots) for a in (kv.k[r], kv.v[r]))
+                flat = tuple(b.reshape((-1,) + b.shape[2:]) for b in buffers)  # [q, 2, ...] -> [2q, ...]
+                sources = tuple((u, 2 * q + kind) for u, q in placement for kind in (0, 1))
+                out = page_copy.scatter_pages_kernel(arrays, pages, flat, sources=sources, interpret=interpret)
+                return KVCache(k=out[0::2], v=out[1::2])
+            return jax.shard_map(local, mesh=self.mesh,
+                                 in_specs=(kv_spec, P(), tuple(P(None, None, None, "tp") for _ in buffers)),
+                                 out_specs=kv_spec, check_vma=False)(kv, pages, buffers)
+        return scatter
 
     def warm_up(self) -> None:
         """Run every compiled step once on idle rows (num_new 0: nothing is written)."""

@@ -4,6 +4,7 @@ compiles nothing and creates no communicators."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -27,9 +28,12 @@ def lane_name(spec: LaneSpec) -> str:
 class PlanSet:
     def __init__(self, cfg: LlamaConfig, params: Params | None, plans: tuple[Plan, ...], *,
                  devices: list | None = None, num_pages: int = 256, page_size: int = 16,
-                 grid: BucketGrid = BucketGrid(), random_seed: int = 0):
-        """`params` is the unsplit model; None draws random weights on the devices (benchmarks)."""
+                 grid: BucketGrid = BucketGrid(), random_seed: int = 0, move_pieces: int | None = None):
+        """`params` is the unsplit model; None draws random weights on the devices (benchmarks).
+        `move_pieces`: a KV move is sent in up to this many pieces of pages, so that the copy
+        of one piece overlaps the transfer of the next (default: NITSUM_MOVE_PIECES, else 1)."""
         self.cfg, self.plans = cfg, {p.name: p for p in plans}
+        self.move_pieces = max(1, int(move_pieces or os.environ.get("NITSUM_MOVE_PIECES", "1")))
         self.devices = list(devices or jax.devices())
         validate_plans(plans, len(self.devices), cfg)
         t0 = time.perf_counter()
@@ -96,7 +100,16 @@ class PlanSet:
 
     def _move_packed(self, route: MoveRoute, src: Lane, dst: Lane, src_pages: list[int],
                      dst_pages: list[int]) -> int:
-        """One transfer per (source device, destination device) pair (see moves.py)."""
+        """One transfer per (source device, destination device) pair and piece (see moves.py).
+        Everything is enqueued without waiting: the devices order each piece's gather, transfer
+        and scatter by their data, and run piece i's transfer beside piece i+1's gather."""
+        want = -(-len(src_pages) // self.move_pieces)
+        per = next((n for n in src.move_sizes() if n >= want), len(src_pages))
+        return sum(self._move_packed_piece(route, src, dst, src_pages[i:i + per], dst_pages[i:i + per])
+                   for i in range(0, len(src_pages), per))
+
+    def _move_packed_piece(self, route: MoveRoute, src: Lane, dst: Lane, src_pages: list[int],
+                           dst_pages: list[int]) -> int:
         buffers, n = src.gather_packed(src_pages, route.groups)
         shards = [{s.device: s.data for s in b.addressable_shards} for b in buffers]
         pieces = [shards[t][src.devices[i]] for t, i, _ in route.transfers]
