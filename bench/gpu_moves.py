@@ -9,7 +9,10 @@ kernels, each sent in 1, 2 or 4 pieces, on one plan set; every move's contents c
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import statistics
+import tempfile
 import time
 
 import jax
@@ -21,7 +24,8 @@ from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
 from gpu_plans import fill_random, time_move_phases, time_moves  # bench/ is on sys.path as a script
 
 PAIRS = [("tp4@0-3", "tp2@0-1"), ("tp2@0-1", "tp4@0-3"), ("tp2@0-1", "tp2@2-3"), ("tp1@2", "tp4@0-3"),
-         ("tp4@0-3", "tp1@3"), ("tp1@2", "tp2@0-1"), ("tp2@0-1", "tp1@3")]
+         ("tp4@0-3", "tp1@3"), ("tp1@2", "tp2@0-1"), ("tp2@0-1", "tp1@3"),
+         ("tp2@0-1", "tp1@1"), ("tp1@0", "tp2@0-1"), ("tp1@0", "tp1@1")]  # the last three: on 2 GPUs
 
 
 def use_copy(ps: PlanSet, impl: str) -> float:
@@ -37,6 +41,52 @@ def use_copy(ps: PlanSet, impl: str) -> float:
     return time.perf_counter() - t0
 
 
+def profile_moves(ps: PlanSet, src, dst, tokens: int, moves: int = 6) -> dict:
+    """Device-side view of `moves` moves src -> dst (jax.profiler): GPU time per kernel or copy
+    name (summed over GPUs, per move) and the device span of one move (first start to last end)."""
+    seq = ("profile", src.name, dst.name)
+    src.allocator.reserve(seq, tokens)
+    ps.move(seq, src, dst)
+    ps.move(seq, dst, src)
+    jax.block_until_ready((src.kv, dst.kv))
+    out_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(out_dir):
+        for _ in range(moves):
+            ps.move(seq, src, dst)
+            jax.block_until_ready(dst.kv)
+            time.sleep(0.003)
+            ps.move(seq, dst, src)
+            jax.block_until_ready(src.kv)
+            time.sleep(0.003)
+    src.allocator.free(seq)
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{out_dir}/**/*.xplane.pb", recursive=True)[0])
+    per_name: dict[str, float] = {}
+    events = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU:"):
+            continue
+        for line in plane.lines:
+            if "xla" in line.name.lower() or "stream" not in line.name.lower():
+                continue
+            for ev in line.events:
+                key = f"gpu{plane.name.rsplit(':', 1)[-1]} {ev.name[:60]}"
+                per_name[key] = per_name.get(key, 0.0) + ev.duration_ns / 1e6 / (2 * moves)
+                events.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+    events.sort()
+    spans, start, end = [], None, None
+    for a, b in events:  # a move's events, separated from the next move's by the 3 ms sleeps
+        if start is None or a > end + 1e6:
+            if start is not None:
+                spans.append((end - start) / 1e6)
+            start, end = a, b
+        end = max(end, b)
+    if start is not None:
+        spans.append((end - start) / 1e6)
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:20]
+    return {"device_span_ms_median": statistics.median(spans) if spans else None, "spans": len(spans),
+            "per_move_ms": {k: round(v, 4) for k, v in top}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b")
@@ -48,6 +98,7 @@ def main():
     ap.add_argument("--copies", default="kernel,xla")
     ap.add_argument("--pieces", default="1,2,4")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--profile", default="tp4@0-3->tp1@3,tp2@0-1->tp2@2-3,tp2@0-1->tp4@0-3,tp2@0-1->tp1@1,tp1@0->tp1@1")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = preset(args.preset)
@@ -76,11 +127,20 @@ def main():
                     print(f"{impl} x{p} {a}->{b}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s "
                           f"equal={row['contents_equal']}", flush=True)
         ps.move_pieces = 1
-        for a, b in (("tp2@0-1", "tp4@0-3"), ("tp4@0-3", "tp1@3")):
+        for a, b in (("tp2@0-1", "tp4@0-3"), ("tp4@0-3", "tp1@3"), ("tp2@0-1", "tp1@1")):
             if a in lanes and b in lanes:
                 results["phases"][f"{impl} {a}->{b}"] = time_move_phases(ps, lanes[a], lanes[b], args.move_tokens,
                                                                          args.repeats)
                 print(f"phases {impl} {a}->{b}: {results['phases'][f'{impl} {a}->{b}']}", flush=True)
+        for pair in filter(None, args.profile.split(",")):
+            a, b = pair.split("->")
+            if a in lanes and b in lanes:
+                try:
+                    prof = results["phases"][f"profile {impl} {pair}"] = profile_moves(ps, lanes[a], lanes[b],
+                                                                                     args.move_tokens)
+                    print(f"profile {impl} {pair}: {json.dumps(prof, indent=1)}", flush=True)
+                except Exception as e:  # the timings above stand without it
+                    print(f"profile {impl} {pair} failed: {type(e).__name__}: {e}", flush=True)
     if args.out:
         with open(f"{args.out}/gpu_moves.json", "w") as f:
             json.dump(results, f, indent=2)
