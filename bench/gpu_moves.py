@@ -71,20 +71,22 @@ def profile_moves(ps: PlanSet, src, dst, tokens: int, moves: int = 6) -> dict:
             for ev in line.events:
                 key = f"gpu{plane.name.rsplit(':', 1)[-1]} {ev.name[:60]}"
                 per_name[key] = per_name.get(key, 0.0) + ev.duration_ns / 1e6 / (2 * moves)
-                events.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+                events.append((ev.start_ns, ev.start_ns + ev.duration_ns, key))
     events.sort()
-    spans, start, end = [], None, None
-    for a, b in events:  # a move's events, separated from the next move's by the 3 ms sleeps
+    spans, start, end, timeline = [], None, None, []
+    for a, b, key in events:  # a move's events, separated from the next move's by the 3 ms sleeps
         if start is None or a > end + 1e6:
             if start is not None:
                 spans.append((end - start) / 1e6)
             start, end = a, b
         end = max(end, b)
+        if len(spans) == 4:  # one move in the middle, event by event (us from its first event)
+            timeline.append(f"{(a - start) / 1e3:8.1f} {(b - a) / 1e3:8.1f}  {key}")
     if start is not None:
         spans.append((end - start) / 1e6)
     top = sorted(per_name.items(), key=lambda kv: -kv[1])[:20]
     return {"device_span_ms_median": statistics.median(spans) if spans else None, "spans": len(spans),
-            "per_move_ms": {k: round(v, 4) for k, v in top}}
+            "per_move_ms": {k: round(v, 4) for k, v in top}, "timeline_us": timeline}
 
 
 def main():
@@ -117,6 +119,14 @@ def main():
                "phases": {}}
     for impl in args.copies.split(","):
         print(f"{impl}: programs in {use_copy(ps, impl):.1f}s", flush=True)
+        for p in pieces[1:]:  # devices' view of a move in pieces
+            ps.move_pieces = p
+            for pair in filter(None, args.profile.split(",")):
+                a, b = pair.split("->")
+                if a in lanes and b in lanes:
+                    prof = results["phases"][f"profile {impl} x{p} {pair}"] = profile_moves(
+                        ps, lanes[a], lanes[b], args.move_tokens)
+                    print(f"profile {impl} x{p} {pair}: {json.dumps(prof, indent=1)}", flush=True)
         for p in pieces:
             ps.move_pieces = p
             for a, b in PAIRS:
