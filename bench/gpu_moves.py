@@ -99,6 +99,7 @@ def main():
     ap.add_argument("--move-tokens", type=int, default=4096)
     ap.add_argument("--copies", default="kernel,xla")
     ap.add_argument("--pieces", default="1,2,4")
+    ap.add_argument("--sync", default="0,1", help="move_sync values to time")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--profile", default="tp4@0-3->tp1@3,tp2@0-1->tp2@2-3,tp2@0-1->tp4@0-3,tp2@0-1->tp1@1,tp1@0->tp1@1")
     ap.add_argument("--out", default=None)
@@ -119,23 +120,29 @@ def main():
                "phases": {}}
     for impl in args.copies.split(","):
         print(f"{impl}: programs in {use_copy(ps, impl):.1f}s", flush=True)
-        for p in pieces[1:]:  # devices' view of a move in pieces
-            ps.move_pieces = p
+        for p, sync in [(p, False) for p in pieces[1:]] + [(1, True), (max(pieces), True)]:
+            ps.move_pieces, ps.move_sync = p, sync  # devices' view of a move in pieces
             for pair in filter(None, args.profile.split(",")):
                 a, b = pair.split("->")
                 if a in lanes and b in lanes:
-                    prof = results["phases"][f"profile {impl} x{p} {pair}"] = profile_moves(
-                        ps, lanes[a], lanes[b], args.move_tokens)
-                    print(f"profile {impl} x{p} {pair}: {json.dumps(prof, indent=1)}", flush=True)
-        for p in pieces:
-            ps.move_pieces = p
-            for a, b in PAIRS:
-                if a in lanes and b in lanes:
-                    t, before, after = time_moves(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
-                    row = {"ms": t * 1e3, "GB_per_s": gbytes / t, "contents_equal": abs(before - after) <= 1e-6 * abs(before)}
-                    results["moves"][f"{impl} x{p} {a}->{b}"] = row
-                    print(f"{impl} x{p} {a}->{b}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s "
-                          f"equal={row['contents_equal']}", flush=True)
+                    key = f"profile {impl} x{p}{' sync' if sync else ''} {pair}"
+                    prof = results["phases"][key] = profile_moves(ps, lanes[a], lanes[b], args.move_tokens)
+                    print(f"{key}: {json.dumps(prof, indent=1)}", flush=True)
+        ps.move_pieces, ps.move_sync = 1, False
+        for sync in (v == "1" for v in args.sync.split(",")):
+            ps.move_sync = sync
+            for p in pieces:
+                ps.move_pieces = p
+                for a, b in PAIRS:
+                    if a in lanes and b in lanes:
+                        t, before, after = time_moves(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
+                        row = {"ms": t * 1e3, "GB_per_s": gbytes / t,
+                               "contents_equal": abs(before - after) <= 1e-6 * abs(before)}
+                        key = f"{impl} x{p}{' sync' if sync else ''} {a}->{b}"
+                        results["moves"][key] = row
+                        print(f"{key}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s equal={row['contents_equal']}",
+                              flush=True)
+        ps.move_sync = False
         ps.move_pieces = 1
         for a, b in (("tp2@0-1", "tp4@0-3"), ("tp4@0-3", "tp1@3"), ("tp2@0-1", "tp1@1")):
             if a in lanes and b in lanes:

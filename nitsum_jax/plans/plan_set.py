@@ -34,6 +34,7 @@ class PlanSet:
         of one piece overlaps the transfer of the next (default: NITSUM_MOVE_PIECES, else 1)."""
         self.cfg, self.plans = cfg, {p.name: p for p in plans}
         self.move_pieces = max(1, int(move_pieces or os.environ.get("NITSUM_MOVE_PIECES", "1")))
+        self.move_sync = os.environ.get("NITSUM_MOVE_SYNC", "0") == "1"
         self.devices = list(devices or jax.devices())
         validate_plans(plans, len(self.devices), cfg)
         t0 = time.perf_counter()
@@ -101,27 +102,35 @@ class PlanSet:
     def _move_packed(self, route: MoveRoute, src: Lane, dst: Lane, src_pages: list[int],
                      dst_pages: list[int]) -> int:
         """One transfer per (source device, destination device) pair and piece (see moves.py).
-        Everything is enqueued without waiting: the devices order each piece's gather, transfer
-        and scatter by their data, and run piece i's transfer beside piece i+1's gather."""
+
+        Measured on the GPU machine (BENCHMARKS.md): a program whose input is still in flight from
+        another device blocks its dispatch until the transfer lands, so every piece's gather is
+        enqueued first, then its transfers, then the scatters; piece i's scatter then runs while
+        piece i+1 is on the wire. With `move_sync` the host waits for each gather before sending
+        it: a transfer enqueued from the calling thread starts sooner than one the runtime
+        enqueues when the gather completes."""
         want = -(-len(src_pages) // self.move_pieces)
         per = next((n for n in src.move_sizes() if n >= want), len(src_pages))
-        return sum(self._move_packed_piece(route, src, dst, src_pages[i:i + per], dst_pages[i:i + per])
-                   for i in range(0, len(src_pages), per))
-
-    def _move_packed_piece(self, route: MoveRoute, src: Lane, dst: Lane, src_pages: list[int],
-                           dst_pages: list[int]) -> int:
-        buffers, n = src.gather_packed(src_pages, route.groups)
-        shards = [{s.device: s.data for s in b.addressable_shards} for b in buffers]
-        pieces = [shards[t][src.devices[i]] for t, i, _ in route.transfers]
-        placed = jax.device_put(pieces, [dst.devices[j] for _, _, j in route.transfers])
-        arrived = {(j, route.sources[j].index((t, i))): a for (t, i, j), a in zip(route.transfers, placed)}
-        shape = dst.packed_buffer_shape(route.per_buffer, n)
+        starts = range(0, len(src_pages), per)
+        gathered = [src.gather_packed(src_pages[i:i + per], route.groups) for i in starts]
+        targets = [dst.devices[j] for _, _, j in route.transfers]
+        sent, moved = [], 0
+        for buffers, n in gathered:
+            if self.move_sync:
+                jax.block_until_ready(buffers)
+            shards = [{s.device: s.data for s in b.addressable_shards} for b in buffers]
+            pieces = [shards[t][src.devices[i]] for t, i, _ in route.transfers]
+            moved += sum(p.nbytes for p in pieces)
+            sent.append((jax.device_put(pieces, targets), n))
         sharding = NamedSharding(dst.mesh, P(None, None, None, "tp"))
-        incoming = tuple(jax.make_array_from_single_device_arrays(
-            shape, sharding, [arrived[(j, u)] for j in range(len(dst.devices))])
-            for u in range(len(route.sources[0])))
-        dst.scatter_packed(dst_pages, incoming, route.placement, route.per_buffer, n)
-        return sum(p.nbytes for p in pieces)
+        for i, (placed, n) in zip(starts, sent):
+            arrived = {(j, route.sources[j].index((t, k))): a for (t, k, j), a in zip(route.transfers, placed)}
+            shape = dst.packed_buffer_shape(route.per_buffer, n)
+            incoming = tuple(jax.make_array_from_single_device_arrays(
+                shape, sharding, [arrived[(j, u)] for j in range(len(dst.devices))])
+                for u in range(len(route.sources[0])))
+            dst.scatter_packed(dst_pages[i:i + per], incoming, route.placement, route.per_buffer, n)
+        return moved
 
     def _move_pieces(self, src: Lane, dst: Lane, src_pages: list[int], dst_pages: list[int]) -> int:
         """Fallback for layouts without a packed route: one transfer per (chunk, K or V) piece."""
