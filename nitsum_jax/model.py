@@ -245,14 +245,6 @@ def attention_impl() -> str:
     return os.environ.get("NITSUM_ATTENTION", "auto")
 
 
-def layer_unroll() -> int | bool:
-    """Layers per iteration of the layer loop for steps traced from now on: NITSUM_LAYER_UNROLL
-    (default 1: a `while` loop, flat compile time; "full": straight-line code, which XLA can
-    launch as CUDA graphs on GPU)."""
-    value = os.environ.get("NITSUM_LAYER_UNROLL", "1")
-    return True if value == "full" else int(value)
-
-
 def embed_tokens(params: Params, tokens: jax.Array, layout: ChunkLayout) -> jax.Array:
     """tokens: [B, T] -> [B, T, D] in model dim order."""
     pieces = [jnp.take(c.embed, tokens, axis=0) for c in params.chunks]  # R x [B, T, D/R]
@@ -312,8 +304,7 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     (x, k_slots, v_slots), _ = jax.lax.scan(
-        layer, (x, tuple(kv.k), tuple(kv.v)), (params.attn_norm, params.mlp_norm, layer_weights, layer_ids),
-        unroll=layer_unroll())
+        layer, (x, tuple(kv.k), tuple(kv.v)), (params.attn_norm, params.mlp_norm, layer_weights, layer_ids))
     return rms_norm(x, params.final_norm, cfg.norm_eps), KVCache(k=k_slots, v=v_slots)
 
 
