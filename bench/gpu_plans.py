@@ -158,7 +158,7 @@ def main():
     cfg = preset(args.preset)
     plans = parse_plans(args.plans)
     grid = BucketGrid(decode_batch=(args.batch,), prefill_len=(), max_seq_len=args.move_tokens,
-                      min_move_pages=args.move_tokens // args.page_size)
+                      min_move_pages=args.move_tokens // args.page_size // 2)  # moves in 1 or 2 pieces
     t0 = time.perf_counter()
     ps = PlanSet(cfg, None, plans, num_pages=args.num_pages, page_size=args.page_size, grid=grid)
     startup = time.perf_counter() - t0

@@ -88,3 +88,16 @@ def test_bench_command_is_registered_without_importing_jax():
             "args = build_parser().parse_args(['bench', '--rates', '4,8', '--configs', 'adaptive']); "
             "assert args.rates == [4.0, 8.0] and args.configs == ['adaptive']; assert 'jax' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_static_plan_option_builds_static_from_its_own_plan():
+    from nitsum_jax.bench.backends import EngineBackend
+
+    backend = EngineBackend.build("static", adaptive=False, plans="mixed: high=tp2@0-1, low=tp2@2-3",
+                                  static_plan="static: all=tp4@0-3", num_devices=4, grid=GRID, num_pages=16,
+                                  page_size=8)
+    try:
+        assert list(backend.engine.plan_set.plans) == ["static"]
+        assert [lane.spec.tp for lane in backend.engine.plan_set.lanes.values()] == [4]
+    finally:
+        backend.close()

@@ -44,7 +44,8 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
               high_fraction: float = DEFAULTS["high_fraction"], prompt_len: str = DEFAULTS["prompt_len"],
               output_len: str = DEFAULTS["output_len"], seed: int = DEFAULTS["seed"], trace: str | None = None,
               time_scale: float = 1.0, workloads: list[Workload] | None = None, preset: str = "tiny",
-              checkpoint: str | None = None, plans: str | None = None, num_devices: int | None = None, grid=None,
+              checkpoint: str | None = None, plans: str | None = None, static_plan: str | None = None,
+              num_devices: int | None = None, grid=None,
               num_pages: int = DEFAULTS["num_pages"], page_size: int = DEFAULTS["page_size"],
               engine_kwargs: dict | None = None, target: str | None = None, api_key: str | None = None,
               drain_timeout_s: float = 120.0, out_dir: str | Path | None = None, console=None,
@@ -53,7 +54,8 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
 
     configs: "static" (the plan set's static plan alone, no controller) and/or "adaptive" (the
     plan set with the controller); with `target` (host:port of a running server) one
-    configuration, "server", is measured instead. rates: a Poisson workload per rate; the
+    configuration, "server", is measured instead. static_plan: the static configuration's plan
+    when it is not the plan set's `static` plan. rates: a Poisson workload per rate; the
     first is the headline rate of `configs.<name>`. Writes results.json, requests.jsonl,
     report.md and PNG plots into `out_dir` when given."""
     from rich.console import Console
@@ -81,8 +83,8 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
                                 "num_requests": [len(w.requests) for w in workloads]}
     for name in names:
         backend, startup_s = _open_backend(name, console, target=target, api_key=api_key, preset=preset,
-                                           checkpoint=checkpoint, plans=plans, num_devices=num_devices,
-                                           engine_kwargs=engine_kwargs)
+                                           checkpoint=checkpoint, plans=plans, static_plan=static_plan,
+                                           num_devices=num_devices, engine_kwargs=engine_kwargs)
         try:
             results.setdefault("slo", _slo(backend))
             runs = []
@@ -115,7 +117,8 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
     return results
 
 
-def _open_backend(name, console, *, target, api_key, preset, checkpoint, plans, num_devices, engine_kwargs):
+def _open_backend(name, console, *, target, api_key, preset, checkpoint, plans, static_plan, num_devices,
+                  engine_kwargs):
     from nitsum_jax.bench.backends import EngineBackend, GrpcBackend
 
     t0 = time.perf_counter()
@@ -123,7 +126,8 @@ def _open_backend(name, console, *, target, api_key, preset, checkpoint, plans, 
         return GrpcBackend(target, name, api_key=api_key), time.perf_counter() - t0
     with console.status(f"building the {name} engine (loading weights, compiling every lane of its plans)"):
         backend = EngineBackend.build(name, adaptive=name == "adaptive", preset=preset, checkpoint=checkpoint,
-                                      plans=plans, num_devices=num_devices, **engine_kwargs)
+                                      plans=plans, static_plan=static_plan, num_devices=num_devices,
+                                      **engine_kwargs)
         backend.warm_up(sorted(backend.classes))
     startup_s = time.perf_counter() - t0
     console.log(f"{name}: ready in {startup_s:.1f} s; {backend.description}")

@@ -78,9 +78,11 @@ class EngineBackend:
 
     @classmethod
     def build(cls, name: str, *, adaptive: bool, preset: str = "tiny", checkpoint: str | None = None,
-              plans: str | None = None, num_devices: int | None = None, **engine_kwargs) -> "EngineBackend":
-        """`static`: only the plan set's `static` plan (one lane over every device, classes in
-        priority order), no controller. `adaptive`: the whole plan set with the controller."""
+              plans: str | None = None, num_devices: int | None = None, static_plan: str | None = None,
+              **engine_kwargs) -> "EngineBackend":
+        """`static`: `static_plan`, else the plan set's `static` plan (one lane over every device,
+        classes in priority order), no controller. `adaptive`: the whole plan set with the
+        controller (a set without the static plan keeps fewer weight chunks per device)."""
         import jax
 
         from nitsum_jax.engine import Engine
@@ -89,7 +91,9 @@ class EngineBackend:
         cfg = _model_config(preset, checkpoint)
         n = num_devices or jax.device_count()
         plan_set = read_plans(plans, n, cfg)
-        if not adaptive:
+        if not adaptive and static_plan is not None:
+            plans = static_plan
+        elif not adaptive:
             static = next((p for p in plan_set if p.name == "static"), plan_set[0])
             plans = str(static)
         engine = Engine.build(preset=preset, checkpoint=checkpoint, plans=plans, num_devices=n, adaptive=adaptive,

@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     m.add_argument("--preset", default="tiny", help="random weights of a preset shape (default: tiny)")
     e.add_argument("--plans", default=None, help="plan set (compact form or .toml); static uses its 'static' plan "
                                                  "(default: derived from the device count)")
+    e.add_argument("--static-plan", default=None, help="the static configuration's plan, compact form, when the "
+                                                       "adaptive plan set has no 'static' plan (e.g. 'static: "
+                                                       "all=tp4@0-3')")
     e.add_argument("--num-pages", type=int, default=DEFAULTS["num_pages"], help="KV pages per lane")
     e.add_argument("--page-size", type=int, default=DEFAULTS["page_size"])
     e.add_argument("--decode-batch", type=_ints, default=(8,), help="decode batch buckets (default: 8)")
@@ -118,7 +121,8 @@ def _bench(args) -> int:
                             num_requests=args.num_requests, high_fraction=args.high_fraction,
                             prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed,
                             trace=args.trace, time_scale=args.time_scale, preset=args.preset,
-                            checkpoint=args.checkpoint, plans=args.plans, num_devices=args.devices, grid=grid,
+                            checkpoint=args.checkpoint, plans=args.plans, static_plan=args.static_plan,
+                            num_devices=args.devices, grid=grid,
                             num_pages=args.num_pages, page_size=args.page_size, target=args.target,
                             api_key=args.api_key, drain_timeout_s=args.drain_timeout, out_dir=args.out,
                             console=console, progress=not args.no_progress)
