@@ -24,7 +24,7 @@ run() {  # name, timeout, command...
 }
 [[ $PARTS == *kernel* ]] && run kernel 170 python bench/gpu_kernel.py --quick --out "$OUT"
 [[ $PARTS == *step* ]] && run step 220 python bench/gpu_step.py --preset llama-3.1-8b --impls kernel,reference,xla_default --reference-batches 32 --out "$OUT"
-[[ $PARTS == *moves* ]] && run moves 240 python bench/gpu_moves.py --preset llama-3.1-8b --out "$OUT"
+[[ $PARTS == *moves* ]] && run moves 200 python bench/gpu_moves.py --preset llama-3.1-8b --pieces 1,2 --profile "tp4@0-3->tp1@3" --out "$OUT"
 if [[ $PARTS == *cmdbuf* ]]; then  # CUDA graphs over the layer loop (command buffers), TP1 and TP4
   i=0
   for flags in "" "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
