@@ -31,13 +31,13 @@ class PlanSet:
                  grid: BucketGrid = BucketGrid(), random_seed: int = 0, move_pieces: int | None = None):
         """`params` is the unsplit model; None draws random weights on the devices (benchmarks).
         `move_pieces`: a KV move is sent in up to this many pieces of pages, so that the copy
-        of one piece overlaps the transfer of the next (default: NITSUM_MOVE_PIECES, else 2 on
-        GPU, 1 elsewhere); the host waits for each piece's gather before sending it on GPU
-        (NITSUM_MOVE_SYNC=0/1 overrides). Both chosen by measurement (BENCHMARKS.md)."""
+        of one piece may overlap the transfer of the next (default: NITSUM_MOVE_PIECES, else 1:
+        on 4 GPUs two pieces were slower, BENCHMARKS.md session 3); on GPU the host waits for each
+        gather before sending it (NITSUM_MOVE_SYNC=0/1 overrides), measured faster there."""
         self.cfg, self.plans = cfg, {p.name: p for p in plans}
         self.devices = list(devices or jax.devices())
         gpu = self.devices[0].platform == "gpu"
-        self.move_pieces = max(1, int(move_pieces or os.environ.get("NITSUM_MOVE_PIECES", 2 if gpu else 1)))
+        self.move_pieces = max(1, int(move_pieces or os.environ.get("NITSUM_MOVE_PIECES", 1)))
         self.move_sync = os.environ.get("NITSUM_MOVE_SYNC", "1" if gpu else "0") == "1"
         validate_plans(plans, len(self.devices), cfg)
         t0 = time.perf_counter()
