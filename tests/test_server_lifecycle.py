@@ -99,7 +99,7 @@ def test_serve_over_tls_drains_on_sigterm(tmp_path):
     cert, key = _self_signed_cert(tmp_path)
     command = [sys.executable, "-m", "nitsum_jax.cli", "--devices", "2", "serve", "--plans", "solo: all=tp2@0-1",
                "--host", "127.0.0.1", "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
-               "--num-pages", "16", "--page-size", "8", "--max-seq-len", "64", "--decode-batch", "1,4",
+               "--num-pages", "80", "--page-size", "8", "--max-seq-len", "512", "--decode-batch", "1,4",
                "--prefill-len", "16", "--grace-s", "120"]
     env = os.environ | {"JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -112,7 +112,8 @@ def test_serve_over_tls_drains_on_sigterm(tmp_path):
         assert any("OPEN" in line for line in seen)  # no keys file: said at start-up
         c = NitsumClient(f"127.0.0.1:{port}", tls_ca=str(cert), server_name="localhost")
         c.wait_serving(timeout=300)
-        long_call = c.stream(prompt_token_ids=[256, 5, 9, 14], max_tokens=56, temperature=0.8, seed=1,
+        # Long enough (hundreds of steps) that the drain outlasts the health polls below.
+        long_call = c.stream(prompt_token_ids=[256, 5, 9, 14], max_tokens=480, temperature=0.8, seed=1,
                              stop_token_ids=[])
         events = iter(long_call)
         assert next(events).token_ids  # in flight
