@@ -8,7 +8,6 @@ kernels, each sent in 1, 2 or 4 pieces, on one plan set; every move's contents c
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import statistics
@@ -21,7 +20,7 @@ from nitsum_jax.config import preset
 from nitsum_jax.kv import kv_bytes_per_page
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
 
-from gpu_plans import fill_random, time_move_phases, time_moves  # bench/ is on sys.path as a script
+from gpu_plans import fill_random, plan_set_arguments, time_move_phases, time_moves  # bench/ is on sys.path as a script
 
 PAIRS = [("tp4@0-3", "tp2@0-1"), ("tp2@0-1", "tp4@0-3"), ("tp2@0-1", "tp2@2-3"), ("tp1@2", "tp4@0-3"),
          ("tp4@0-3", "tp1@3"), ("tp1@2", "tp2@0-1"), ("tp2@0-1", "tp1@3"),
@@ -90,13 +89,7 @@ def profile_moves(ps: PlanSet, src, dst, tokens: int, moves: int = 6) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="llama-3.1-8b")
-    ap.add_argument("--plans", default="static: all=tp4@0-3; mixed: high=tp2@0-1, low=tp1@2, low=tp1@3; "
-                                       "pair: low=tp2@0-1, low=tp2@2-3")
-    ap.add_argument("--num-pages", type=int, default=1024)
-    ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--move-tokens", type=int, default=4096)
+    ap = plan_set_arguments()
     ap.add_argument("--copies", default="kernel,xla")
     ap.add_argument("--pieces", default="1,2,4")
     ap.add_argument("--sync", default="0,1", help="move_sync values to time")

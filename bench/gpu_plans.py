@@ -22,6 +22,21 @@ from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
 from nitsum_jax.sampling import SamplingBatch
 
 
+PLANS = ("static: all=tp4@0-3; mixed: high=tp2@0-1, low=tp1@2, low=tp1@3; "
+         "pair: low=tp2@0-1, low=tp2@2-3")  # 5 distinct lanes: every direction of KV move on 4 GPUs
+
+
+def plan_set_arguments() -> argparse.ArgumentParser:
+    """The options every plan-set measurement takes (model, plans, pages, sequence length)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--plans", default=PLANS)
+    ap.add_argument("--num-pages", type=int, default=1024)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--move-tokens", type=int, default=4096)
+    return ap
+
+
 def fill_random(lane, seed):
     """Random KV contents (never time on zeros)."""
     def rnd(kv):
@@ -144,13 +159,7 @@ def time_rounds_threaded(lanes, batch, seq_len, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="llama-3.1-8b")
-    ap.add_argument("--plans", default="static: all=tp4@0-3; mixed: high=tp2@0-1, low=tp1@2, low=tp1@3; "
-                                       "pair: low=tp2@0-1, low=tp2@2-3")
-    ap.add_argument("--num-pages", type=int, default=1024)
-    ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--move-tokens", type=int, default=4096)
+    ap = plan_set_arguments()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default=None)
