@@ -106,12 +106,11 @@ class PlanSet:
                      dst_pages: list[int]) -> int:
         """One transfer per (source device, destination device) pair and piece (see moves.py).
 
-        Measured on the GPU machine (BENCHMARKS.md): a program whose input is still in flight from
-        another device blocks its dispatch until the transfer lands, so every piece's gather is
-        enqueued first, then its transfers, then the scatters; piece i's scatter then runs while
-        piece i+1 is on the wire. With `move_sync` the host waits for each gather before sending
-        it: a transfer enqueued from the calling thread starts sooner than one the runtime
-        enqueues when the gather completes."""
+        Measured on the GPU machine (BENCHMARKS.md, session 3): a program whose input is still in
+        flight from another device blocks its dispatch until the transfer lands, so every piece's
+        gather is enqueued first, then its transfers, then the scatters. With `move_sync` the
+        host waits for each gather before sending it, which moved sequences between multi-GPU
+        lanes 7-37% faster in the same run (moves into or out of one GPU: within noise)."""
         want = -(-len(src_pages) // self.move_pieces)
         per = next((n for n in src.move_sizes() if n >= want), len(src_pages))
         starts = range(0, len(src_pages), per)
