@@ -92,7 +92,7 @@ def main():
     ap = plan_set_arguments()
     ap.add_argument("--copies", default="kernel,xla")
     ap.add_argument("--pieces", default="1,2,4")
-    ap.add_argument("--sync", default="0,1", help="move_sync values to time")
+    ap.add_argument("--sync", default="auto,0,1", help="host sync before sending: 1, 0 or auto (the default rule)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--profile", default="tp4@0-3->tp1@3,tp2@0-1->tp2@2-3,tp2@0-1->tp4@0-3,tp2@0-1->tp1@1,tp1@0->tp1@1")
     ap.add_argument("--out", default=None)
@@ -121,8 +121,8 @@ def main():
                     key = f"profile {impl} x{p}{' sync' if sync else ''} {pair}"
                     prof = results["phases"][key] = profile_moves(ps, lanes[a], lanes[b], args.move_tokens)
                     print(f"{key}: {json.dumps(prof, indent=1)}", flush=True)
-        ps.move_pieces, ps.move_sync = 1, False
-        for sync in (v == "1" for v in args.sync.split(",")):
+        ps.move_pieces, ps.move_sync = 1, None
+        for sync in ({"1": True, "0": False, "auto": None}[v] for v in args.sync.split(",")):
             ps.move_sync = sync
             for p in pieces:
                 ps.move_pieces = p
@@ -131,11 +131,11 @@ def main():
                         t, before, after = time_moves(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
                         row = {"ms": t * 1e3, "GB_per_s": gbytes / t,
                                "contents_equal": abs(before - after) <= 1e-6 * abs(before)}
-                        key = f"{impl} x{p}{' sync' if sync else ''} {a}->{b}"
+                        key = f"{impl} x{p}{({True: ' sync', False: '', None: ' auto'})[sync]} {a}->{b}"
                         results["moves"][key] = row
                         print(f"{key}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s equal={row['contents_equal']}",
                               flush=True)
-        ps.move_sync = False
+        ps.move_sync = None
         ps.move_pieces = 1
         for a, b in (("tp2@0-1", "tp4@0-3"), ("tp4@0-3", "tp1@3"), ("tp2@0-1", "tp1@1")):
             if a in lanes and b in lanes:

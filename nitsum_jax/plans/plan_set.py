@@ -32,13 +32,13 @@ class PlanSet:
         """`params` is the unsplit model; None draws random weights on the devices (benchmarks).
         `move_pieces`: a KV move is sent in up to this many pieces of pages, so that the copy
         of one piece may overlap the transfer of the next (default: NITSUM_MOVE_PIECES, else 1:
-        on 4 GPUs two pieces were slower, BENCHMARKS.md session 3); on GPU the host waits for each
-        gather before sending it (NITSUM_MOVE_SYNC=0/1 overrides), measured faster there."""
+        on 4 GPUs two pieces were slower, BENCHMARKS.md session 3). Whether the host waits for a
+        gather before sending it: NITSUM_MOVE_SYNC=0/1, else `_sync_for` decides per move."""
         self.cfg, self.plans = cfg, {p.name: p for p in plans}
         self.devices = list(devices or jax.devices())
-        gpu = self.devices[0].platform == "gpu"
         self.move_pieces = max(1, int(move_pieces or os.environ.get("NITSUM_MOVE_PIECES", 1)))
-        self.move_sync = os.environ.get("NITSUM_MOVE_SYNC", "1" if gpu else "0") == "1"
+        sync = os.environ.get("NITSUM_MOVE_SYNC")  # None: chosen per move (_sync_for)
+        self.move_sync: bool | None = None if sync is None else sync == "1"
         validate_plans(plans, len(self.devices), cfg)
         t0 = time.perf_counter()
         self.layouts = assign_chunks(plans, cfg)
@@ -108,17 +108,16 @@ class PlanSet:
 
         Measured on the GPU machine (BENCHMARKS.md, session 3): a program whose input is still in
         flight from another device blocks its dispatch until the transfer lands, so every piece's
-        gather is enqueued first, then its transfers, then the scatters. With `move_sync` the
-        host waits for each gather before sending it, which moved sequences between multi-GPU
-        lanes 7-37% faster in the same run (moves into or out of one GPU: within noise)."""
+        gather is enqueued first, then its transfers, then the scatters."""
         want = -(-len(src_pages) // self.move_pieces)
         per = next((n for n in src.move_sizes() if n >= want), len(src_pages))
         starts = range(0, len(src_pages), per)
         gathered = [src.gather_packed(src_pages[i:i + per], route.groups) for i in starts]
         targets = [dst.devices[j] for _, _, j in route.transfers]
         sent, moved = [], 0
+        sync = self._sync_for(src, dst)
         for buffers, n in gathered:
-            if self.move_sync:
+            if sync:
                 jax.block_until_ready(buffers)
             shards = [{s.device: s.data for s in b.addressable_shards} for b in buffers]
             pieces = [shards[t][src.devices[i]] for t, i, _ in route.transfers]
@@ -133,6 +132,14 @@ class PlanSet:
                 for u in range(len(route.sources[0])))
             dst.scatter_packed(dst_pages[i:i + per], incoming, route.placement, route.per_buffer, n)
         return moved
+
+    def _sync_for(self, src: Lane, dst: Lane) -> bool:
+        """Wait on the host for the gather before `device_put`? Measured in one run on 4 GPUs
+        (BENCHMARKS.md, session 3, run K): 8-37% faster between lanes of 2+ GPUs each, 6% faster
+        to 18% slower when one side is a single GPU. So: on GPU, between multi-GPU lanes."""
+        if self.move_sync is not None:
+            return self.move_sync
+        return src.devices[0].platform == "gpu" and min(src.spec.tp, dst.spec.tp) > 1
 
     def _move_pieces(self, src: Lane, dst: Lane, src_pages: list[int], dst_pages: list[int]) -> int:
         """Fallback for layouts without a packed route: one transfer per (chunk, K or V) piece."""
