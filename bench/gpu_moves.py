@@ -20,7 +20,7 @@ from nitsum_jax.config import preset
 from nitsum_jax.kv import kv_bytes_per_page
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
 
-from gpu_plans import fill_random, plan_set_arguments, time_move_phases, time_moves  # bench/ is on sys.path as a script
+from gpu_plans import fill_random, plan_set_arguments, report, time_move_phases, time_moves  # bench/ is on sys.path as a script
 
 PAIRS = [("tp4@0-3", "tp2@0-1"), ("tp2@0-1", "tp4@0-3"), ("tp2@0-1", "tp2@2-3"), ("tp1@2", "tp4@0-3"),
          ("tp4@0-3", "tp1@3"), ("tp1@2", "tp2@0-1"), ("tp2@0-1", "tp1@3"),
@@ -151,9 +151,7 @@ def main():
                     print(f"profile {impl} {pair}: {json.dumps(prof, indent=1)}", flush=True)
                 except Exception as e:  # the timings above stand without it
                     print(f"profile {impl} {pair} failed: {type(e).__name__}: {e}", flush=True)
-    if args.out:
-        with open(f"{args.out}/gpu_moves.json", "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args.out, "gpu_moves", echo=False)  # its lines were printed as it went
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ checked equal. Tells whether moving KV inside one program would save the start l
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -19,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gpu_plans import report  # bench/ is on sys.path when run as a script
 
 
 def median_ms(fn, repeats):
@@ -61,10 +62,7 @@ def main():
     results["equal"] = bool(jnp.array_equal(jax.device_put(got, a), x))
     for k in ("device_put", "ppermute"):
         results[f"{k}_GBps"] = results["MB"] / results[f"{k}_ms"]
-    print(json.dumps(results, indent=1))
-    if args.out:
-        with open(f"{args.out}/gpu_p2p.json", "w") as f:
-            json.dump(results, f, indent=1)
+    report(results, args.out, "gpu_p2p")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,15 @@ def plan_set_arguments() -> argparse.ArgumentParser:
     return ap
 
 
+def report(results: dict, out: str | None, name: str, echo: bool = True) -> None:
+    """Print the results (unless `echo` is off) and, with --out, write them to OUT/NAME.json."""
+    if echo:
+        print(json.dumps(results, indent=2))
+    if out:
+        with open(f"{out}/{name}.json", "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def fill_random(lane, seed):
     """Random KV contents (never time on zeros)."""
     def rnd(kv):
@@ -174,7 +183,7 @@ def main():
     print(f"start-up {startup:.1f}s, {ps.num_programs} programs", flush=True)
     for i, lane in enumerate(ps.lanes.values()):
         fill_random(lane, i)
-    report = ps.memory_report()
+    memory = ps.memory_report()
     held = ps.weights.bytes_per_device()
     unshared = {}
     for lane in ps.lanes.values():
@@ -184,7 +193,7 @@ def main():
                     unshared[s.device.id] = unshared.get(s.device.id, 0) + s.data.nbytes
     results = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
                "preset": args.preset, "plans": [str(p) for p in plans], "startup_s": startup,
-               "programs": ps.num_programs, "weight_overhead": report["weight_overhead"],
+               "programs": ps.num_programs, "weight_overhead": memory["weight_overhead"],
                "weights_per_device_gib": {d: b / 2**30 for d, b in held.items()},
                "weights_per_device_without_sharing_gib": {d: b / 2**30 for d, b in unshared.items()}}
     lanes = {lane.name: lane for lane in ps.lanes.values()}
@@ -238,10 +247,7 @@ def main():
     mixed_threaded = time_rounds_threaded(mixed, args.batch, seq_len, args.repeats)
     side["mixed_plan_round"] = {"one_thread_ms": steady_mixed * 1e3, "thread_per_lane_ms": mixed_threaded * 1e3}
     results["side_by_side"] = side
-    print(json.dumps(results, indent=2))
-    if args.out:
-        with open(f"{args.out}/gpu_plans.json", "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args.out, "gpu_plans")
 
 
 if __name__ == "__main__":
