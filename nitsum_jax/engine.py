@@ -16,8 +16,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import os
 import queue
 import random
+import sys
 import threading
 import time
 from typing import Iterator, Sequence as Seq
@@ -35,6 +37,9 @@ from nitsum_jax.scheduler import (CostModel, LaneQueue, PriorityClass, Request, 
 from nitsum_jax.scheduler.controller import Load, PlanController
 from nitsum_jax.sequence import Completion, Sequence, append_token, validate_prompt
 from nitsum_jax.tokenizer import TextTokenizer
+
+
+_GIL_SWITCH_S = float(os.environ.get("NITSUM_GIL_SWITCH_S", "0.0005"))
 
 
 class Turnstile:
@@ -119,8 +124,10 @@ class Engine:
                  classes: dict[str, PriorityClass] | None = None, tokenizer: TextTokenizer | None = None,
                  num_pages: int = 256, page_size: int = 16, grid: BucketGrid = BucketGrid(),
                  devices: list | None = None, token_budget: int = 512, initial_plan: str | None = None,
-                 controller: PlanController | None = None):
-        """`controller`: switch plans adaptively (None: stay on the plan unless `switch_plan`)."""
+                 controller: PlanController | None = None, gil_switch_s: float | None = _GIL_SWITCH_S):
+        """`controller`: switch plans adaptively (None: stay on the plan unless `switch_plan`).
+        `gil_switch_s`: on accelerators, the interpreter's thread switch interval while lanes run
+        (`sys.setswitchinterval`; env NITSUM_GIL_SWITCH_S; None leaves Python's 5 ms)."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.plan_set = PlanSet(cfg, params, plans, devices=devices, num_pages=num_pages, page_size=page_size,
                                 grid=grid)
@@ -150,6 +157,12 @@ class Engine:
         # starve a high lane of CPU time. Accelerator lanes step freely side by side.
         cpu_only = all(d.platform == "cpu" for d in self.plan_set.devices)
         self._step_turns = Turnstile() if cpu_only else contextlib.nullcontext()
+        if not cpu_only and gil_switch_s is not None:
+            # A lane thread whose step just finished needs the GIL back to read its tokens and
+            # schedule the next step; while other lanes run Python it waits up to the interpreter's
+            # switch interval (5 ms by default: most of a decode step). A short interval bounds
+            # that wait. Process-wide, so it is a constructor argument (None: leave it).
+            sys.setswitchinterval(gil_switch_s)
         self._switching = False
         self._pending_switch: tuple[str, str] | None = None
         self._stop = False
@@ -496,19 +509,21 @@ class Engine:
     def _complete(self, lane_name: str, work: list[Work], results) -> None:
         finished: dict[str, str] = {}
         now = time.monotonic()
+        served_by = (self.plan_name, lane_name, self._lane(lane_name).spec.tp)
         for rows, (tokens, logprobs) in results:
+            tokens, logprobs = tokens.tolist(), logprobs.tolist()  # Python scalars once, not per row
             for i, w in enumerate(rows):
                 req = w.request
                 if req.state is not State.RUNNING or w.start_pos + w.num_tokens < req.total_len:
                     continue  # a prompt chunk that is not the last draws nothing
                 handle = self._handles[req.request_id]
                 seq = handle.seq
-                seq.output_logprobs.append(float(logprobs[i]))
-                append_token(seq, int(tokens[i]), self.tokenizer, self.cfg.eos_token_ids)
-                handle.served_by = (self.plan_name, lane_name, self._lane(lane_name).spec.tp)
+                seq.output_logprobs.append(logprobs[i])
+                append_token(seq, tokens[i], self.tokenizer, self.cfg.eos_token_ids)
+                handle.served_by = served_by
                 if handle.first_token_time is None:
                     handle.first_token_time = now
-                handle._events.put(int(tokens[i]))
+                handle._events.put(tokens[i])
                 if seq.finished:
                     finished[req.request_id] = seq.finish_reason
         self.scheduler.complete(lane_name, work, finished=finished)

@@ -33,6 +33,7 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the pages
     finish_reason: str | None = None
     text: str | None = None
+    _decoder: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def all_ids(self) -> list[int]:
@@ -68,18 +69,30 @@ def validate_prompt(prompt_ids: Seq[int], params: SamplingParams, vocab_size: in
 
 
 def append_token(seq: Sequence, token: int, tokenizer: TextTokenizer | None, eos_token_ids: Seq[int]) -> None:
-    """Record a generated token and decide whether the sequence is done."""
+    """Record a generated token and decide whether the sequence is done.
+
+    While the sequence runs, `seq.text` grows incrementally (an unfinished UTF-8 character waits
+    for its last byte) and only its tail is searched for stop strings; when it finishes, the text
+    is decoded once from all its tokens, so the final text is exactly `tokenizer.decode`."""
     seq.output_ids.append(int(token))
     p = seq.params
     if tokenizer is not None:
-        seq.text = tokenizer.decode(seq.output_ids)
-        for stop in p.stop:
-            at = seq.text.find(stop)
-            if at >= 0:
-                seq.text = seq.text[:at]
+        if seq._decoder is None:
+            seq._decoder = tokenizer.stream()
+        piece = seq._decoder.add(token)
+        seq.text = seq._decoder.text
+        if piece and p.stop:
+            longest = max(len(stop) for stop in p.stop)
+            tail_from = max(0, len(seq.text) - len(piece) - longest + 1)
+            if any(seq.text.find(stop, tail_from) >= 0 for stop in p.stop):
+                full = tokenizer.decode(seq.output_ids)
+                cuts = [at for at in (full.find(stop) for stop in p.stop) if at >= 0]
+                seq.text = full[:min(cuts)] if cuts else full
                 seq.finish_reason = "stop"
                 return
     if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):
         seq.finish_reason = "stop"
     elif len(seq.output_ids) >= p.max_tokens:
         seq.finish_reason = "length"
+    if seq.finish_reason is not None and tokenizer is not None:
+        seq.text = tokenizer.decode(seq.output_ids)

@@ -323,3 +323,23 @@ def test_prompt_plus_max_tokens_exactly_at_the_limit_is_accepted():
 def test_validate_prompt_also_validates_the_sampling_params():
     with pytest.raises(SamplingError, match="top_p"):
         validate_prompt([1, 2], SamplingParams(top_p=0.0), VOCAB, max_seq_len=100)
+
+
+def test_incremental_text_equals_a_full_decode_and_finds_stops_across_multibyte_tokens(tok):
+    text = "naïve café 日本語 ok 🙂 done"
+    ids = list(text.encode())  # byte-level: multi-byte characters span several tokens
+    decoder = tok.stream()
+    for i, t in enumerate(ids):
+        decoder.add(t)
+        assert tok.decode(ids[:i + 1]).startswith(decoder.text)  # never ahead of the tokens
+    assert decoder.text == tok.decode(ids) == text
+
+    seq = make_seq(max_tokens=200, stop=("本語 o",))
+    n = feed(seq, ids, tok)
+    assert n == len("naïve café 日本語 o".encode())  # the token that completed the stop string
+    assert seq.text == "naïve café 日"
+    assert seq.finish_reason == "stop"
+
+    seq = make_seq(max_tokens=len(ids))
+    feed(seq, ids, tok)
+    assert seq.finish_reason == "length" and seq.text == text

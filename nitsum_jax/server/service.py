@@ -108,16 +108,22 @@ def prompt_ids(request: pb.GenerateRequest, engine) -> list[int]:
 
 class TextStream:
     """Text deltas of a growing token list: holds back an unfinished UTF-8 character and the
-    last len(longest stop)-1 characters, which a stop string could still cut off."""
+    last len(longest stop)-1 characters, which a stop string could still cut off. Decodes each
+    new token once (`TextTokenizer.stream`), not the whole list again."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.emitted = tokenizer, ""
+        self.emitted = ""
+        self.decoder = tokenizer.stream() if tokenizer is not None else None
+        self.fed = 0
         self.holdback = max((len(s) for s in stop), default=1) - 1
 
     def delta(self, token_ids: list[int]) -> str:
-        if self.tokenizer is None:
+        if self.decoder is None:
             return ""
-        safe = self.tokenizer.decode(token_ids).rstrip("\ufffd")
+        for token in token_ids[self.fed:]:
+            self.decoder.add(token)
+        self.fed = len(token_ids)
+        safe = self.decoder.text
         return self._advance(safe[:max(0, len(safe) - self.holdback)])
 
     def rest(self, final_text: str | None) -> str:
