@@ -72,6 +72,9 @@ class TextTokenizer:
         """An incremental decoder for one growing token list (O(1) work per token)."""
         return TextDecoder(self)
 
+    def save(self, directory: Path) -> None:
+        self.tokenizer.save(str(Path(directory) / TOKENIZER_FILE))
+
 
 class TextDecoder:
     """The text of a growing token list, one token at a time, through `tokenizers`' DecodeStream
@@ -88,6 +91,3 @@ class TextDecoder:
         piece = self._stream.step(self._tokenizer, int(token)) or ""
         self.text += piece
         return piece
-
-    def save(self, directory: Path) -> None:
-        self.tokenizer.save(str(Path(directory) / TOKENIZER_FILE))
