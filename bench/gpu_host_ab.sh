@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Engine A/B on the lent GPU machine: the same `nitsum-jax bench` workload run by several
+# variants in one call, so the comparison shares the machine. A variant is
+# "NAME|TREE|ENV=VALUE ...": TREE is "." (this working copy) or a `git archive` tarball of an
+# older commit carried in the working copy. Usage on the device:
+#   bash bench/gpu_host_ab.sh "BENCH ARGS" "old|old.tar|" "new|.|" "new_nochain|.|NITSUM_CHAIN_STEPS=0"
+# Results under $OUT/NAME; per lane: milliseconds per step (in the step) and per loop iteration.
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/nitsum-gpu}
+ARGS=$1; shift
+if [[ -d .wheels ]]; then
+  python -c "import rich, matplotlib, psutil, prometheus_client" 2>/dev/null || \
+    pip install -q --no-index --no-deps .wheels/*.whl 2>&1 | tail -2
+fi
+nvidia-smi --query-gpu=index,name --format=csv,noheader | tee "$OUT/gpus.txt"
+python -c "import tokenizers, jax; print('tokenizers', tokenizers.__version__, 'jax', jax.__version__)"
+for variant in "$@"; do
+  IFS='|' read -r name tree envs <<< "$variant"
+  if [[ $tree != "." ]]; then mkdir -p "/tmp/$name" && tar -xf "$tree" -C "/tmp/$name"; tree="/tmp/$name"; else tree=$PWD; fi
+  echo "=== $name ($(date -u +%H:%M:%S)) $envs"
+  (cd "$tree" && env $envs PYTHONPATH="$tree" timeout 280 python -m nitsum_jax.cli bench $ARGS --no-progress \
+     --out "$OUT/$name" > "$OUT/$name.log" 2>&1); echo "--- exit $?"
+  rm -f "$OUT/$name/requests.jsonl" "$OUT/$name/"*.png  # keep what comes back small
+  sed -n '/## Per class/,/## Ratios/p' "$OUT/$name/report.md" 2>/dev/null | grep -E "^\| (static|adaptive)|^- adaptive"
+  python - "$OUT/$name/results.json" <<'PY' 2>/dev/null
+import json, sys
+d = json.load(open(sys.argv[1]))
+for n, c in d["configs"].items():
+    print(n, {k: f"{c['lane_busy_s'][k] / max(1, c['steps'][k]) * 1e3:.2f} ms/step in, "
+                 f"{c['span_s'] / max(1, c['steps'][k]) * 1e3:.2f} ms/iteration, {c['steps'][k]} steps"
+              for k in c["steps"] if c["steps"][k]})
+PY
+done
