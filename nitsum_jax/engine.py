@@ -124,10 +124,14 @@ class Engine:
                  classes: dict[str, PriorityClass] | None = None, tokenizer: TextTokenizer | None = None,
                  num_pages: int = 256, page_size: int = 16, grid: BucketGrid = BucketGrid(),
                  devices: list | None = None, token_budget: int = 512, initial_plan: str | None = None,
-                 controller: PlanController | None = None, gil_switch_s: float | None = _GIL_SWITCH_S):
+                 controller: PlanController | None = None, gil_switch_s: float | None = _GIL_SWITCH_S,
+                 chain_steps: int | None = None):
         """`controller`: switch plans adaptively (None: stay on the plan unless `switch_plan`).
         `gil_switch_s`: on accelerators, the interpreter's thread switch interval while lanes run
-        (`sys.setswitchinterval`; env NITSUM_GIL_SWITCH_S; None leaves Python's 5 ms)."""
+        (`sys.setswitchinterval`; env NITSUM_GIL_SWITCH_S; None leaves Python's 5 ms).
+        `chain_steps`: at most this many decode steps dispatched ahead of their predecessor's
+        tokens (`_timed_step`); None: 64 on accelerators, 0 on host CPU devices (where lanes take
+        turns), env NITSUM_CHAIN_STEPS overrides."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.plan_set = PlanSet(cfg, params, plans, devices=devices, num_pages=num_pages, page_size=page_size,
                                 grid=grid)
@@ -157,6 +161,10 @@ class Engine:
         # starve a high lane of CPU time. Accelerator lanes step freely side by side.
         cpu_only = all(d.platform == "cpu" for d in self.plan_set.devices)
         self._step_turns = Turnstile() if cpu_only else contextlib.nullcontext()
+        if chain_steps is None:
+            chain_steps = int(os.environ.get("NITSUM_CHAIN_STEPS", 0 if cpu_only else 64))
+        self.chain_steps = chain_steps
+        self.chained_steps = 0  # decode steps dispatched before their predecessor's tokens were read
         if not cpu_only and gil_switch_s is not None:
             # A lane thread whose step just finished needs the GIL back to read its tokens and
             # schedule the next step; while other lanes run Python it waits up to the interpreter's
@@ -373,7 +381,7 @@ class Engine:
                     continue
                 self._in_step.add(name)
             try:
-                outputs, seconds = self._timed_step(name, work)
+                work, outputs, seconds = self._timed_step(name, work)
             except Exception as error:  # the lane failed: its requests go elsewhere
                 with self._cond:
                     self._in_step.discard(name)
@@ -383,19 +391,23 @@ class Engine:
                 continue
             with self._cond:
                 self._in_step.discard(name)
-                self._busy_s[name] += seconds
-                self._steps[name] += 1
-                tokens = sum(w.num_tokens for w in work)
-                if all(w.num_tokens == 1 for w in work):  # a decode step: the controller's cost
-                    self._step_s[name] = _ema(self._step_s.get(name, seconds), seconds)
-                elif tokens > max(self.grid.decode_batch):  # prefill-heavy: a recompute cost sample
-                    self.costs.recompute_s_per_token = _ema(self.costs.recompute_s_per_token, seconds / tokens)
-                try:
-                    self._complete(name, work, outputs)
-                except Exception as error:
-                    self._fail_running(name, error)
-                self._flush_finished()
-                self._cond.notify_all()
+                self._record_step(name, work, outputs, seconds)
+
+    def _record_step(self, name: str, work: list[Work], outputs, seconds: float) -> None:
+        """Under the engine lock: a finished step's tokens go to their requests; stats and costs."""
+        self._busy_s[name] += seconds
+        self._steps[name] += 1
+        tokens = sum(w.num_tokens for w in work)
+        if all(w.num_tokens == 1 for w in work):  # a decode step: the controller's cost
+            self._step_s[name] = _ema(self._step_s.get(name, seconds), seconds)
+        elif tokens > max(self.grid.decode_batch):  # prefill-heavy: a recompute cost sample
+            self.costs.recompute_s_per_token = _ema(self.costs.recompute_s_per_token, seconds / tokens)
+        try:
+            self._complete(name, work, outputs)
+        except Exception as error:
+            self._fail_running(name, error)
+        self._flush_finished()
+        self._cond.notify_all()
 
     def _fail_running(self, lane_name: str, error: Exception) -> None:
         """Finish the lane's running requests with an error (their pages go back); waiting ones stay."""
@@ -409,14 +421,43 @@ class Engine:
         self._flush_finished()
 
     def _timed_step(self, name: str, work: list[Work]):
-        """Runs on the lane's worker thread: dispatch the step, wait for its tokens."""
+        """Runs on the lane's worker thread: dispatch the step, wait for its tokens. Returns the
+        last step's (work, host outputs, seconds).
+
+        Chained decode (`chain_steps` > 0): while the lane's next step is plain decode of the same
+        rows (`Scheduler.next_decode`), it is dispatched before this step's tokens are read, fed
+        by them on the device, so the device runs step N+1 while the host streams step N's tokens
+        and plans N+2. A row that step N finishes (EOS, stop string) draws one token in N+1 that
+        is dropped; its pages are freed after N+1 on the lane's device queue."""
         fault = self._faults.pop(name, None)
         if fault is not None:
             raise fault
+        lane = self._lane(name)
         with self._step_turns:  # the step's time starts when its turn does
             t0 = time.perf_counter()
-            outputs = jax.device_get(self._dispatch(self._lane(name), work))
-            return outputs, time.perf_counter() - t0
+            pending = self._dispatch(lane, work)
+            for _ in range(self.chain_steps):
+                with self._cond:
+                    follow = self._chain(name, work, pending)
+                if follow is None:
+                    break
+                fed = [(follow, self._run(lane, follow, lane.batch_for(len(follow)), 1, feed=pending[0][1][0]))]
+                self.chained_steps += 1
+                outputs = jax.device_get(pending)
+                t1 = time.perf_counter()
+                with self._cond:
+                    self._record_step(name, work, outputs, t1 - t0)
+                work, pending, t0 = follow, fed, t1
+            outputs = jax.device_get(pending)
+            return work, outputs, time.perf_counter() - t0
+
+    def _chain(self, name: str, work: list[Work], pending) -> list[Work] | None:
+        """Under the engine lock: the decode step to dispatch after `work` before its tokens are read."""
+        if (self._switching or self._pending_switch is not None or self._stop or name in self.unhealthy
+                or name in self._faults or name not in self.scheduler.lanes or len(pending) != 1
+                or len(work) > max(self.grid.decode_batch)):
+            return None
+        return self.scheduler.next_decode(name, work)
 
     def _lane_failed(self, name: str, error: Exception) -> None:
         """A lane's step raised: mark it unhealthy, put its requests back in line to be recomputed
@@ -491,19 +532,24 @@ class Engine:
             out.append(([w], self._run(lane, [w], 1, lane.prefill_for(w.num_tokens))))
         return out
 
-    def _run(self, lane: Lane, rows: list[Work], batch: int, width: int):
+    def _run(self, lane: Lane, rows: list[Work], batch: int, width: int, feed: jax.Array | None = None):
+        """Enqueue one step; `feed`: the previous step's output tokens on the device, in `rows` order
+        (a chained decode step), instead of tokens read from the host."""
         tokens = np.zeros((batch, width), np.int32)
         start = np.zeros(batch, np.int32)
         num_new = np.zeros(batch, np.int32)
         seqs = [self._handles[w.request.request_id].seq for w in rows]
         for i, (w, seq) in enumerate(zip(rows, seqs)):
-            tokens[i, :w.num_tokens] = seq.all_ids[w.start_pos:w.start_pos + w.num_tokens]
+            if feed is None:
+                tokens[i, :w.num_tokens] = seq.all_ids[w.start_pos:w.start_pos + w.num_tokens]
             start[i], num_new[i] = w.start_pos, w.num_tokens
         ids = [w.request.request_id for w in rows] + [None] * (batch - len(rows))
         table = lane.allocator.page_table(ids, lane.pages_per_seq)
         sampling = SamplingBatch.from_params([s.params for s in seqs] + [None] * (batch - len(rows)),
                                              [s.seed for s in seqs] + [0] * (batch - len(rows)),
                                              [w.start_pos + w.num_tokens for w in rows] + [0] * (batch - len(rows)))
+        if feed is not None:
+            return lane.dispatch_fed(feed, start, num_new, table, sampling)
         return lane.dispatch(tokens, start, num_new, table, sampling)
 
     def _complete(self, lane_name: str, work: list[Work], results) -> None:

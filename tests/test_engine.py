@@ -171,3 +171,38 @@ def test_engine_builds_from_a_preset_with_a_compact_plan_set():
         assert 0.0 <= eng._slo_attainment()["high"] <= 1.0
     finally:
         eng.close()
+
+
+def test_chained_decode_steps_give_the_unchained_tokens_and_free_every_page(tiny_cfg, tiny_params):
+    """Chained decode (the next step dispatched before this one's tokens are read, fed on the
+    device) is the default on accelerators; here it is forced on host devices. Rows that EOS,
+    a stop string or max_tokens end mid-chain, and a cancel mid-chain, must change nothing."""
+    plans = "static: all=tp1@0"
+    grid = BucketGrid(decode_batch=(4, 8), prefill_len=(16,), max_seq_len=96)
+    rng = np.random.default_rng(3)
+    prompts = [[256] + [int(t) for t in rng.integers(0, 256, size=int(rng.integers(3, 12)))] for _ in range(10)]
+    params = [SamplingParams(max_tokens=20 + 5 * i, temperature=0.9 if i % 2 else 0.0, seed=i,
+                             stop=("e",) if i == 3 else (), ignore_eos=i % 3 == 0) for i in range(10)]
+    results = {}
+    for chain in (0, 6):
+        eng = Engine.build(preset="tiny", plans=plans, num_devices=1, chain_steps=chain, grid=grid, num_pages=96,
+                           page_size=8)
+        try:
+            handles = [eng.submit(p, sp) for p, sp in zip(prompts, params)]
+            results[chain] = [(h.result(timeout=120).token_ids, h.result().text, h.result().finish_reason)
+                              for h in handles]
+            assert (eng.chained_steps > 0) == (chain > 0)
+            if chain:
+                victim = eng.submit(prompts[0], SamplingParams(max_tokens=70, ignore_eos=True))
+                while len(victim.seq.output_ids) < 5:
+                    time.sleep(0.001)
+                victim.cancel()
+                assert victim.result(timeout=60).finish_reason == "cancelled"
+            deadline = time.time() + 30
+            while eng.scheduler.pages_in_use()["tp1@0"] and time.time() < deadline:
+                time.sleep(0.01)
+            assert eng.scheduler.pages_in_use() == {"tp1@0": 0}
+        finally:
+            eng.close()
+    assert results[6] == results[0]
+    assert {r[2] for r in results[0]} >= {"length"}

@@ -100,6 +100,7 @@ class Lane:
                         out_shardings=KVCache(k=(self.kv_sharding,) * slots, v=(self.kv_sharding,) * slots))
         self.kv: KVCache = zeros()
         self._steps: dict[tuple[int, int], object] = {}
+        self._feeds: dict[int, object] = {}
         # Held while a program that consumes (donates) `self.kv` is enqueued and `self.kv` is
         # replaced by its output: a step on the lane's thread and a KV move from another thread
         # take turns, and the device orders the programs by their data dependencies.
@@ -132,6 +133,11 @@ class Lane:
                                      seed=self._abstract((b,), jnp.uint32), position=self._abstract((b,), jnp.int32))
             self._steps[(b, t)] = step_fn.lower(self.params, kv_abs, step, sampling, cfg=self.cfg,
                                                 layout=self.layout).compile(step_compiler_options(self.devices))
+        # A chained decode step takes its tokens from the previous step's output on the device
+        # (engine: the host prepares step N+1 while step N runs): [B] -> [B, 1], per batch bucket.
+        for b in self.grid.decode_batch:
+            self._feeds[b] = jax.jit(lambda t: t[:, None], out_shardings=self.replicated).lower(
+                self._abstract((b,), jnp.int32)).compile()
         for n in pow2_upto(self.pages_per_seq, self.grid.min_move_pages):
             pages = self._abstract((n,), jnp.int32)
             self._gathers[n] = jax.jit(_gather_pages).lower(kv_abs, pages).compile()
@@ -140,7 +146,7 @@ class Lane:
             self._scatters[n] = jax.jit(_scatter_pages, donate_argnames=("kv",)).lower(
                 kv_abs, pages, pieces, pieces).compile()
         self.warm_up()
-        return len(self._steps) + len(self._gathers) + len(self._scatters)
+        return len(self._steps) + len(self._feeds) + len(self._gathers) + len(self._scatters)
 
     def move_sizes(self) -> tuple[int, ...]:
         return pow2_upto(self.pages_per_seq, self.grid.min_move_pages)
@@ -241,6 +247,8 @@ class Lane:
 
     def warm_up(self) -> None:
         """Run every compiled step once on idle rows (num_new 0: nothing is written)."""
+        for b, feed in self._feeds.items():
+            feed(jax.device_put(np.zeros(b, np.int32), self.replicated))
         for (b, t) in self._steps:
             self.step(np.zeros((b, t), np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
                       np.zeros((b, self.pages_per_seq), np.int32),
@@ -259,6 +267,13 @@ class Lane:
         with self.kv_lock:
             next_tokens, logprobs, self.kv = fn(self.params, self.kv, step, sampling)
         return next_tokens, logprobs
+
+    def dispatch_fed(self, previous: jax.Array, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
+                     sampling: SamplingBatch) -> tuple[jax.Array, jax.Array]:
+        """A decode step whose input tokens are `previous` (a step's output tokens [B], still on
+        the device, rows in the same order): no wait for the host to read them."""
+        b = previous.shape[0]
+        return self.dispatch(self._feeds[b](previous), start_pos, num_new, page_table, sampling)
 
     def step(self, tokens: np.ndarray, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
              sampling: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:

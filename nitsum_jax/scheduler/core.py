@@ -170,6 +170,35 @@ class Scheduler:
         # Admission may have preempted (or moved away) a request planned above.
         return [w for w in work if w.request.state is State.RUNNING and w.request.lane == lane.name]
 
+    def next_decode(self, lane_name: str, work: list[Work]) -> list[Work] | None:
+        """The lane's step after `work` (in flight, not completed) when it can be planned now:
+        every running request of the lane is in `work` drawing a token, each gets one more
+        decode row, and nothing else needs the step boundary (a waiting request the lane could
+        admit, a cancel or expired deadline, a request that `work` ends by length, a page that
+        would need a preemption). Reserves the pages; None when `schedule` must decide."""
+        lane = self.lanes[lane_name]
+        if not work or len(work) != len(lane.running):
+            return None
+        now = self.clock()
+        for w in work:
+            r = w.request
+            if (r.state is not State.RUNNING or r.lane != lane_name or r.cancel_requested
+                    or (r.deadline is not None and now >= r.deadline)
+                    or w.num_tokens != 1 or w.start_pos + 1 != r.total_len  # not a decode row
+                    or r.num_output + 1 >= r.max_tokens):  # `work` gives its last token
+                return None
+        if any(lane.serves(r.priority_class) for r in self.waiting):
+            if len(lane.running) < lane.max_batch:
+                return None
+            if any(self._victim(lane, r) is not None for r in self.waiting if lane.serves(r.priority_class)):
+                return None
+        for w in work:  # the token `work` draws is written by the next step: one more position each
+            r = w.request
+            if not lane.allocator.can_reserve(r.total_len + 1, r.request_id):
+                return None  # pages reserved so far are the ones `schedule` would reserve next
+            lane.allocator.reserve(r.request_id, r.total_len + 1)
+        return [Work(w.request, w.request.total_len, 1) for w in work]
+
     def complete(self, lane_name: str, work: list[Work], tokens: dict[str, int] | None = None,
                  finished: dict[str, str] | None = None) -> None:
         """Record a finished step: computed tokens advance; a row that finished its prompt or
