@@ -164,7 +164,6 @@ class Engine:
         if chain_steps is None:
             chain_steps = int(os.environ.get("NITSUM_CHAIN_STEPS", 0 if cpu_only else 64))
         self.chain_steps = chain_steps
-        self.chained_steps = 0  # decode steps dispatched before their predecessor's tokens were read
         if not cpu_only and gil_switch_s is not None:
             # A lane thread whose step just finished needs the GIL back to read its tokens and
             # schedule the next step; while other lanes run Python it waits up to the interpreter's
@@ -274,6 +273,8 @@ class Engine:
         self._stats_t0 = time.monotonic()
         self._busy_s = {lane.name: 0.0 for lane in self.plan_set.lanes.values()}
         self._steps = {lane.name: 0 for lane in self.plan_set.lanes.values()}
+        # decode steps dispatched before their predecessor's tokens were read (`_timed_step`)
+        self._chained = {lane.name: 0 for lane in self.plan_set.lanes.values()}
         if not hasattr(self, "_step_s"):
             self._step_s: dict[str, float] = {}
         self.plan_history: list[tuple[float, str]] = [(self._stats_t0, self.plan_name)]
@@ -286,7 +287,7 @@ class Engine:
     def stats(self) -> dict:
         """Plain data: current `plan`; per-class TTFT/TPOT/e2e p50/p99 (seconds) of finished requests;
         waiting requests per class; KV pages in use per lane; plan switches, preemptions, KV moves;
-        `lanes` (as `lanes_info`); busy seconds and steps per lane, `device_busy_fraction`,
+        `lanes` (as `lanes_info`); busy seconds, steps and chained decode steps per lane, `device_busy_fraction`,
         `plan_history` ([(time, plan), ...]) since `reset_stats`; unhealthy lanes."""
         with self._lock:
             per_class: dict[str, dict] = {}
@@ -313,6 +314,7 @@ class Engine:
                 "lanes": self.lanes_info(),
                 "lane_busy_s": dict(self._busy_s),
                 "steps": dict(self._steps),
+                "chained_steps": dict(self._chained),
                 "device_busy_fraction": self._busy_fraction(),
                 "plan_history": list(self.plan_history),
                 "unhealthy": dict(self.unhealthy),
@@ -442,7 +444,7 @@ class Engine:
                 if follow is None:
                     break
                 fed = [(follow, self._run(lane, follow, lane.batch_for(len(follow)), 1, feed=pending[0][1][0]))]
-                self.chained_steps += 1
+                self._chained[name] += 1
                 outputs = jax.device_get(pending)
                 t1 = time.perf_counter()
                 with self._cond:

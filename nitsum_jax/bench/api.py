@@ -102,7 +102,8 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
                              "kv_moves": window.get("kv_moves"), "preemptions": window.get("preemptions"),
                              "plan_history": window.get("plan_history") or [],
                              "plan_switch_log": window.get("plan_switches") or [],
-                             "lane_busy_s": window.get("lane_busy_s"), "steps": window.get("steps")})
+                             "lane_busy_s": window.get("lane_busy_s"), "steps": window.get("steps"),
+                             "chained_steps": window.get("chained_steps")})
                 results["requests"] += [{"config": name, "rate_index": k, "rate_rps": workload.params["rate_rps"],
                                          **r} for r in run["records"]]
             head = runs[0]

@@ -133,6 +133,7 @@ class EngineBackend:
             "device_busy_fraction": stats.get("device_busy_fraction"),
             "lane_busy_s": stats.get("lane_busy_s"),
             "steps": stats.get("steps"),
+            "chained_steps": stats.get("chained_steps"),
             "plan_switches": [dict(s, time=s["time"] - t0) for s in switches],
             "kv_moves": stats["kv_moves"] - self._base.get("kv_moves", 0),
             "preemptions": stats["preemptions"] - self._base.get("preemptions", 0),
