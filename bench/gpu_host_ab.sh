@@ -5,7 +5,7 @@
 # older commit carried in the working copy. Usage on the device:
 #   bash bench/gpu_host_ab.sh "BENCH ARGS" "old|old.tar|" "new|.|" "new_nochain|.|NITSUM_CHAIN_STEPS=0"
 # Results under $OUT/NAME; per lane: milliseconds per step (in the step) and per loop iteration.
-# BENCH_TIMEOUT: seconds per variant (default 280).
+# BENCH_TIMEOUT: seconds per variant (default 280); KEEP_PLOTS=1 keeps the PNG plots.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nitsum-gpu}
@@ -22,7 +22,8 @@ for variant in "$@"; do
   echo "=== $name ($(date -u +%H:%M:%S)) $envs"
   (cd "$tree" && env $envs PYTHONPATH="$tree" timeout "${BENCH_TIMEOUT:-280}" python -m nitsum_jax.cli bench $ARGS --no-progress \
      --out "$OUT/$name" > "$OUT/$name.log" 2>&1); echo "--- exit $?"
-  rm -f "$OUT/$name/requests.jsonl" "$OUT/$name/"*.png  # keep what comes back small
+  rm -f "$OUT/$name/requests.jsonl"  # keep what comes back small (the device tool returns few files)
+  [[ ${KEEP_PLOTS:-0} == 1 ]] || rm -f "$OUT/$name/"*.png
   sed -n '/## Per class/,/## Ratios/p' "$OUT/$name/report.md" 2>/dev/null | grep -E "^\| (static|adaptive)|^- adaptive"
   python - "$OUT/$name/results.json" <<'PY' 2>/dev/null
 import json, sys
