@@ -129,9 +129,14 @@ def main():
     for impl in args.impls.split(","):
         # kernel: Pallas attention + our XLA step options; reference: plain-JAX attention, same
         # options; xla_default: Pallas attention with XLA's default options (the earlier baseline).
-        os.environ["NITSUM_ATTENTION"] = {"kernel": "auto", "reference": "reference", "xla_default": "auto"}[impl]
+        # oneshot: as kernel, plus XLA's own one-shot all-reduce kernel for the small all-reduces
+        # of TP>1 decode (in place of NCCL).
+        os.environ["NITSUM_ATTENTION"] = {"kernel": "auto", "reference": "reference", "xla_default": "auto",
+                                          "oneshot": "auto"}[impl]
         os.environ["NITSUM_XLA_OPTIONS"] = "off" if impl == "xla_default" else "on"
-        batches = [int(b) for b in (args.batches if impl == "kernel" else args.reference_batches).split(",")]
+        os.environ["NITSUM_XLA_EXTRA_OPTIONS"] = (
+            "xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" if impl == "oneshot" else "")
+        batches = [int(b) for b in (args.batches if impl in ("kernel", "oneshot") else args.reference_batches).split(",")]
         pages = max(batches) * -(-args.context // 16) + 64
         grid = BucketGrid(decode_batch=tuple(batches), prefill_len=(), max_seq_len=args.max_seq_len,
                           min_move_pages=args.max_seq_len // 16)
@@ -148,13 +153,16 @@ def main():
         for lane in ps.lanes.values():
             wbytes = weight_bytes_read(lane)
             for b in batches:
-                inputs = decode_inputs(lane, b, args.context, rng)
+                # the same inputs for every impl, so their tokens and log-probabilities compare
+                inputs = decode_inputs(lane, b, args.context, np.random.default_rng(1000 * lane.spec.tp + b))
                 t, spread = time_step(lane, inputs, args.repeats)
+                tokens, logprobs = jax.device_get(lane.dispatch(*inputs))
                 kv = b * args.context * per_token / lane.spec.tp
                 floor = (wbytes + kv) / bw
                 row = {"impl": impl, "tp": lane.spec.tp, "batch": b, "step_ms": t * 1e3, "spread_ms": spread * 1e3,
                        "weight_GB_per_device": wbytes / 1e9, "kv_GB_per_device": kv / 1e9,
-                       "floor_ms": floor * 1e3, "mbu": floor / t, "tokens_per_s": b / t}
+                       "floor_ms": floor * 1e3, "mbu": floor / t, "tokens_per_s": b / t,
+                       "tokens": tokens.tolist(), "logprobs": [round(float(x), 4) for x in logprobs]}
                 results["rows"].append(row)
                 print(f"{impl:9s} tp{lane.spec.tp} b{b:3d}: {t * 1e3:7.2f} ms (spread {spread * 1e3:.2f}) "
                       f"floor {floor * 1e3:6.2f} ms  MBU {floor / t:5.1%}  {b / t:8.0f} tok/s", flush=True)
@@ -170,6 +178,15 @@ def main():
             except Exception as e:
                 print(f"profile failed: {type(e).__name__}: {e}")
         del ps
+    by_key: dict = {}
+    for row in results["rows"]:  # every impl against the first one measured, same tp and batch
+        first = by_key.setdefault((row["tp"], row["batch"]), row)
+        if first is not row:
+            same = np.mean(np.array(row["tokens"]) == np.array(first["tokens"]))
+            diff = np.max(np.abs(np.array(row["logprobs"]) - np.array(first["logprobs"])))
+            row["vs_" + first["impl"]] = {"same_tokens": float(same), "max_logprob_diff": float(diff)}
+            print(f"{row['impl']} tp{row['tp']} b{row['batch']} vs {first['impl']}: tokens equal {same:.0%}, "
+                  f"max |logprob diff| {diff:.4f}", flush=True)
     if args.out:
         results["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         with open(f"{args.out}/gpu_step{args.tag}.json", "w") as f:

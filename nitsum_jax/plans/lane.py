@@ -56,9 +56,17 @@ GPU_STEP_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic
 
 
 def step_compiler_options(devices: list) -> dict:
+    """Per-compile XLA options of the model steps. NITSUM_XLA_EXTRA_OPTIONS="name=value,..." adds
+    options for experiments (bench/gpu_step.py); values true/false/integers are typed."""
     if os.environ.get("NITSUM_XLA_OPTIONS", "on") == "off" or devices[0].platform != "gpu":
         return {}
-    return dict(GPU_STEP_OPTIONS)
+    options: dict = dict(GPU_STEP_OPTIONS)
+    for item in filter(None, os.environ.get("NITSUM_XLA_EXTRA_OPTIONS", "").split(",")):
+        name, _, value = item.partition("=")
+        options[name.strip()] = {"true": True, "false": False}.get(value.strip().lower(),
+                                                                   int(value) if value.strip().lstrip("-").isdigit()
+                                                                   else value.strip())
+    return options
 
 
 def move_copy_impl(devices: list) -> str:
