@@ -1,0 +1,48 @@
+"""The GPU measurement scripts that BENCHMARKS.md cites still run, end to end, on host devices
+with tiny sizes (their numbers mean nothing here; their checks of moved or compared contents do)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(args: list[str], devices: int, tmp_path: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("*.json")
+    return json.loads(result.read_text())
+
+
+def test_gpu_transfer_moves_equal_contents_every_way(tmp_path):
+    out = run_script(["bench/gpu_transfer.py", "--mb", "2", "--repeats", "2", "--pieces", "1,2"], 2, tmp_path)
+    runs = out["runs"]
+    assert set(runs) == {f"{w} x{p}" for w in ("device_put", "nccl", "memcpy", "nccl32") for p in (1, 2)}
+    assert all(r.get("equal") is True for r in runs.values()), runs
+
+
+def test_gpu_step_times_and_compares_impls_on_the_same_inputs(tmp_path):
+    out = run_script(["bench/gpu_step.py", "--preset", "tiny", "--tps", "1,2", "--batches", "4",
+                      "--impls", "kernel,oneshot", "--context", "32", "--max-seq-len", "64", "--repeats", "2",
+                      "--profile", "2:4"], 2, tmp_path)
+    rows = {(r["impl"], r["tp"]): r for r in out["rows"]}
+    assert set(rows) == {(i, t) for i in ("kernel", "oneshot") for t in (1, 2)}
+    for tp in (1, 2):
+        assert rows[("oneshot", tp)]["vs_kernel"]["same_tokens"] == 1.0
+        assert rows[("kernel", tp)]["step_ms"] > 0
+
+
+def test_gpu_moves_moves_every_kind_of_move_with_its_contents_intact(tmp_path):
+    out = run_script(["bench/gpu_moves.py", "--preset", "tiny", "--move-tokens", "256", "--copies", "xla",
+                      "--pieces", "1"], 4, tmp_path)
+    moves = out["moves"]
+    assert len(moves) >= 7  # TP4<->TP2, TP2->TP2, TP1<->TP4, TP1<->TP2
+    assert all(m["contents_equal"] is True for m in moves.values()), moves
