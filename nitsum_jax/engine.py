@@ -128,7 +128,7 @@ class Engine:
                  chain_steps: int | None = None):
         """`controller`: switch plans adaptively (None: stay on the plan unless `switch_plan`).
         `gil_switch_s`: on accelerators, the interpreter's thread switch interval while lanes run
-        (`sys.setswitchinterval`; env NITSUM_GIL_SWITCH_S; None leaves Python's 5 ms).
+        (`sys.setswitchinterval`, restored by `close()`; env NITSUM_GIL_SWITCH_S; None leaves it).
         `chain_steps`: at most this many decode steps dispatched ahead of their predecessor's
         tokens (`_timed_step`); None: 64 on accelerators, 0 on host CPU devices (where lanes take
         turns), env NITSUM_CHAIN_STEPS overrides."""
@@ -164,11 +164,13 @@ class Engine:
         if chain_steps is None:
             chain_steps = int(os.environ.get("NITSUM_CHAIN_STEPS", 0 if cpu_only else 64))
         self.chain_steps = chain_steps
+        self._restore_switch_s: float | None = None  # the interpreter's interval, put back by close()
         if not cpu_only and gil_switch_s is not None:
             # A lane thread whose step just finished needs the GIL back to read its tokens and
             # schedule the next step; while other lanes run Python it waits up to the interpreter's
             # switch interval (5 ms by default: most of a decode step). A short interval bounds
             # that wait. Process-wide, so it is a constructor argument (None: leave it).
+            self._restore_switch_s = sys.getswitchinterval()
             sys.setswitchinterval(gil_switch_s)
         self._switching = False
         self._pending_switch: tuple[str, str] | None = None
@@ -335,6 +337,9 @@ class Engine:
         self._wake()
         for thread in self._threads:
             thread.join(timeout=30)
+        if self._restore_switch_s is not None:
+            sys.setswitchinterval(self._restore_switch_s)
+            self._restore_switch_s = None
 
     def _wake(self) -> None:
         with self._cond:
