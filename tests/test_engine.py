@@ -28,6 +28,20 @@ def workload(seed=0, n=12):
 
 
 def test_mixed_stream_with_plan_switches_gives_every_request_its_solo_tokens(tiny_cfg, tiny_params, engine):
+    check_switches_keep_solo_tokens(tiny_cfg, tiny_params, engine)
+
+
+def test_plan_switches_during_chained_decode_keep_solo_tokens(tiny_cfg, tiny_params):
+    eng = Engine(tiny_cfg, tiny_params, default_plans(8, tiny_cfg), num_pages=48, page_size=8, grid=GRID,
+                 initial_plan="static", chain_steps=8)
+    try:
+        check_switches_keep_solo_tokens(tiny_cfg, tiny_params, eng)
+        assert sum(eng.stats()["chained_steps"].values()) > 0
+    finally:
+        eng.close()
+
+
+def check_switches_keep_solo_tokens(tiny_cfg, tiny_params, engine):
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     solo = Generator(tiny_cfg, tiny_params, page_size=8, max_batch=1, prefill_chunk=16, max_seq_len=64)
     items = workload()
@@ -121,13 +135,15 @@ def test_high_preempts_low_whose_kv_moves_to_another_lane_and_tokens_stay_exact(
         eng.close()
 
 
-def test_a_failing_lane_is_marked_unhealthy_and_its_requests_finish_exactly_elsewhere(tiny_cfg, tiny_params):
+@pytest.mark.parametrize("chain_steps", [0, 8])  # 8: chained decode, the accelerator default, mid-chain
+def test_a_failing_lane_is_marked_unhealthy_and_its_requests_finish_exactly_elsewhere(tiny_cfg, tiny_params,
+                                                                                      chain_steps):
     from nitsum_jax.plans import parse_plans
     from nitsum_jax.scheduler.controller import PlanController
 
     plans = parse_plans("two: all=tp2@0-1, all=tp2@2-3; one: all=tp2@2-3")
     grid = BucketGrid(decode_batch=(2,), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
-    eng = Engine(tiny_cfg, tiny_params, plans, num_pages=16, page_size=8, grid=grid,
+    eng = Engine(tiny_cfg, tiny_params, plans, num_pages=16, page_size=8, grid=grid, chain_steps=chain_steps,
                  controller=PlanController(plans, "two", hold_s=60.0, min_dwell_s=60.0))
     solo = Generator(tiny_cfg, tiny_params, page_size=8, max_batch=1, prefill_chunk=16, max_seq_len=64)
     try:
