@@ -130,8 +130,8 @@ class Engine:
         `gil_switch_s`: on accelerators, the interpreter's thread switch interval while lanes run
         (`sys.setswitchinterval`, restored by `close()`; env NITSUM_GIL_SWITCH_S; None leaves it).
         `chain_steps`: at most this many decode steps dispatched ahead of their predecessor's
-        tokens (`_timed_step`); None: 64 on accelerators, 0 on host CPU devices (where lanes take
-        turns), env NITSUM_CHAIN_STEPS overrides."""
+        tokens (`_timed_step`), for every lane; None: env NITSUM_CHAIN_STEPS if set, else 64 for
+        single-GPU lanes on accelerators and 0 for the rest (`self.chain_steps`, per lane)."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.plan_set = PlanSet(cfg, params, plans, devices=devices, num_pages=num_pages, page_size=page_size,
                                 grid=grid)
@@ -161,9 +161,15 @@ class Engine:
         # starve a high lane of CPU time. Accelerator lanes step freely side by side.
         cpu_only = all(d.platform == "cpu" for d in self.plan_set.devices)
         self._step_turns = Turnstile() if cpu_only else contextlib.nullcontext()
-        if chain_steps is None:
-            chain_steps = int(os.environ.get("NITSUM_CHAIN_STEPS", 0 if cpu_only else 64))
-        self.chain_steps = chain_steps
+        if chain_steps is None and "NITSUM_CHAIN_STEPS" in os.environ:
+            chain_steps = int(os.environ["NITSUM_CHAIN_STEPS"])
+        # Per lane. Default, as measured (BENCHMARKS.md, session 4, runs B and F): single-GPU lanes
+        # chain (a TP1 lane's step fell 5-21% on 2x H200); lanes over several GPUs do not (with
+        # chaining, TP4's step was 9% longer in both pairs of 4x H200 runs, TP2's 3-20%); host CPU
+        # devices do not (lanes take turns there).
+        self.chain_steps = {lane.name: chain_steps if chain_steps is not None
+                            else (64 if not cpu_only and lane.spec.tp == 1 else 0)
+                            for lane in self.plan_set.lanes.values()}
         self._restore_switch_s: float | None = None  # the interpreter's interval, put back by close()
         if not cpu_only and gil_switch_s is not None:
             # A lane thread whose step just finished needs the GIL back to read its tokens and
@@ -431,7 +437,7 @@ class Engine:
         """Runs on the lane's worker thread: dispatch the step, wait for its tokens. Returns the
         last step's (work, host outputs, seconds).
 
-        Chained decode (`chain_steps` > 0): while the lane's next step is plain decode of the same
+        Chained decode (`chain_steps[name]` > 0): while the lane's next step is plain decode of the same
         rows (`Scheduler.next_decode`), it is dispatched before this step's tokens are read, fed
         by them on the device, so the device runs step N+1 while the host streams step N's tokens
         and plans N+2. A row that step N finishes (EOS, stop string) draws one token in N+1 that
@@ -443,7 +449,7 @@ class Engine:
         with self._step_turns:  # the step's time starts when its turn does
             t0 = time.perf_counter()
             pending = self._dispatch(lane, work)
-            for _ in range(self.chain_steps):
+            for _ in range(self.chain_steps[name]):
                 with self._cond:
                     follow = self._chain(name, work, pending)
                 if follow is None:
