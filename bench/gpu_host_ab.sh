@@ -24,7 +24,7 @@ for variant in "$@"; do
      --out "$OUT/$name" > "$OUT/$name.log" 2>&1); echo "--- exit $?"
   rm -f "$OUT/$name/requests.jsonl"  # keep what comes back small (the device tool returns few files)
   [[ ${KEEP_PLOTS:-0} == 1 ]] || rm -f "$OUT/$name/"*.png
-  sed -n '/## Per class/,/## Ratios/p' "$OUT/$name/report.md" 2>/dev/null | grep -E "^\| (static|adaptive)|^- adaptive"
+  sed -n '/## Per class/,/## Plan switches/p' "$OUT/$name/report.md" 2>/dev/null | grep -E "^\| (static|adaptive)|^- adaptive"
   python - "$OUT/$name/results.json" <<'PY' 2>/dev/null
 import json, sys
 d = json.load(open(sys.argv[1]))
