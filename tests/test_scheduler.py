@@ -238,3 +238,53 @@ def test_requests_that_outgrow_the_lane_together_do_not_wait_for_each_other_fore
     assert lane.allocator.num_used == 0
     # The latest arrivals gave way (recomputed later), the first kept its pages.
     assert "low-0" not in [victim for _, victim, _ in sched.preemption_log]
+
+
+# --- next_decode: the step planned before the current one completes (chained decode) ---------
+
+def decoding(sched, n=2, max_tokens=10, cls="low"):
+    """n requests past their prompt, each with one decode step in flight (scheduled, not completed)."""
+    for i in range(n):
+        sched.submit(req(f"r{i}", cls, prompt=4, max_tokens=max_tokens))
+    run_step(sched)  # prompts: each draws its first token
+    return sched.schedule("lane0")  # the decode step now "in flight"
+
+
+def test_next_decode_plans_one_more_token_per_row_and_reserves_its_page():
+    sched, lane, clock = make(num_pages=16)
+    work = decoding(sched)
+    assert all(w.num_tokens == 1 and w.start_pos == 4 for w in work)
+    follow = sched.next_decode("lane0", work)
+    assert [(w.request.request_id, w.start_pos, w.num_tokens) for w in follow] == [("r0", 5, 1), ("r1", 5, 1)]
+    assert all(lane.allocator.capacity(w.request.request_id) >= 7 for w in follow)  # positions 0..6 fit
+    sched.complete("lane0", work)
+    sched.complete("lane0", follow)  # as the engine completes them, in order
+    assert [r.num_output for r in lane.running] == [3, 3]
+    assert sched.schedule("lane0")[0].start_pos == 6  # and the next boundary picks up from there
+
+
+@pytest.mark.parametrize("blocker", ["waiting", "cancel", "deadline", "length", "prefill"])
+def test_next_decode_leaves_the_decision_to_schedule_when_the_boundary_matters(blocker):
+    sched, lane, clock = make(num_pages=16)
+    work = decoding(sched, max_tokens=2 if blocker == "length" else 10)
+    if blocker == "waiting":
+        sched.submit(req("new", "low"))  # the lane has a free slot: admit it at the boundary
+    elif blocker == "cancel":
+        sched.cancel(lane.running[0])
+    elif blocker == "deadline":
+        lane.running[1].deadline = clock.now
+    elif blocker == "prefill":
+        work = work[:1]  # a running request that is not in the step (still in its prompt, stalled)
+    # "length": the step in flight gives r0 and r1 their last token (max_tokens 2)
+    used = lane.allocator.num_used
+    assert sched.next_decode("lane0", work) is None
+    assert lane.allocator.num_used == used
+
+
+def test_next_decode_goes_on_when_a_full_lane_cannot_admit_or_preempt_for_the_waiting():
+    sched, lane, clock = make(num_pages=32, max_batch=2)
+    work = decoding(sched, n=2, cls="low")
+    sched.submit(req("low-waiting", "low"))  # full lane, equal class: no preemption
+    assert sched.next_decode("lane0", work) is not None
+    sched.submit(req("high-waiting", "high"))  # a more urgent class could preempt: stop
+    assert sched.next_decode("lane0", work) is None
