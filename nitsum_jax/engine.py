@@ -3,6 +3,8 @@
 Every lane of the plan set has its own thread. While its lane is in the current plan, the
 thread loops: take the lane's next work from the scheduler (under the engine lock), dispatch
 the step and wait for its tokens (without the lock), then stream the tokens and report back.
+On single-GPU accelerator lanes, plain decode steps are chained: the next one is dispatched,
+fed by this one's tokens on the device, before the host reads them (`_timed_step`).
 Lanes do not wait for each other, so a fast TP2 lane for `high` keeps its own step time while
 TP1 lanes beside it take longer steps. A control thread runs the plan controller; a plan
 switch pauses every lane at its next step boundary, moves or requeues the sequences of lanes
