@@ -32,8 +32,16 @@ class Sequence:
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the pages
     finish_reason: str | None = None
-    text: str | None = None
+    final_text: str | None = None  # set when the sequence finishes (stop strings cut off)
     _decoder: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def text(self) -> str | None:
+        """The generated text: final once finished, else what the incremental decoder has so far
+        (None without a tokenizer)."""
+        if self.final_text is not None:
+            return self.final_text
+        return self._decoder.text if self._decoder is not None else None
 
     @property
     def all_ids(self) -> list[int]:
@@ -71,23 +79,21 @@ def validate_prompt(prompt_ids: Seq[int], params: SamplingParams, vocab_size: in
 def append_token(seq: Sequence, token: int, tokenizer: TextTokenizer | None, eos_token_ids: Seq[int]) -> None:
     """Record a generated token and decide whether the sequence is done.
 
-    While the sequence runs, `seq.text` grows incrementally (an unfinished UTF-8 character waits
-    for its last byte) and only its tail is searched for stop strings; when it finishes, the text
-    is decoded once from all its tokens, so the final text is exactly `tokenizer.decode`."""
+    While the sequence runs, its text grows incrementally (an unfinished UTF-8 character waits
+    for its last byte) and only the text's tail is searched for stop strings; when it finishes,
+    the text is decoded once from all its tokens, so the final text is exactly `tokenizer.decode`."""
     seq.output_ids.append(int(token))
     p = seq.params
     if tokenizer is not None:
         if seq._decoder is None:
             seq._decoder = tokenizer.stream()
         piece = seq._decoder.add(token)
-        seq.text = seq._decoder.text
         if piece and p.stop:
-            longest = max(len(stop) for stop in p.stop)
-            tail_from = max(0, len(seq.text) - len(piece) - longest + 1)
-            if any(seq.text.find(stop, tail_from) >= 0 for stop in p.stop):
+            tail = seq._decoder.tail(len(piece) + max(len(stop) for stop in p.stop) - 1)
+            if any(stop in tail for stop in p.stop):
                 full = tokenizer.decode(seq.output_ids)
                 cuts = [at for at in (full.find(stop) for stop in p.stop) if at >= 0]
-                seq.text = full[:min(cuts)] if cuts else full
+                seq.final_text = full[:min(cuts)] if cuts else full
                 seq.finish_reason = "stop"
                 return
     if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):
@@ -95,4 +101,4 @@ def append_token(seq: Sequence, token: int, tokenizer: TextTokenizer | None, eos
     elif len(seq.output_ids) >= p.max_tokens:
         seq.finish_reason = "length"
     if seq.finish_reason is not None and tokenizer is not None:
-        seq.text = tokenizer.decode(seq.output_ids)
+        seq.final_text = tokenizer.decode(seq.output_ids)

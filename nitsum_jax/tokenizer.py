@@ -79,15 +79,33 @@ class TextTokenizer:
 class TextDecoder:
     """The text of a growing token list, one token at a time, through `tokenizers`' DecodeStream
     (which holds back an unfinished UTF-8 character). Decoding the whole list again for every new
-    token costs O(length) per token; at batch 32 that was the largest host cost of a decode step."""
+    token costs O(length) per token; at batch 32 that was the largest host cost of a decode step.
+    Pieces are joined only when `text` is read; `tail` looks at the end without joining."""
 
     def __init__(self, tokenizer: TextTokenizer):
         self._tokenizer = tokenizer.tokenizer
         self._stream = decoders.DecodeStream(skip_special_tokens=True)
-        self.text = ""
+        self._parts: list[str] = []
 
     def add(self, token: int) -> str:
         """Feed one token; returns the text it completed ("" while a character is unfinished)."""
         piece = self._stream.step(self._tokenizer, int(token)) or ""
-        self.text += piece
+        if piece:
+            self._parts.append(piece)
         return piece
+
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    def tail(self, n: int) -> str:
+        """The last `n` characters (fewer if the text is shorter)."""
+        out, size = [], 0
+        for part in reversed(self._parts):
+            out.append(part)
+            size += len(part)
+            if size >= n:
+                break
+        return "".join(reversed(out))[-n:] if n > 0 else ""
