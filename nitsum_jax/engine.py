@@ -469,8 +469,8 @@ class Engine:
     def _chain(self, name: str, work: list[Work], pending) -> list[Work] | None:
         """Under the engine lock: the decode step to dispatch after `work` before its tokens are read."""
         if (self._switching or self._pending_switch is not None or self._stop or name in self.unhealthy
-                or name in self._faults or name not in self.scheduler.lanes or len(pending) != 1
-                or len(work) > max(self.grid.decode_batch)):
+                or name in self._faults or name not in self.scheduler.lanes
+                or len(pending) != 1):  # one decode group: more rows than a batch do not chain
             return None
         return self.scheduler.next_decode(name, work)
 
@@ -550,7 +550,7 @@ class Engine:
     def _run(self, lane: Lane, rows: list[Work], batch: int, width: int, feed: jax.Array | None = None):
         """Enqueue one step; `feed`: the previous step's output tokens on the device, in `rows` order
         (a chained decode step), instead of tokens read from the host."""
-        tokens = np.zeros((batch, width), np.int32)
+        tokens = np.zeros((batch, width), np.int32) if feed is None else None
         start = np.zeros(batch, np.int32)
         num_new = np.zeros(batch, np.int32)
         seqs = [self._handles[w.request.request_id].seq for w in rows]

@@ -62,11 +62,18 @@ def step_compiler_options(devices: list) -> dict:
         return {}
     options: dict = dict(GPU_STEP_OPTIONS)
     for item in filter(None, os.environ.get("NITSUM_XLA_EXTRA_OPTIONS", "").split(",")):
-        name, _, value = item.partition("=")
-        options[name.strip()] = {"true": True, "false": False}.get(value.strip().lower(),
-                                                                   int(value) if value.strip().lstrip("-").isdigit()
-                                                                   else value.strip())
+        name, _, value = (part.strip() for part in item.partition("="))
+        options[name] = _typed(value)
     return options
+
+
+def _typed(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        return int(value)
+    except ValueError:
+        return value
 
 
 def move_copy_impl(devices: list) -> str:
