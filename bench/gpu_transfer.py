@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from gpu_plans import report  # bench/ is on sys.path when run as a script
 
@@ -50,8 +50,8 @@ def main():
         # producer: a read + write pass over its piece on a (like the page gather)
         produce = jax.jit(lambda x, i: jax.lax.dynamic_slice(x, (i * m,), (m,)) ^ jnp.uint32(0)).lower(
             source, 0).compile()
-        stage = jax.device_put(jnp.zeros((m,), jnp.uint32), b)
-        consume = jax.jit(lambda y: y ^ jnp.uint32(0)).lower(stage).compile()  # like the scatter
+        consume = jax.jit(lambda y: y ^ jnp.uint32(0)).lower(  # like the scatter
+            jax.ShapeDtypeStruct((m,), jnp.uint32, sharding=SingleDeviceSharding(b))).compile()
 
         def send(v):
             return jax.lax.ppermute(v, "x", perm=[(0, 1)])
@@ -67,7 +67,7 @@ def main():
             except Exception as e:  # an option this XLA does not know is reported, not fatal
                 results["runs"][f"{way} x{pieces}"] = {"error": f"compile: {str(e)[:200]}"}
 
-        def move(way):
+        def move(way, stages):
             parts = [produce(source, i) for i in range(pieces)]
             if way == "device_put":
                 landed = jax.device_put(parts, [b] * pieces)
@@ -83,21 +83,17 @@ def main():
         for way in args.ways.split(","):
             if way != "device_put" and way not in programs:
                 continue
-            stages = []
-
             def run_once():  # landing blocks are made (and finished) before the clock starts
-                stages[:] = [jax.device_put(jnp.zeros((m,), jnp.uint32), b) for _ in range(pieces)]
-                jax.block_until_ready(stages)
+                stages = jax.block_until_ready([jax.device_put(jnp.zeros((m,), jnp.uint32), b)
+                                                for _ in range(pieces)])
                 t0 = time.perf_counter()
-                got = move(way)
-                jax.block_until_ready(got)
+                got = jax.block_until_ready(move(way, stages))
                 return got, time.perf_counter() - t0
 
             try:
                 got, _ = run_once()
-                jax.block_until_ready(got)
-                equal = bool(jnp.array_equal(jax.device_put(jnp.concatenate(
-                    [jax.device_put(g, a) for g in got]), a), source[:m * pieces]))
+                equal = bool(jnp.array_equal(jnp.concatenate([jax.device_put(g, a) for g in got]),
+                                             source[:m * pieces]))
                 times = []
                 for _ in range(args.repeats):
                     times.append(run_once()[1])
