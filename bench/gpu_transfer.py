@@ -8,6 +8,8 @@ Transfers compared:
   memcpy       the same program compiled with `xla_gpu_use_memcpy_local_p2p` (copy engine
                inside the program, no NCCL kernel)
   nccl32       the NCCL program with `xla_gpu_nccl_p2p_max_nchannels=32`
+  cuda         `cuMemcpyPeerAsync` into a landing buffer on b, issued by the host once the
+               producer is done (nitsum_jax/plans/cuda_copy.py; GPU only)
 each with the bytes split into 1, 2 or 4 pieces (all producers first, then transfers, then
 consumers), so a piece's transfer can overlap the next piece's producer and the previous piece's
 consumer.
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from nitsum_jax.plans.cuda_copy import CudaError, PeerCopier
 from gpu_plans import report  # bench/ is on sys.path when run as a script
 
 
@@ -35,7 +38,7 @@ def main():
     ap.add_argument("--mb", type=float, default=537.0)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--pieces", default="1,2,4")
-    ap.add_argument("--ways", default="device_put,nccl,memcpy,nccl32")
+    ap.add_argument("--ways", default="device_put,cuda,nccl,memcpy,nccl32")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     a, b = jax.devices()[:2]
@@ -71,6 +74,9 @@ def main():
             parts = [produce(source, i) for i in range(pieces)]
             if way == "device_put":
                 landed = jax.device_put(parts, [b] * pieces)
+            elif way == "cuda":
+                landed = list(stages)
+                copier.copy(list(zip(parts, landed)))
             else:
                 landed = []
                 for p in parts:
@@ -80,8 +86,14 @@ def main():
                     landed.append(next(s.data for s in out.addressable_shards if s.device == b))
             return [consume(y) for y in landed]
 
+        copier = None
+        if "cuda" in args.ways.split(","):
+            try:
+                copier = PeerCopier([a, b])
+            except CudaError as e:
+                results["runs"][f"cuda x{pieces}"] = {"error": str(e)}
         for way in args.ways.split(","):
-            if way != "device_put" and way not in programs:
+            if way not in ("device_put", "cuda") and way not in programs or way == "cuda" and copier is None:
                 continue
             def run_once():  # landing blocks are made (and finished) before the clock starts
                 stages = jax.block_until_ready([jax.device_put(jnp.zeros((m,), jnp.uint32), b)

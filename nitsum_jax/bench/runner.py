@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from typing import Callable
 
@@ -17,6 +19,7 @@ def run_workload(backend: Backend, workload: Workload, *, drain_timeout_s: float
     requests = workload.requests
     backend.begin()
     t0 = time.monotonic()
+    profiler = _profile_window(backend.name)
     pending: dict[str, object] = {}
     records: dict[str, dict] = {}
     sent = 0
@@ -48,5 +51,56 @@ def run_workload(backend: Backend, workload: Workload, *, drain_timeout_s: float
         next_arrival = requests[sent].arrival_s - (time.monotonic() - t0) if sent < len(requests) else poll_s
         time.sleep(max(0.0, min(poll_s, next_arrival)))
     wall_s = time.monotonic() - t0
+    if profiler is not None:
+        profiler.finish()
     return {"records": [records[r.request_id] for r in requests], "wall_s": wall_s,
             "backend": backend.window_stats()}
+
+
+class _ProfileWindow:
+    """A `jax.profiler` trace of seconds [start, start + length) of a run, for finding where a
+    serving step's time goes (bench/trace_summary.py reads it). NITSUM_BENCH_PROFILE=DIR[:START:SECONDS]
+    (default 5:2); each run of a config writes DIR/<config>-<n>. Diagnostics only: tracing slows
+    the host, so numbers from a profiled run are not benchmark figures."""
+
+    def __init__(self, out_dir: str, start_s: float, length_s: float):
+        self.out_dir, self.length_s = out_dir, length_s
+        self._lock = threading.Lock()
+        self._state = "waiting"
+        self._timer = threading.Timer(start_s, self._start)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _start(self):
+        import jax
+
+        with self._lock:
+            if self._state != "waiting":
+                return
+            jax.profiler.start_trace(self.out_dir)
+            self._state = "tracing"
+        self._timer = threading.Timer(self.length_s, self.finish)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def finish(self):
+        import jax
+
+        self._timer.cancel()
+        with self._lock:
+            if self._state == "tracing":
+                jax.profiler.stop_trace()
+            self._state = "done"
+
+
+_profiled: dict[str, int] = {}
+
+
+def _profile_window(config: str) -> _ProfileWindow | None:
+    spec = os.environ.get("NITSUM_BENCH_PROFILE")
+    if not spec:
+        return None
+    out_dir, *window = spec.split(":")
+    start_s, length_s = (float(x) for x in window) if window else (5.0, 2.0)
+    n = _profiled[config] = _profiled.get(config, 0) + 1
+    return _ProfileWindow(os.path.join(out_dir, f"{config}-{n}"), start_s, length_s)

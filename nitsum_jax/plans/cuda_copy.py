@@ -1,0 +1,126 @@
+"""Device-to-device copies between GPUs issued straight to the CUDA driver (`cuMemcpyPeerAsync`
+through ctypes), for KV moves.
+
+Why: `jax.device_put` between two GPUs starts its copy 0.5-0.7 ms after it is asked to, even
+when the source is ready (BENCHMARKS.md, sessions 3 and 4, traces of 537 MB moves); a compiled
+`ppermute` was slower still. The copy engine itself moves a device pair's bytes at ~395 GB/s.
+Here the host waits for the source buffers, enqueues one copy per (source, destination) device
+pair on a stream of its own (so pairs run side by side), and waits for them, all in tens of
+microseconds of host time.
+
+Rules that keep this safe with XLA's runtime:
+- Only buffers the caller owns are touched: the source is a finished gather output, the
+  destination a landing buffer that no program reads while it is written (see PlanSet).
+- Both are ready before the copy is enqueued (`jax.block_until_ready`), and the copies are
+  complete (`cuStreamSynchronize`) before any program reads the destination.
+- The primary context of each device is the one XLA uses; peer access is enabled between every
+  pair (XLA usually has done it already).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import jax
+
+_CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704
+_CU_STREAM_NON_BLOCKING = 1
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def _load():
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+    lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
+    lib.cuCtxEnablePeerAccess.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+    lib.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+    lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
+    lib.cuMemcpyPeerAsync.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
+                                      ctypes.c_size_t, ctypes.c_void_p]
+    return lib
+
+
+_lib = None
+_lib_lock = threading.Lock()
+
+
+def driver():
+    """The CUDA driver library, initialised; None where there is none (CPU machines)."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            lib = _load()
+            if lib is None or lib.cuInit(0) != 0:
+                _lib = False
+            else:
+                _lib = lib
+        return _lib or None
+
+
+def _check(lib, result: int, what: str, ok=(0,)):
+    if result not in ok:
+        name = ctypes.c_char_p()
+        lib.cuGetErrorName(result, ctypes.byref(name))
+        raise CudaError(f"{what} failed: {name.value.decode() if name.value else result}")
+
+
+class PeerCopier:
+    """Copies between single-device arrays on the GPUs `devices`: one stream per ordered pair."""
+
+    def __init__(self, devices: list):
+        lib = driver()
+        if lib is None:
+            raise CudaError("no CUDA driver on this machine")
+        if any(d.platform != "gpu" for d in devices):
+            raise CudaError("peer copies need GPU devices")
+        self.lib = lib
+        self.ctx: dict[int, ctypes.c_void_p] = {}
+        for d in devices:
+            dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+            _check(lib, lib.cuDeviceGet(ctypes.byref(dev), d.local_hardware_id), "cuDeviceGet")
+            _check(lib, lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+            self.ctx[d.id] = ctx
+        self.streams: dict[tuple[int, int], ctypes.c_void_p] = {}
+        for a in devices:
+            _check(lib, lib.cuCtxSetCurrent(self.ctx[a.id]), "cuCtxSetCurrent")
+            for b in devices:
+                if a.id == b.id:
+                    continue
+                _check(lib, lib.cuCtxEnablePeerAccess(self.ctx[b.id], 0), "cuCtxEnablePeerAccess",
+                       ok=(0, _CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED))
+                stream = ctypes.c_void_p()
+                _check(lib, lib.cuStreamCreate(ctypes.byref(stream), _CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+                self.streams[(a.id, b.id)] = stream
+        self._lock = threading.Lock()
+
+    def copy(self, pairs: list[tuple[jax.Array, jax.Array]]) -> int:
+        """Copy each source array's bytes into its destination array (same size, one device
+        each) and return once every copy is complete. Returns the bytes copied."""
+        jax.block_until_ready([a for pair in pairs for a in pair])
+        used, total = [], 0
+        with self._lock:
+            for src, dst in pairs:
+                (a,), (b,) = src.devices(), dst.devices()
+                if src.nbytes != dst.nbytes:
+                    raise ValueError(f"peer copy of {src.nbytes} bytes into a buffer of {dst.nbytes}")
+                if a.id == b.id:
+                    raise ValueError("peer copy within one device")
+                stream = self.streams[(a.id, b.id)]
+                _check(self.lib, self.lib.cuCtxSetCurrent(self.ctx[a.id]), "cuCtxSetCurrent")
+                _check(self.lib, self.lib.cuMemcpyPeerAsync(
+                    dst.unsafe_buffer_pointer(), self.ctx[b.id], src.unsafe_buffer_pointer(), self.ctx[a.id],
+                    src.nbytes, stream), "cuMemcpyPeerAsync")
+                used.append(stream)
+                total += src.nbytes
+            for stream in dict.fromkeys(s.value for s in used):
+                _check(self.lib, self.lib.cuStreamSynchronize(ctypes.c_void_p(stream)), "cuStreamSynchronize")
+        return total
