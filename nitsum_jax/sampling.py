@@ -78,15 +78,36 @@ class SamplingBatch:
 
 
 def sample(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
-    """logits: [B, V] float32 -> next token ids [B] int32.
+    """logits: [B, V] float32 -> next token ids [B] int32 (greedy rows: argmax; others: drawn).
 
-    A batch whose rows are all greedy skips the sort over the vocabulary (about 1.3 ms of a
-    Llama-3.1-8B step at batch 32 on an H100, measured): `lax.cond` runs only the taken branch."""
+    A batch whose rows are all greedy skips the sort over the vocabulary (`lax.cond`). On GPU a
+    conditional makes the host wait for the device mid-program, so the serving lanes do not use
+    this: their step draws greedy tokens only, and `sample_rows` runs after it when the host
+    knows a row samples (`draws`)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     # Temperatures this small would overflow logits / t to inf (NaN after softmax): treat as greedy.
     is_greedy = batch.temperature < GREEDY_BELOW
     return jax.lax.cond(jnp.all(is_greedy), lambda: greedy,
                         lambda: jnp.where(is_greedy, greedy, _draw(logits, batch, is_greedy)))
+
+
+def draws(batch: SamplingBatch) -> bool:
+    """On the host: does any row of this batch (numpy arrays) sample instead of taking the argmax?"""
+    return bool(np.any(np.asarray(batch.temperature) >= GREEDY_BELOW))
+
+
+def sample_rows(logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, jax.Array]:
+    """Every row's token (greedy rows: argmax; others: drawn) and its log-probability under the
+    untempered model: ([B] int32, [B] float32). No control flow: the program always sorts."""
+    is_greedy = batch.temperature < GREEDY_BELOW
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = jnp.where(is_greedy, greedy, _draw(logits, batch, is_greedy))
+    return tokens, token_logprobs(logits, tokens)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(logits)[tokens] per row: [B] float32."""
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
 def _draw(logits: jax.Array, batch: SamplingBatch, is_greedy: jax.Array) -> jax.Array:

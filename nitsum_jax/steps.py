@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from nitsum_jax.attention import KVCache
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.model import UNSPLIT, ChunkLayout, Params, StepInput, forward, last_hidden, logits_from_hidden
-from nitsum_jax.sampling import SamplingBatch, sample
+from nitsum_jax.sampling import SamplingBatch, sample, token_logprobs
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout"), donate_argnames=("kv",))
@@ -32,8 +32,21 @@ def sample_step(params: Params, kv: KVCache, step: StepInput, sampling: Sampling
     hidden, kv = forward(params, kv, step, cfg, layout)
     logits = logits_from_hidden(params, last_hidden(hidden, step.num_new), layout)
     tokens = sample(logits, sampling)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs, kv
+    return tokens, token_logprobs(logits, tokens), kv
+
+
+def greedy_step(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
+                layout: ChunkLayout = UNSPLIT) -> tuple[jax.Array, jax.Array, jax.Array, KVCache]:
+    """A serving lane's step: append the new tokens, then each row's greedy token, its
+    log-probability and the logits of its last position ([B] int32, [B] float32, [B, V] float32)
+    and the cache. The lane draws non-greedy rows from the logits in a second program
+    (`sampling.sample_rows`) only when the batch has some, so the step itself has no
+    data-dependent branch: on GPU a conditional stalls the host until the device reaches it,
+    and the next step could not be enqueued behind this one (BENCHMARKS.md, session 5)."""
+    hidden, kv = forward(params, kv, step, cfg, layout)
+    logits = logits_from_hidden(params, last_hidden(hidden, step.num_new), layout)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, token_logprobs(logits, tokens), logits, kv
 
 
 step_sample = jax.jit(sample_step, static_argnames=("cfg", "layout"), donate_argnames=("kv",))

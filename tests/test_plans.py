@@ -62,6 +62,25 @@ def test_every_lane_of_every_default_plan_matches_the_single_device_model(tiny_c
             assert lane.allocator.num_used == 0
 
 
+def test_sampled_rows_on_lanes_match_the_single_device_model(tiny_cfg, tiny_params, default_set):
+    """Lanes draw sampled rows in a second program after a greedy step (no conditional in the
+    step); the tokens and log-probabilities must be those of the single-device model's one-program
+    step, for a batch mixing greedy and sampled rows with top-k and top-p."""
+    mixed = [SamplingParams(max_tokens=10, ignore_eos=True),
+             SamplingParams(max_tokens=10, ignore_eos=True, temperature=0.8, seed=7),
+             SamplingParams(max_tokens=10, ignore_eos=True, temperature=1.3, top_k=20, top_p=0.9, seed=3)]
+    gen = Generator(tiny_cfg, tiny_params, page_size=PAGE_SIZE, max_batch=4, prefill_chunk=16, max_seq_len=64)
+    want = gen.generate(prompts(1), mixed)
+    assert want[1].token_ids != gen.generate(prompts(1), [mixed[0]] * 3)[1].token_ids  # rows really sample
+    tp = {lane.spec.tp: lane for plan in default_set.plans for lane in default_set.lanes_of(plan)}
+    for lane in (tp[min(tp)], tp[max(tp)]):
+        got = lane_generator(tiny_cfg, lane).generate(prompts(1), mixed)
+        for g, w in zip(got, want):
+            assert g.token_ids == w.token_ids, lane.name
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5, err_msg=lane.name)
+        assert lane.allocator.num_used == 0
+
+
 def test_lanes_share_weight_buffers_across_plans(default_set):
     report = default_set.memory_report()
     assert report["weight_overhead"] == pytest.approx(1.0)

@@ -2,6 +2,7 @@
 validation, and the host-side stop rules of a sequence (append_token, validate_prompt)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -343,3 +344,18 @@ def test_incremental_text_equals_a_full_decode_and_finds_stops_across_multibyte_
     seq = make_seq(max_tokens=len(ids))
     feed(seq, ids, tok)
     assert seq.finish_reason == "length" and seq.text == text
+
+
+def test_sample_rows_equals_the_branching_sample_and_its_logprobs():
+    """The serving lanes' cond-free draw (`sample_rows`) gives the tokens of `sample` for a batch
+    mixing greedy, temperature, top-k and top-p rows, with log-probabilities of the untempered model."""
+    from nitsum_jax.sampling import draws, sample_rows
+
+    logits = jax.random.normal(jax.random.key(5), (4, 300)) * 3
+    params = [SamplingParams(), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(temperature=1.5, top_k=10, seed=2), SamplingParams(temperature=1.0, top_p=0.5, seed=3)]
+    batch = SamplingBatch.from_params(params, [p.seed or 0 for p in params], [11, 12, 13, 14])
+    tokens, logprobs = jax.jit(sample_rows)(logits, batch)
+    np.testing.assert_array_equal(tokens, sample_jit(logits, batch))
+    np.testing.assert_allclose(logprobs, jax.nn.log_softmax(logits)[jnp.arange(4), tokens], atol=1e-6)
+    assert draws(batch) and not draws(SamplingBatch.from_params([SamplingParams()] * 2, [0, 0], [1, 2]))

@@ -18,8 +18,8 @@ from nitsum_jax.kernels import page_copy
 from nitsum_jax.kv import PageAllocator
 from nitsum_jax.model import ChunkLayout, Params, StepInput
 from nitsum_jax.plans.spec import LaneSpec
-from nitsum_jax.sampling import SamplingBatch
-from nitsum_jax.steps import sample_step
+from nitsum_jax.sampling import SamplingBatch, SamplingParams, draws, sample_rows
+from nitsum_jax.steps import greedy_step
 
 
 class ShapeOutsideGrid(ValueError):
@@ -116,6 +116,7 @@ class Lane:
         self.kv: KVCache = zeros()
         self._steps: dict[tuple[int, int], object] = {}
         self._feeds: dict[int, object] = {}
+        self._samplers: dict[int, object] = {}  # batch -> program drawing sampled rows from logits
         # Held while a program that consumes (donates) `self.kv` is enqueued and `self.kv` is
         # replaced by its output: a step on the lane's thread and a KV move from another thread
         # take turns, and the device orders the programs by their data dependencies.
@@ -135,19 +136,24 @@ class Lane:
     def compile(self) -> int:
         """Compile and run once every step of the grid and every KV-move program; returns count."""
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv)
-        step_fn = jax.jit(sample_step, static_argnames=("cfg", "layout"), donate_argnames=("kv",),
-                          out_shardings=(self.replicated, self.replicated,
+        step_fn = jax.jit(greedy_step, static_argnames=("cfg", "layout"), donate_argnames=("kv",),
+                          out_shardings=(self.replicated, self.replicated, self.replicated,
                                          jax.tree.map(lambda a: a.sharding, self.kv)))
         shapes = [(b, 1) for b in self.grid.decode_batch] + [(1, t) for t in self.grid.prefill_len]
         for b, t in shapes:
             step = StepInput(tokens=self._abstract((b, t), jnp.int32), start_pos=self._abstract((b,), jnp.int32),
                              num_new=self._abstract((b,), jnp.int32),
                              page_table=self._abstract((b, self.pages_per_seq), jnp.int32))
+            self._steps[(b, t)] = step_fn.lower(self.params, kv_abs, step, cfg=self.cfg,
+                                                layout=self.layout).compile(step_compiler_options(self.devices))
+        # Rows that sample (temperature > 0) are drawn from the step's logits by a second program,
+        # enqueued only for batches that have such rows (`dispatch`).
+        for b in sorted({b for b, _ in shapes}):
             sampling = SamplingBatch(temperature=self._abstract((b,), jnp.float32),
                                      top_k=self._abstract((b,), jnp.int32), top_p=self._abstract((b,), jnp.float32),
                                      seed=self._abstract((b,), jnp.uint32), position=self._abstract((b,), jnp.int32))
-            self._steps[(b, t)] = step_fn.lower(self.params, kv_abs, step, sampling, cfg=self.cfg,
-                                                layout=self.layout).compile(step_compiler_options(self.devices))
+            self._samplers[b] = jax.jit(sample_rows, out_shardings=(self.replicated, self.replicated)).lower(
+                self._abstract((b, self.cfg.vocab_size), jnp.float32), sampling).compile()
         # A chained decode step takes its tokens from the previous step's output on the device
         # (engine: the host prepares step N+1 while step N runs): [B] -> [B, 1], per batch bucket.
         for b in self.grid.decode_batch:
@@ -161,7 +167,7 @@ class Lane:
             self._scatters[n] = jax.jit(_scatter_pages, donate_argnames=("kv",)).lower(
                 kv_abs, pages, pieces, pieces).compile()
         self.warm_up()
-        return len(self._steps) + len(self._feeds) + len(self._gathers) + len(self._scatters)
+        return len(self._steps) + len(self._samplers) + len(self._feeds) + len(self._gathers) + len(self._scatters)
 
     def move_sizes(self) -> tuple[int, ...]:
         return pow2_upto(self.pages_per_seq, self.grid.min_move_pages)
@@ -264,10 +270,11 @@ class Lane:
         """Run every compiled step once on idle rows (num_new 0: nothing is written)."""
         for b, feed in self._feeds.items():
             feed(jax.device_put(np.zeros(b, np.int32), self.replicated))
+        drawing = SamplingParams(temperature=1.0)
         for (b, t) in self._steps:
             self.step(np.zeros((b, t), np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
                       np.zeros((b, self.pages_per_seq), np.int32),
-                      SamplingBatch.from_params([None] * b, [0] * b, [0] * b))
+                      SamplingBatch.from_params([drawing] * b, [0] * b, [0] * b))
 
     # -- serving -------------------------------------------------------------------------
     def dispatch(self, tokens: np.ndarray, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
@@ -280,7 +287,9 @@ class Lane:
                                    f"{sorted(self._steps)}")
         step = StepInput(tokens=tokens, start_pos=start_pos, num_new=num_new, page_table=page_table)
         with self.kv_lock:
-            next_tokens, logprobs, self.kv = fn(self.params, self.kv, step, sampling)
+            next_tokens, logprobs, logits, self.kv = fn(self.params, self.kv, step)
+        if draws(sampling):
+            next_tokens, logprobs = self._samplers[b](logits, sampling)
         return next_tokens, logprobs
 
     def dispatch_fed(self, previous: jax.Array, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
