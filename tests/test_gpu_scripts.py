@@ -25,8 +25,11 @@ def run_script(args: list[str], devices: int, tmp_path: Path) -> dict:
 def test_gpu_transfer_moves_equal_contents_every_way(tmp_path):
     out = run_script(["bench/gpu_transfer.py", "--mb", "2", "--repeats", "2", "--pieces", "1,2"], 2, tmp_path)
     runs = out["runs"]
-    assert set(runs) == {f"{w} x{p}" for w in ("device_put", "nccl", "memcpy", "nccl32") for p in (1, 2)}
-    assert all(r.get("equal") is True for r in runs.values()), runs
+    ways = ("device_put", "nccl", "memcpy", "nccl32")
+    assert set(runs) == {f"{w} x{p}" for w in ways + ("cuda",) for p in (1, 2)}
+    assert all(runs[f"{w} x{p}"].get("equal") is True for w in ways for p in (1, 2)), runs
+    # raw CUDA peer copies need a GPU: reported, not fatal
+    assert all("CUDA" in runs[f"cuda x{p}"]["error"] for p in (1, 2)), runs
 
 
 def test_gpu_step_times_and_compares_impls_on_the_same_inputs(tmp_path):

@@ -1,7 +1,10 @@
 """Device-to-device copies between GPUs issued straight to the CUDA driver (`cuMemcpyPeerAsync`
-through ctypes), for KV moves.
+through ctypes): an experiment for KV moves (bench/gpu_transfer.py, way "cuda"; bench/probes/).
+Measured in session 5 (BENCHMARKS.md): the copy alone runs at the link's speed, but a move's
+pipeline (gather, copy, scatter) was no faster than with `jax.device_put`, so the engine does
+not use it.
 
-Why: `jax.device_put` between two GPUs starts its copy 0.5-0.7 ms after it is asked to, even
+The idea: `jax.device_put` between two GPUs starts its copy 0.5-0.7 ms after it is asked to, even
 when the source is ready (BENCHMARKS.md, sessions 3 and 4, traces of 537 MB moves); a compiled
 `ppermute` was slower still. The copy engine itself moves a device pair's bytes at ~395 GB/s.
 Here the host waits for the source buffers, enqueues one copy per (source, destination) device

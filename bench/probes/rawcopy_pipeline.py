@@ -1,5 +1,9 @@
+"""Session 5 probe (BENCHMARKS.md, KV moves): raw cuMemcpyPeerAsync (pipeline) against jax.device_put, 2 GPUs.
+    PYTHONPATH=. python bench/probes/rawcopy_pipeline.py"""
 import time, statistics, jax, jax.numpy as jnp
-from nitsum_jax.plans.cuda_copy import PeerCopier
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
+from cuda_peer_copy import PeerCopier
 a, b = jax.devices()[:2]
 n = int(537e6 / 4)
 x = jax.device_put(jax.random.bits(jax.random.key(0), (n,), jnp.uint32), a)

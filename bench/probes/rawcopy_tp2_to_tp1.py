@@ -1,6 +1,10 @@
+"""Session 5 probe (BENCHMARKS.md, KV moves): raw cuMemcpyPeerAsync (tp2_to_tp1) against jax.device_put, 2 GPUs.
+    PYTHONPATH=. python bench/probes/rawcopy_tp2_to_tp1.py"""
 import time, statistics, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from nitsum_jax.plans.cuda_copy import PeerCopier
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
+from cuda_peer_copy import PeerCopier
 a, b = jax.devices()[:2]
 n = int(537e6 / 4)
 mesh = Mesh(np.array([a, b]), ("x",))
