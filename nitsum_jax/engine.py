@@ -79,6 +79,8 @@ class PlanSwitch:
     duration_s: float
     moved: int
     recomputed: int
+    moved_bytes: int = 0  # KV bytes of the moved sequences
+    move_s: float = 0.0  # wall time of those moves (each synced): moved_bytes / move_s is their bandwidth
 
 
 class RequestHandle:
@@ -505,12 +507,18 @@ class Engine:
         self.plan_set.move(request.request_id, self._lane(src), self._lane(dst))
         self.kv_moves += 1
 
-    def _timed_move(self, request_id: str, src: Lane, dst: Lane) -> None:
-        """A move with every lane paused (plan switch): synced, so its bandwidth feeds the cost model."""
+    def _timed_move(self, request_id: str, src: Lane, dst: Lane) -> tuple[int, float]:
+        """A move with every lane paused (plan switch): synced, so its bandwidth feeds the cost
+        model. Returns (bytes moved, seconds)."""
+        # The sequence's own KV bytes (the transfer itself may carry padding up to a compiled size):
+        # what the cost model's per-token estimate and the switch log's bandwidth are about.
+        moved = len(src.allocator.pages(request_id)) * src.page_size * self.costs.kv_bytes_per_token
         t0 = time.perf_counter()
-        moved = self.plan_set.move(request_id, src, dst)
+        self.plan_set.move(request_id, src, dst)
         jax.block_until_ready(dst.kv)
-        self.costs.move_bytes_per_s = _ema(self.costs.move_bytes_per_s, moved / (time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        self.costs.move_bytes_per_s = _ema(self.costs.move_bytes_per_s, moved / seconds)
+        return moved, seconds
 
     def _load(self) -> Load:
         step_s = {self._lane(name).spec.devices: s for name, s in self._step_s.items()}
@@ -604,7 +612,8 @@ class Engine:
         if name == self.plan_name:
             return
         t0 = time.perf_counter()
-        moved = recomputed = 0
+        moved = recomputed = moved_bytes = 0
+        move_s = 0.0
         with self._lock:
             new_queues = {q.name: q for q in self._lane_queues(name)}
             # Lanes in both plans keep their running batch; do this before any move adds to them.
@@ -626,14 +635,15 @@ class Engine:
                         self.scheduler.waiting.append(req)
                         recomputed += 1
                         continue
-                    self._timed_move(req.request_id, self._lane(old.name), self._lane(dst.name))
+                    nbytes, seconds = self._timed_move(req.request_id, self._lane(old.name), self._lane(dst.name))
+                    moved_bytes, move_s = moved_bytes + nbytes, move_s + seconds
                     req.lane = dst.name
                     dst.running.append(req)
                     moved += 1
             self.scheduler.lanes = new_queues
             self.kv_moves += moved
             self.switches.append(PlanSwitch(time.monotonic(), self.plan_name, name, reason,
-                                            time.perf_counter() - t0, moved, recomputed))
+                                            time.perf_counter() - t0, moved, recomputed, moved_bytes, move_s))
             self.plan_name = name
             self.plan_history.append((time.monotonic(), name))
             if self.controller is not None:

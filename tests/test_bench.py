@@ -101,3 +101,11 @@ def test_static_plan_option_builds_static_from_its_own_plan():
         assert [lane.spec.tp for lane in backend.engine.plan_set.lanes.values()] == [4]
     finally:
         backend.close()
+
+
+def test_switch_log_shows_kv_move_bandwidth_when_a_switch_moved_kv():
+    from nitsum_jax.bench.report import _move_rate
+
+    assert _move_rate({"moved_bytes": 537_000_000, "move_s": 0.002}) == " (537.0 MB in 2.00 ms, 268.5 GB/s)"
+    assert _move_rate({"moved_bytes": 0, "move_s": 0.0}) == ""
+    assert _move_rate({}) == ""  # results written before the fields existed

@@ -7,6 +7,7 @@ import pytest
 
 from nitsum_jax.engine import Engine
 from nitsum_jax.generate import Generator
+from nitsum_jax.kv import kv_bytes_per_page
 from nitsum_jax.plans import BucketGrid, default_plans
 from nitsum_jax.sampling import SamplingParams
 
@@ -60,6 +61,10 @@ def check_switches_keep_solo_tokens(tiny_cfg, tiny_params, engine):
     switches = [(s["from_plan"], s["to_plan"]) for s in engine.stats()["plan_switches"]]
     assert switches == [("static", "mixed"), ("mixed", "burst")]
     assert sum(s["moved"] for s in engine.stats()["plan_switches"]) >= 1
+    per_token = kv_bytes_per_page(tiny_cfg, 1)
+    for s in engine.stats()["plan_switches"]:  # the log carries each switch's KV-move bytes and time
+        assert (s["moved_bytes"] > 0) == (s["moved"] > 0) == (s["move_s"] > 0)
+        assert s["moved_bytes"] % (8 * per_token) == 0  # whole pages of 8 tokens
     time.sleep(0.1)
     assert all(v == 0 for v in engine.stats()["pages_in_use"].values())
 

@@ -116,8 +116,17 @@ def markdown_report(results: dict) -> str:
     if switches:
         lines += ["", "## Plan switches (headline rate)", ""]
         lines += [f"- `{name}` at {s['time']:.2f} s: {s['from_plan']} -> {s['to_plan']} ({s['reason']}; "
-                  f"{s['moved']} moved, {s['recomputed']} recomputed, {_s(s['duration_s'])})" for name, s in switches]
+                  f"{s['moved']} moved{_move_rate(s)}, {s['recomputed']} recomputed, {_s(s['duration_s'])})"
+                  for name, s in switches]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in results.get("plots", [])]
     lines += ["", "Device busy: device-seconds inside lane steps over device-seconds elapsed (the engine's step "
               "timings). Host CPU: this machine's CPU use over the run (on host devices, the real limit).", ""]
     return "\n".join(lines)
+
+
+def _move_rate(switch: dict) -> str:
+    """' (X MB in Y ms, Z GB/s)' for a switch that moved KV (older results lack the fields)."""
+    nbytes, seconds = switch.get("moved_bytes") or 0, switch.get("move_s") or 0.0
+    if not nbytes or seconds <= 0:
+        return ""
+    return f" ({nbytes / 1e6:.1f} MB in {seconds * 1e3:.2f} ms, {nbytes / seconds / 1e9:.1f} GB/s)"
