@@ -44,19 +44,25 @@ def summarize(path: str, top: int = 8) -> dict:
             if kernels:
                 gpus[plane.name] = (merge(kernels), per_name)
         elif plane.name.startswith("/host:"):
-            for line in plane.lines:
+            for i, line in enumerate(plane.lines):
                 totals: dict[str, list[float]] = {}
                 for ev in line.events:
                     t = totals.setdefault(ev.name, [0, 0])
                     t[0] += ev.duration_ns
                     t[1] += 1
                 if totals:
-                    hosts[f"{plane.name} {line.name}"] = totals
-    if not gpus:
-        return {"error": "no GPU kernel events in the trace"}
-    start = min(iv[0][0] for iv, _ in gpus.values())
-    end = max(iv[-1][1] for iv, _ in gpus.values())
-    window = end - start
+                    hosts[f"{plane.name} {line.name or f'thread #{i}'}"] = totals
+    if not gpus and not hosts:
+        return {"error": "no events in the trace"}
+    if gpus:
+        start = min(iv[0][0] for iv, _ in gpus.values())
+        end = max(iv[-1][1] for iv, _ in gpus.values())
+    else:  # host devices (CPU): only the host threads are summarised
+        start = min(ev.start_ns for plane in data.planes if plane.name.startswith("/host:")
+                    for line in plane.lines for ev in line.events)
+        end = max(ev.start_ns + ev.duration_ns for plane in data.planes if plane.name.startswith("/host:")
+                  for line in plane.lines for ev in line.events)
+    window = max(end - start, 1)
     out = {"window_ms": window / 1e6, "gpus": {}, "host_threads": {}}
     for name, (merged, per_name) in sorted(gpus.items()):
         busy = sum(b - a for a, b in merged)

@@ -109,3 +109,22 @@ def test_switch_log_shows_kv_move_bandwidth_when_a_switch_moved_kv():
     assert _move_rate({"moved_bytes": 537_000_000, "move_s": 0.002}) == " (537.0 MB in 2.00 ms, 268.5 GB/s)"
     assert _move_rate({"moved_bytes": 0, "move_s": 0.0}) == ""
     assert _move_rate({}) == ""  # results written before the fields existed
+
+
+def test_a_profile_window_traces_part_of_a_run_and_is_summarised(tmp_path, monkeypatch):
+    """NITSUM_BENCH_PROFILE=DIR:START:SECONDS writes a jax.profiler trace of that window of each
+    run; bench/trace_summary.py reads it (on host devices: the host threads only)."""
+    sys.path.insert(0, "bench")
+    try:
+        from trace_summary import summarize
+    finally:
+        sys.path.remove("bench")
+    monkeypatch.setenv("NITSUM_BENCH_PROFILE", f"{tmp_path}/trace:0:0.5")
+    run_bench(configs=("adaptive",), rates=(20.0,), num_requests=6, prompt_len="4-8", output_len="8", seed=1,
+              plans=PLANS, num_devices=8, grid=GRID, num_pages=32, page_size=8, out_dir=tmp_path / "out",
+              progress=False)
+    traces = list((tmp_path / "trace" / "adaptive-1").rglob("*.xplane.pb"))
+    assert len(traces) == 1
+    summary = summarize(str(traces[0]))
+    assert summary["gpus"] == {} and summary["window_ms"] > 0
+    assert any(events for events in summary["host_threads"].values())
