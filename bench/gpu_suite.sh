@@ -36,7 +36,7 @@ fi
 [[ $PARTS == *plans* ]] && run plans 130 python bench/gpu_plans.py --preset llama-3.1-8b --out "$OUT"
 if [[ ,$PARTS, == *,flags,* ]]; then  # which XLA flags remove the per-step copies (tp1, batch 32, with profile)
   i=0
-  for flags in "--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*sample_step.*" \
+  for flags in "--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*greedy_step.*" \
                "--xla_disable_hlo_passes=dot-merger" "--xla_gpu_enable_dynamic_slice_fusion=true" \
                "--xla_disable_hlo_passes=dot-merger --xla_gpu_enable_dynamic_slice_fusion=true"; do
     XLA_FLAGS="$flags" run "flags$i" 150 python bench/gpu_step.py --tps 1 --batches 32 --impls kernel --profile 1:32 \
@@ -49,12 +49,12 @@ if [[ $PARTS == *moreflags* ]]; then
   for flags in "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true" \
                "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true --xla_disable_hlo_passes=fusion-dynamic-memcpy-rewriter" \
                "--xla_gpu_enable_dynamic_slice_fusion=true --xla_disable_hlo_passes=fusion-dynamic-memcpy-rewriter" \
-               "--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*sample_step.*"; do
+               "--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*greedy_step.*"; do
     XLA_FLAGS="$flags" run "flags$i" 150 python bench/gpu_step.py --tps 1 --batches 32 --impls kernel --profile 1:32 \
       --repeats 10 --tag "_flags$i" --out "$OUT"
     i=$((i+1))
   done
-  f=$(ls $OUT/hlo/*sample_step*after_optimizations.txt | head -1)
+  f=$(ls $OUT/hlo/*greedy_step*after_optimizations.txt | head -1)
   echo "HLO: $f"; grep -c . "$f"
   grep -n -E "memcpy|dynamic-slice|copy\(" "$f" | grep -v -E "s32\[\]|u32\[" | cut -c1-260 | head -40
   rm -rf $OUT/hlo
