@@ -568,9 +568,11 @@ class Engine:
             start[i], num_new[i] = w.start_pos, w.num_tokens
         ids = [w.request.request_id for w in rows] + [None] * (batch - len(rows))
         table = lane.allocator.page_table(ids, lane.pages_per_seq)
-        sampling = SamplingBatch.from_params([s.params for s in seqs] + [None] * (batch - len(rows)),
-                                             [s.seed for s in seqs] + [0] * (batch - len(rows)),
-                                             [w.start_pos + w.num_tokens for w in rows] + [0] * (batch - len(rows)))
+        sampling = None  # all greedy: the step's argmax is every row's token
+        if not all(seq.params.greedy for seq in seqs):
+            sampling = SamplingBatch.from_params([s.params for s in seqs] + [None] * (batch - len(rows)),
+                                                 [s.seed for s in seqs] + [0] * (batch - len(rows)),
+                                                 [w.start_pos + w.num_tokens for w in rows] + [0] * (batch - len(rows)))
         if feed is not None:
             return lane.dispatch_fed(feed, start, num_new, table, sampling)
         return lane.dispatch(tokens, start, num_new, table, sampling)

@@ -35,6 +35,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
+    @property
+    def greedy(self) -> bool:
+        """Takes the argmax (temperatures this small would overflow logits / t)."""
+        return self.temperature < GREEDY_BELOW
+
     def validate(self, vocab_size: int) -> None:
         """Raise `SamplingError` naming the field, the value and the accepted range."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -87,22 +92,25 @@ def sample(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     # Temperatures this small would overflow logits / t to inf (NaN after softmax): treat as greedy.
     is_greedy = batch.temperature < GREEDY_BELOW
-    return jax.lax.cond(jnp.all(is_greedy), lambda: greedy,
-                        lambda: jnp.where(is_greedy, greedy, _draw(logits, batch, is_greedy)))
+    return jax.lax.cond(jnp.all(is_greedy), lambda: greedy, lambda: _mixed(logits, batch, greedy, is_greedy))
 
 
-def draws(batch: SamplingBatch) -> bool:
-    """On the host: does any row of this batch (numpy arrays) sample instead of taking the argmax?"""
-    return bool(np.any(np.asarray(batch.temperature) >= GREEDY_BELOW))
+def draws(batch: SamplingBatch | None) -> bool:
+    """On the host: does any row of this batch (numpy arrays; None: all greedy) sample instead of
+    taking the argmax?"""
+    return batch is not None and bool(np.any(np.asarray(batch.temperature) >= GREEDY_BELOW))
 
 
 def sample_rows(logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, jax.Array]:
     """Every row's token (greedy rows: argmax; others: drawn) and its log-probability under the
     untempered model: ([B] int32, [B] float32). No control flow: the program always sorts."""
     is_greedy = batch.temperature < GREEDY_BELOW
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    tokens = jnp.where(is_greedy, greedy, _draw(logits, batch, is_greedy))
+    tokens = _mixed(logits, batch, jnp.argmax(logits, axis=-1).astype(jnp.int32), is_greedy)
     return tokens, token_logprobs(logits, tokens)
+
+
+def _mixed(logits: jax.Array, batch: SamplingBatch, greedy: jax.Array, is_greedy: jax.Array) -> jax.Array:
+    return jnp.where(is_greedy, greedy, _draw(logits, batch, is_greedy))
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -86,26 +87,32 @@ class TextDecoder:
         self._tokenizer = tokenizer.tokenizer
         self._stream = decoders.DecodeStream(skip_special_tokens=True)
         self._parts: list[str] = []
+        # `text` may be read (and the pieces joined) from another thread than the one adding
+        # tokens, e.g. a request's `seq.text` while the engine streams it.
+        self._lock = threading.Lock()
 
     def add(self, token: int) -> str:
         """Feed one token; returns the text it completed ("" while a character is unfinished)."""
         piece = self._stream.step(self._tokenizer, int(token)) or ""
         if piece:
-            self._parts.append(piece)
+            with self._lock:
+                self._parts.append(piece)
         return piece
 
     @property
     def text(self) -> str:
-        if len(self._parts) > 1:
-            self._parts[:] = ["".join(self._parts)]
-        return self._parts[0] if self._parts else ""
+        with self._lock:
+            if len(self._parts) > 1:
+                self._parts[:] = ["".join(self._parts)]
+            return self._parts[0] if self._parts else ""
 
     def tail(self, n: int) -> str:
         """The last `n` characters (fewer if the text is shorter)."""
         out, size = [], 0
-        for part in reversed(self._parts):
-            out.append(part)
-            size += len(part)
-            if size >= n:
-                break
+        with self._lock:
+            for part in reversed(self._parts):
+                out.append(part)
+                size += len(part)
+                if size >= n:
+                    break
         return "".join(reversed(out))[-n:] if n > 0 else ""

@@ -359,3 +359,5 @@ def test_sample_rows_equals_the_branching_sample_and_its_logprobs():
     np.testing.assert_array_equal(tokens, sample_jit(logits, batch))
     np.testing.assert_allclose(logprobs, jax.nn.log_softmax(logits)[jnp.arange(4), tokens], atol=1e-6)
     assert draws(batch) and not draws(SamplingBatch.from_params([SamplingParams()] * 2, [0, 0], [1, 2]))
+    assert not draws(None)  # lanes: None means every row is greedy
+    assert SamplingParams().greedy and SamplingParams(temperature=1e-6).greedy and not params[1].greedy

@@ -278,8 +278,9 @@ class Lane:
 
     # -- serving -------------------------------------------------------------------------
     def dispatch(self, tokens: np.ndarray, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
-                 sampling: SamplingBatch) -> tuple[jax.Array, jax.Array]:
-        """Enqueue one compiled step without waiting; returns device arrays (tokens, logprobs)."""
+                 sampling: SamplingBatch | None) -> tuple[jax.Array, jax.Array]:
+        """Enqueue one compiled step without waiting; returns device arrays (tokens, logprobs).
+        `sampling` None: every row is greedy (the step's argmax is the token)."""
         b, t = tokens.shape
         fn = self._steps.get((b, t))
         if fn is None:
@@ -293,7 +294,7 @@ class Lane:
         return next_tokens, logprobs
 
     def dispatch_fed(self, previous: jax.Array, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,
-                     sampling: SamplingBatch) -> tuple[jax.Array, jax.Array]:
+                     sampling: SamplingBatch | None) -> tuple[jax.Array, jax.Array]:
         """A decode step whose input tokens are `previous` (a step's output tokens [B], still on
         the device, rows in the same order): no wait for the host to read them."""
         b = previous.shape[0]
