@@ -9,6 +9,8 @@ on 4 GPUs? The shapes of TP4 -> TP1 (three 134 MB pieces from GPUs 0-2 into GPU 
                one batched device_put, then a consumer program on each destination (like the
                scatter), dispatched at once; wait for the consumers
   pipeline_sync  the same, but the host waits for the producers before device_put
+  raw          sources ready, `cuMemcpyPeerAsync` (bench/cuda_peer_copy.py) into landing arrays made
+               beforehand, one stream per device pair; returns when every copy is complete (GPU only)
 
 Host times of each call (ms from the start) and the time all data landed, medians of 15.
     PYTHONPATH=. python bench/probes/put_delay.py [--mb 134]
@@ -19,8 +21,14 @@ import statistics
 import threading
 import time
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
+from cuda_peer_copy import PeerCopier, driver  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--mb", type=float, default=134.0)
@@ -87,7 +95,17 @@ def pipeline(pairs, sync=False):
     return [ms(t, t0) for t in (t1, t2, t3, t4, t5, t6)], rs
 
 
-ways = {"ready": ["put returned", "landed"], "threads": ["threads joined", "landed"],
+copier = PeerCopier(devs) if driver() is not None and devs[0].platform == "gpu" else None
+landing = {(s, d): jax.device_put(jnp.zeros((n,), jnp.uint32), d) for pairs in shapes.values() for s, d in pairs}
+
+
+def raw(pairs):
+    t0 = time.perf_counter()
+    copier.copy([(on[s], landing[(s, d)]) for s, d in pairs])
+    return [ms(time.perf_counter(), t0)], None
+
+
+ways = {"raw": ["copied"], "ready": ["put returned", "landed"], "threads": ["threads joined", "landed"],
         "one": ["put returned", "landed"],
         "pipeline": ["produce dispatched", "(no sync)", "put returned", "consume dispatched", "landed", "done"],
         "pipeline_sync": ["produce dispatched", "produce ready", "put returned", "consume dispatched", "landed",
@@ -95,7 +113,9 @@ ways = {"ready": ["put returned", "landed"], "threads": ["threads joined", "land
 print(f"{devs[0].device_kind}, {n * 4 / 1e6:.0f} MB a piece, medians of {args.repeats} (ms from the start)")
 for shape, pairs in shapes.items():
     for way, labels in ways.items():
-        fn = {"ready": ready, "threads": threads, "one": one, "pipeline": pipeline,
+        if way == "raw" and copier is None:
+            continue
+        fn = {"raw": raw, "ready": ready, "threads": threads, "one": one, "pipeline": pipeline,
               "pipeline_sync": lambda p: pipeline(p, True)}[way]
         rows = []
         for i in range(args.repeats + 2):
@@ -107,7 +127,7 @@ for shape, pairs in shapes.items():
             del res
         med = [statistics.median(c) for c in zip(*rows)]
         pieces = 1 if way == "one" else len(pairs)
-        gbps = pieces * n * 4 / 1e6 / med[-1] if way in ("ready", "threads", "one") else None
+        gbps = pieces * n * 4 / 1e6 / med[-1] if way in ("raw", "ready", "threads", "one") else None
         text = ", ".join(f"{lab} {m:.3f}" for lab, m in zip(labels, med))
         print(f"{shape:22s} {way:14s} {text}" + (f"  ({gbps:.0f} GB/s)" if gbps else ""), flush=True)
 # contents: a piece that went GPU0 -> GPU3 equals the source
