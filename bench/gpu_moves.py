@@ -20,7 +20,7 @@ from nitsum_jax.config import preset
 from nitsum_jax.kv import kv_bytes_per_page
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
 
-from gpu_plans import fill_random, plan_set_arguments, report, time_move_phases, time_moves  # bench/ is on sys.path as a script
+from gpu_plans import fill_random, measure_move, plan_set_arguments, report, time_move_phases  # bench/ is on sys.path as a script
 
 PAIRS = [("tp4@0-3", "tp2@0-1"), ("tp2@0-1", "tp4@0-3"), ("tp2@0-1", "tp2@2-3"), ("tp1@2", "tp4@0-3"),
          ("tp4@0-3", "tp1@3"), ("tp1@2", "tp2@0-1"), ("tp2@0-1", "tp1@3"),
@@ -128,9 +128,8 @@ def main():
                 ps.move_pieces = p
                 for a, b in PAIRS:
                     if a in lanes and b in lanes:
-                        t, before, after = time_moves(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
-                        row = {"ms": t * 1e3, "GB_per_s": gbytes / t,
-                               "contents_equal": abs(before - after) <= 1e-6 * abs(before)}
+                        m = measure_move(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
+                        row = {k: m[k] for k in ("ms", "GB_per_s", "contents_equal")}
                         key = f"{impl} x{p}{({True: ' sync', False: '', None: ' auto'})[sync]} {a}->{b}"
                         results["moves"][key] = row
                         print(f"{key}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s equal={row['contents_equal']}",

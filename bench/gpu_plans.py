@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nitsum_jax.config import preset
-from nitsum_jax.kv import kv_bytes_per_page
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
+from nitsum_jax.plans.probe import fill_random, measure_move  # noqa: F401 (fill_random: gpu_step, gpu_moves)
 from nitsum_jax.sampling import SamplingBatch
 
 
@@ -44,40 +44,6 @@ def report(results: dict, out: str | None, name: str, echo: bool = True) -> None
     if out:
         with open(f"{out}/{name}.json", "w") as f:
             json.dump(results, f, indent=2)
-
-
-def fill_random(lane, seed):
-    """Random KV contents (never time on zeros)."""
-    def rnd(kv):
-        keys = jax.random.split(jax.random.key(seed), 2 * len(kv.k))
-        return jax.tree.map(lambda a, k: jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype), kv,
-                            type(kv)(k=tuple(keys[:len(kv.k)]), v=tuple(keys[len(kv.k):])))
-    lane.kv = jax.jit(rnd, out_shardings=jax.tree.map(lambda a: a.sharding, lane.kv))(lane.kv)
-
-
-def checksum(lane, pages):
-    k, v, _ = lane.gather_pages(pages)
-    n = len(pages)
-    return float(sum(jnp.sum(a[:, :, :n].astype(jnp.float32) ** 2) for a in k + v))
-
-
-def time_moves(plan_set, src, dst, tokens, repeats):
-    seq = ("move", src.name, dst.name)
-    src.allocator.reserve(seq, tokens)
-    before = checksum(src, src.allocator.pages(seq))
-    times = []
-    for i in range(repeats + 2):
-        a, b = (src, dst) if i % 2 == 0 else (dst, src)
-        jax.block_until_ready(a.kv)
-        t0 = time.perf_counter()
-        plan_set.move(seq, a, b)
-        jax.block_until_ready(b.kv)
-        if i >= 2 and a is src:
-            times.append(time.perf_counter() - t0)
-    holder = dst if (repeats + 2) % 2 == 1 else src
-    after = checksum(holder, holder.allocator.pages(seq))
-    holder.allocator.free(seq)
-    return statistics.median(times), before, after
 
 
 def time_move_phases(plan_set, src, dst, tokens, repeats):
@@ -197,16 +163,14 @@ def main():
                "weights_per_device_gib": {d: b / 2**30 for d, b in held.items()},
                "weights_per_device_without_sharing_gib": {d: b / 2**30 for d, b in unshared.items()}}
     lanes = {lane.name: lane for lane in ps.lanes.values()}
-    per_token = kv_bytes_per_page(cfg, 1)
     moves = {}
     pairs = [("tp4@0-3", "tp2@0-1"), ("tp2@0-1", "tp4@0-3"), ("tp2@0-1", "tp2@2-3"), ("tp1@2", "tp4@0-3"),
              ("tp4@0-3", "tp1@3"), ("tp1@2", "tp2@0-1")]
     for a, b in pairs:
         if a in lanes and b in lanes:
-            t, before, after = time_moves(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
-            gbytes = per_token * args.move_tokens / 1e9
-            moves[f"{a}->{b}"] = {"ms": t * 1e3, "GB": gbytes, "GB_per_s": gbytes / t,
-                                  "contents_equal": abs(before - after) <= 1e-6 * abs(before)}
+            m = measure_move(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
+            moves[f"{a}->{b}"] = {"ms": m["ms"], "GB": m["MB"] / 1e3, "GB_per_s": m["GB_per_s"],
+                                  "contents_equal": m["contents_equal"]}
     results["kv_moves"] = moves
     phases = {}
     for a, b in (("tp2@0-1", "tp4@0-3"), ("tp4@0-3", "tp1@3")):

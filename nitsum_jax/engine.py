@@ -21,6 +21,7 @@ import dataclasses
 import os
 import queue
 import random
+import statistics
 import sys
 import threading
 import time
@@ -264,6 +265,61 @@ class Engine:
         self._pending_switch = (name, reason)
         self._wake()
 
+    def measure_switch_costs(self, tokens: int | None = None, repeats: int = 5, max_moves: int = 8) -> dict:
+        """Time, on an idle engine, what a plan switch costs: every switch to another plan and back
+        with nothing running (no KV moves), and a `tokens`-token sequence (default: the grid's
+        longest, whole pages) moved between lanes of the plan set, one ordered lane pair per kind
+        of move (TP degrees, shared devices), at most `max_moves`, contents checked after the moves.
+
+        Lanes and the controller are held off meanwhile; the probe's switches are not kept in
+        `stats()`. The free pages of the lanes get random contents (no live sequence holds them).
+        Raises RuntimeError while requests run or wait."""
+        from nitsum_jax.plans.probe import fill_random, measure_move
+
+        with self._cond:
+            busy = self._handles or self.scheduler.waiting or any(q.running for q in self.scheduler.lanes.values())
+            if busy:
+                raise RuntimeError("measure_switch_costs needs an idle engine (requests are running or waiting)")
+            self._switching = True  # lanes and the control loop wait
+            while self._in_step:
+                self._cond.wait(0.05)
+            start_plan, kept, history = self.plan_name, len(self.switches), len(self.plan_history)
+            try:
+                switch_ms: dict[str, list[float]] = {}
+                for _ in range(repeats):
+                    for name in self.plan_set.plans:
+                        if name == start_plan:
+                            continue
+                        for target in (name, start_plan):
+                            self._do_switch(target, "switch-cost probe")
+                            key = f"{self.switches[-1].from_plan}->{target}"
+                            switch_ms.setdefault(key, []).append(self.switches[-1].duration_s * 1e3)
+                lanes = list(self.plan_set.lanes.values())
+                for i, lane in enumerate(lanes):
+                    fill_random(lane, 1000 + i)
+                pages = min(lane.pages_per_seq for lane in lanes)
+                tokens = min(tokens or self.grid.max_seq_len, pages * lanes[0].page_size)
+                moves, kinds = [], set()
+                for src in lanes:
+                    for dst in lanes:
+                        kind = (src.spec.tp, dst.spec.tp, bool(set(src.spec.devices) & set(dst.spec.devices)))
+                        if src is dst or kind in kinds or len(moves) >= max_moves:
+                            continue
+                        kinds.add(kind)
+                        moves.append({"src": src.name, "dst": dst.name,
+                                      **measure_move(self.plan_set, src, dst, tokens, repeats)})
+            finally:
+                del self.switches[kept:], self.plan_history[history:]
+                if self.controller is not None:
+                    self.controller.force(start_plan, time.monotonic())
+                self._switching = False
+                self._cond.notify_all()
+        all_ms = [t for ts in switch_ms.values() for t in ts]
+        return {"switch_ms": {k: statistics.median(v) for k, v in switch_ms.items()},
+                "switch_ms_max": max(all_ms) if all_ms else None,
+                "switch_ms_median": statistics.median(all_ms) if all_ms else None,
+                "moves": moves, "repeats": repeats}
+
     def recent(self) -> list[RequestHandle]:
         """Handles of the last `keep_finished` finished requests, oldest first (live ones are not
         kept after they finish, so a long-running server does not grow)."""
@@ -287,6 +343,8 @@ class Engine:
         self._steps = {lane.name: 0 for lane in self.plan_set.lanes.values()}
         # decode steps dispatched before their predecessor's tokens were read (`_timed_step`)
         self._chained = {lane.name: 0 for lane in self.plan_set.lanes.values()}
+        # steps with a sampled row (temperature > 0): the lane ran its sampler program after the step
+        self._sampled = {lane.name: 0 for lane in self.plan_set.lanes.values()}
         if not hasattr(self, "_step_s"):
             self._step_s: dict[str, float] = {}
         self.plan_history: list[tuple[float, str]] = [(self._stats_t0, self.plan_name)]
@@ -299,7 +357,7 @@ class Engine:
     def stats(self) -> dict:
         """Plain data: current `plan`; per-class TTFT/TPOT/e2e p50/p99 (seconds) of finished requests;
         waiting requests per class; KV pages in use per lane; plan switches, preemptions, KV moves;
-        `lanes` (as `lanes_info`); busy seconds, steps and chained decode steps per lane, `device_busy_fraction`,
+        `lanes` (as `lanes_info`); busy seconds, steps, chained decode steps and steps with sampled rows per lane, `device_busy_fraction`,
         `plan_history` ([(time, plan), ...]) since `reset_stats`; unhealthy lanes."""
         with self._lock:
             per_class: dict[str, dict] = {}
@@ -327,6 +385,7 @@ class Engine:
                 "lane_busy_s": dict(self._busy_s),
                 "steps": dict(self._steps),
                 "chained_steps": dict(self._chained),
+                "sampled_steps": dict(self._sampled),
                 "device_busy_fraction": self._busy_fraction(),
                 "plan_history": list(self.plan_history),
                 "unhealthy": dict(self.unhealthy),
@@ -573,6 +632,7 @@ class Engine:
             sampling = SamplingBatch.from_params([s.params for s in seqs] + [None] * (batch - len(rows)),
                                                  [s.seed for s in seqs] + [0] * (batch - len(rows)),
                                                  [w.start_pos + w.num_tokens for w in rows] + [0] * (batch - len(rows)))
+            self._sampled[lane.name] += 1
         if feed is not None:
             return lane.dispatch_fed(feed, start, num_new, table, sampling)
         return lane.dispatch(tokens, start, num_new, table, sampling)

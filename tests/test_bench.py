@@ -19,7 +19,7 @@ def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     results = run_bench(configs=("static", "adaptive"), rates=(20.0,), num_requests=14, prompt_len="4-16",
                         output_len="4-12", seed=3, plans=PLANS, num_devices=8, grid=GRID, num_pages=32,
-                        page_size=8, out_dir=out, progress=False)
+                        page_size=8, out_dir=out, progress=False, sampled_fraction=0.5)
     return out, results
 
 
@@ -73,14 +73,45 @@ def test_counts_add_up_and_completed_requests_got_all_their_tokens(bench):
 
 
 def test_the_same_seed_gives_the_same_workload_and_a_trace_round_trips(tmp_path):
-    a = poisson_workload(5.0, duration_s=4.0, seed=9, prompt_len="lognormal:20:0.5", output_len="8-16")
-    b = poisson_workload(5.0, duration_s=4.0, seed=9, prompt_len="lognormal:20:0.5", output_len="8-16")
+    a = poisson_workload(5.0, duration_s=4.0, seed=9, prompt_len="lognormal:20:0.5", output_len="8-16",
+                         sampled_fraction=0.5, temperature=0.7)
+    b = poisson_workload(5.0, duration_s=4.0, seed=9, prompt_len="lognormal:20:0.5", output_len="8-16",
+                         sampled_fraction=0.5, temperature=0.7)
     assert a.requests == b.requests and len(a.requests) > 5
     assert all(1 <= r.prompt_len <= 80 and 8 <= r.output_len <= 16 for r in a.requests)
+    assert {r.temperature for r in a.requests} == {0.0, 0.7}
+    assert a.params["sampled_requests"] == sum(r.temperature > 0 for r in a.requests)
+    # the sampled share changes only temperatures and seeds: the greedy workload is the same requests
+    greedy = poisson_workload(5.0, duration_s=4.0, seed=9, prompt_len="lognormal:20:0.5", output_len="8-16")
+    assert [r.temperature for r in greedy.requests] == [0.0] * len(a.requests)
+    assert [(r.arrival_s, r.prompt_ids, r.output_len) for r in greedy.requests] == \
+           [(r.arrival_s, r.prompt_ids, r.output_len) for r in a.requests]
     a.to_jsonl(tmp_path / "trace.jsonl")
     replay = load_trace(tmp_path / "trace.jsonl")
-    assert [(r.arrival_s, r.priority_class, r.prompt_len, r.output_len) for r in replay.requests] == \
-           [(r.arrival_s, r.priority_class, r.prompt_len, r.output_len) for r in a.requests]
+    fields = lambda r: (r.arrival_s, r.priority_class, r.prompt_len, r.output_len, r.temperature, r.seed)  # noqa: E731
+    assert [fields(r) for r in replay.requests] == [fields(r) for r in a.requests]
+    with pytest.raises(ValueError, match="sampled_fraction"):
+        poisson_workload(5.0, sampled_fraction=1.5)
+
+
+def test_sampled_requests_ran_the_sampler_in_both_configurations(bench):
+    _, results = bench
+    assert results["workload"]["sampled_fraction"] == 0.5 and results["workload"]["sampled_requests"] > 0
+    for name in ("static", "adaptive"):
+        assert sum(results["configs"][name]["sampled_steps"].values()) > 0, name
+        assert sum(results["configs"][name]["sampled_steps"].values()) <= sum(results["configs"][name]["steps"].values())
+
+
+def test_adaptive_run_ends_with_a_switch_cost_probe_in_results_and_report(bench):
+    out, results = bench
+    assert "switch_probe" not in results["configs"]["static"]  # one lane, one plan: nothing to switch
+    probe = results["configs"]["adaptive"]["switch_probe"]
+    assert set(probe["switch_ms"]) == {"static->mixed", "mixed->static"}
+    moves = {(m["src"], m["dst"]): m for m in probe["moves"]}
+    assert {("tp8@0-7", "tp4@0-3"), ("tp4@0-3", "tp8@0-7"), ("tp4@0-3", "tp4@4-7")} <= set(moves)
+    assert all(m["contents_equal"] and m["GB_per_s"] > 0 and m["tokens"] == GRID.max_seq_len for m in moves.values())
+    report = (out / "report.md").read_text()
+    assert "## Switch costs" in report and "| adaptive | tp8@0-7 -> tp4@0-3 | 64 |" in report
 
 
 def test_bench_command_is_registered_without_importing_jax():

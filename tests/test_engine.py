@@ -227,3 +227,34 @@ def test_chained_decode_steps_give_the_unchained_tokens_and_free_every_page(tiny
             eng.close()
     assert results[6] == results[0]
     assert {r[2] for r in results[0]} >= {"length"}
+
+
+def test_switch_cost_probe_moves_kv_between_lane_kinds_and_leaves_the_engine_as_it_was(engine):
+    prompt = [256, 9, 8, 7, 6]
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    before = engine.generate([prompt], greedy, priority_class="low")[0].token_ids
+    plan, switches = engine.plan_name, len(engine.stats()["plan_switches"])
+    probe = engine.measure_switch_costs(repeats=2)
+    assert set(probe["switch_ms"]) == {f"{plan}->{p}" for p in engine.plan_set.plans if p != plan} | \
+        {f"{p}->{plan}" for p in engine.plan_set.plans if p != plan}
+    assert 0.0 <= probe["switch_ms_median"] <= probe["switch_ms_max"]
+    kinds = {(m["src"], m["dst"]) for m in probe["moves"]}
+    tps = {lane.name: lane.spec.tp for lane in engine.plan_set.lanes.values()}
+    assert len(probe["moves"]) >= 3 and len({(tps[a], tps[b]) for a, b in kinds}) >= 3  # across TP degrees
+    for move in probe["moves"]:
+        assert move["contents_equal"], move
+        assert move["tokens"] == GRID.max_seq_len and move["GB_per_s"] > 0
+        assert move["MB"] * 1e6 == kv_bytes_per_page(engine.cfg, 1) * move["tokens"]
+    # nothing left behind: same plan, no probe switches in the stats, every page free, same tokens
+    assert engine.plan_name == plan and len(engine.stats()["plan_switches"]) == switches
+    assert all(lane.allocator.num_used == 0 for lane in engine.plan_set.lanes.values())
+    assert engine.generate([prompt], greedy, priority_class="low")[0].token_ids == before
+
+
+def test_switch_cost_probe_refuses_a_busy_engine(engine):
+    handle = engine.submit([256, 5, 5], SamplingParams(max_tokens=40, ignore_eos=True), priority_class="low")
+    try:
+        with pytest.raises(RuntimeError, match="idle engine"):
+            engine.measure_switch_costs(repeats=1)
+    finally:
+        handle.result(timeout=120)

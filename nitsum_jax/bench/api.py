@@ -49,15 +49,19 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
               num_pages: int = DEFAULTS["num_pages"], page_size: int = DEFAULTS["page_size"],
               engine_kwargs: dict | None = None, target: str | None = None, api_key: str | None = None,
               drain_timeout_s: float = 120.0, out_dir: str | Path | None = None, console=None,
-              progress: bool = True) -> dict:
+              progress: bool = True, sampled_fraction: float = 0.0, temperature: float = 0.8,
+              switch_probe: bool = True) -> dict:
     """Run every configuration on the same workloads, one after the other.
 
     configs: "static" (the plan set's static plan alone, no controller) and/or "adaptive" (the
     plan set with the controller); with `target` (host:port of a running server) one
     configuration, "server", is measured instead. static_plan: the static configuration's plan
     when it is not the plan set's `static` plan. rates: a Poisson workload per rate; the
-    first is the headline rate of `configs.<name>`. Writes results.json, requests.jsonl,
-    report.md and PNG plots into `out_dir` when given."""
+    first is the headline rate of `configs.<name>`. sampled_fraction: share of requests that
+    sample at `temperature` (the rest are greedy). switch_probe: after its runs, each in-process
+    engine with several lanes or plans times its plan switches and KV moves while idle
+    (`Engine.measure_switch_costs`, in `configs.<name>.switch_probe`). Writes results.json,
+    requests.jsonl, report.md and PNG plots into `out_dir` when given."""
     from rich.console import Console
 
     console = console or Console(quiet=not progress)
@@ -67,7 +71,8 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
     if workloads is None:
         workloads = make_workloads(rates, trace=trace, time_scale=time_scale, duration_s=duration_s,
                                    num_requests=num_requests, high_fraction=high_fraction, prompt_len=prompt_len,
-                                   output_len=output_len, seed=seed)
+                                   output_len=output_len, seed=seed, sampled_fraction=sampled_fraction,
+                                   temperature=temperature)
     names = ["server"] if target else list(configs)
     engine_kwargs = dict(engine_kwargs or {})
     engine_kwargs.setdefault("grid", grid or default_grid())
@@ -103,13 +108,19 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
                              "plan_history": window.get("plan_history") or [],
                              "plan_switch_log": window.get("plan_switches") or [],
                              "lane_busy_s": window.get("lane_busy_s"), "steps": window.get("steps"),
-                             "chained_steps": window.get("chained_steps")})
+                             "chained_steps": window.get("chained_steps"),
+                             "sampled_steps": window.get("sampled_steps")})
                 results["requests"] += [{"config": name, "rate_index": k, "rate_rps": workload.params["rate_rps"],
                                          **r} for r in run["records"]]
             head = runs[0]
             results["configs"][name] = {**head, "startup_s": startup_s, "backend": backend.info(), "by_rate": runs,
                                         "request_ids": [r["request_id"] for r in results["requests"]
                                                         if r["config"] == name]}
+            if switch_probe and hasattr(backend, "switch_costs"):
+                with console.status(f"{name}: timing plan switches and KV moves on the idle engine"):
+                    probe = backend.switch_costs()
+                if probe is not None:
+                    results["configs"][name]["switch_probe"] = probe
         finally:
             backend.close()
     _finish(results, names, target)

@@ -115,7 +115,8 @@ class EngineBackend:
         sent = time.monotonic()
         try:
             handle = self.engine.submit(request.prompt_input(),
-                                        SamplingParams(max_tokens=request.output_len, ignore_eos=True),
+                                        SamplingParams(max_tokens=request.output_len, ignore_eos=True,
+                                                       **request.sampling_kwargs()),
                                         priority_class=request.priority_class, request_id=request.request_id)
         except QueueFull as error:
             return _Done(make_record(request, t0, sent=sent, first_token=None, finish=None, output_tokens=0,
@@ -134,6 +135,7 @@ class EngineBackend:
             "lane_busy_s": stats.get("lane_busy_s"),
             "steps": stats.get("steps"),
             "chained_steps": stats.get("chained_steps"),
+            "sampled_steps": stats.get("sampled_steps"),
             "plan_switches": [dict(s, time=s["time"] - t0) for s in switches],
             "kv_moves": stats["kv_moves"] - self._base.get("kv_moves", 0),
             "preemptions": stats["preemptions"] - self._base.get("preemptions", 0),
@@ -141,6 +143,12 @@ class EngineBackend:
             "plan_history": [(max(0.0, t - t0), plan) for t, plan in stats.get("plan_history", [])],
             "lanes": stats.get("lanes"),
         }
+
+    def switch_costs(self, repeats: int = 3) -> dict | None:
+        """The engine's switch-cost probe after a run (None for a single-lane, single-plan set)."""
+        if len(self.engine.plan_set.plans) < 2 and len(self.engine.plan_set.lanes) < 2:
+            return None
+        return self.engine.measure_switch_costs(repeats=repeats)
 
     def info(self) -> dict:
         return {"kind": "engine", "plans": self.description, "plan_names": list(self.engine.plan_set.plans),
@@ -261,7 +269,7 @@ def _stream_via_client(client, request: BenchRequest, t0: float) -> dict:
     tokens, reason = 0, None
     try:
         for event in client.stream(**kwargs, priority=request.priority_class, max_tokens=request.output_len,
-                                   request_id=request.request_id):
+                                   request_id=request.request_id, **request.sampling_kwargs()):
             if event.token_ids and first is None:
                 first = event.time + to_monotonic
             tokens += len(event.token_ids)

@@ -58,6 +58,10 @@ def register(subparsers) -> None:
                    help="prompt tokens: N, LO-HI (uniform) or lognormal:MEDIAN:SIGMA (default: %(default)s)")
     w.add_argument("--output-len", default=DEFAULTS["output_len"], help="output tokens, same forms "
                                                                          "(default: %(default)s)")
+    w.add_argument("--sampled-fraction", type=float, default=0.0,
+                   help="share of requests that sample (temperature --temperature, top_p 0.95, a seed each); "
+                        "the rest are greedy (default: %(default)s)")
+    w.add_argument("--temperature", type=float, default=0.8, help="temperature of sampled requests (default: %(default)s)")
     w.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="workload seed (default: %(default)s)")
     w.add_argument("--trace", default=None, help="JSONL trace (arrival_s, class, prompt or prompt_len, output_len) "
                                                  "instead of Poisson arrivals")
@@ -78,6 +82,8 @@ def register(subparsers) -> None:
     e.add_argument("--decode-batch", type=_ints, default=(8,), help="decode batch buckets (default: 8)")
     e.add_argument("--prefill-len", type=_ints, default=(32,), help="prefill chunk buckets (default: 32)")
     e.add_argument("--max-seq-len", type=int, default=128, help="longest prompt + output (default: 128)")
+    e.add_argument("--no-switch-probe", action="store_true",
+                   help="skip timing plan switches and KV moves on each idle engine after its runs")
     e.add_argument("--target", default=None, help="host:port of a running nitsum-jax server, instead of "
                                                   "in-process engines")
     e.add_argument("--api-key", default=os.environ.get("NITSUM_API_KEY"), help="API key for --target")
@@ -125,7 +131,9 @@ def _bench(args) -> int:
                             num_devices=args.devices, grid=grid,
                             num_pages=args.num_pages, page_size=args.page_size, target=args.target,
                             api_key=args.api_key, drain_timeout_s=args.drain_timeout, out_dir=args.out,
-                            console=console, progress=not args.no_progress)
+                            console=console, progress=not args.no_progress,
+                            sampled_fraction=args.sampled_fraction, temperature=args.temperature,
+                            switch_probe=not args.no_switch_probe)
     except (ValueError, RuntimeError) as error:
         print(f"nitsum-jax: error: {error}", file=sys.stderr)
         return 2

@@ -56,6 +56,28 @@ def ratio_lines(results: dict) -> list[str]:
     return lines
 
 
+PROBE_COLUMNS = ("config", "move", "tokens", "MB", "ms", "GB/s", "contents equal")
+
+
+def probe_rows(results: dict) -> list[tuple[str, ...]]:
+    """One row per KV move of each configuration's switch-cost probe."""
+    return [(name, f"{m['src']} -> {m['dst']}", str(m["tokens"]), _f(m["MB"], 1), _f(m["ms"], 3),
+             _f(m["GB_per_s"], 1), "yes" if m["contents_equal"] else "NO")
+            for name, c in results["configs"].items() for m in (c.get("switch_probe") or {}).get("moves", [])]
+
+
+def probe_lines(results: dict) -> list[str]:
+    """The switch-cost probe's plan switches without KV moves, a line per configuration."""
+    lines = []
+    for name, c in results["configs"].items():
+        probe = c.get("switch_probe")
+        if probe and probe.get("switch_ms"):
+            lines.append(f"{name}: plan switch without KV moves {_f(probe['switch_ms_median'], 3)} ms median, "
+                         f"{_f(probe['switch_ms_max'], 3)} ms max over {len(probe['switch_ms'])} switch kinds x "
+                         f"{probe['repeats']} (idle engine, after the run)")
+    return lines
+
+
 def title(results: dict) -> str:
     w, m = results["workload"], results["machine"]
     where = f"{m.get('device_count', '?')} x {m.get('device_kind', m.get('backend', '?'))}" if "jax" in m else "server"
@@ -82,6 +104,17 @@ def print_tables(results: dict, console) -> None:
         table.add_row(*row)
     console.print(table)
     for line in ratio_lines(results):
+        console.print(line)
+    rows = probe_rows(results)
+    if rows:
+        table = Table(title="KV moves between lanes (switch-cost probe, idle engine, after the run)",
+                      title_justify="left")
+        for col in PROBE_COLUMNS:
+            table.add_column(col, justify="left" if col in ("config", "move") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    for line in probe_lines(results):
         console.print(line)
 
 
@@ -118,6 +151,9 @@ def markdown_report(results: dict) -> str:
         lines += [f"- `{name}` at {s['time']:.2f} s: {s['from_plan']} -> {s['to_plan']} ({s['reason']}; "
                   f"{s['moved']} moved{_move_rate(s)}, {s['recomputed']} recomputed, {_s(s['duration_s'])})"
                   for name, s in switches]
+    if probe_rows(results) or probe_lines(results):
+        lines += ["", "## Switch costs (probe on the idle engine after its runs)", ""]
+        lines += [f"- {line}" for line in probe_lines(results)] + [""] + _md_table(PROBE_COLUMNS, probe_rows(results))
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in results.get("plots", [])]
     lines += ["", "Device busy: device-seconds inside lane steps over device-seconds elapsed (the engine's step "
               "timings). Host CPU: this machine's CPU use over the run (on host devices, the real limit).", ""]

@@ -26,6 +26,12 @@ class BenchRequest:
     output_len: int  # max_tokens, with EOS ignored, so every configuration generates the same count
     prompt: str | None = None  # trace text; None: `prompt_len` token ids drawn from the workload seed
     prompt_ids: tuple[int, ...] = ()
+    temperature: float = 0.0  # > 0: the request samples (seeded by `seed`), 0: greedy
+    seed: int = 0
+
+    def sampling_kwargs(self) -> dict:
+        """temperature, top_p and seed for SamplingParams or the gRPC client ({} when greedy)."""
+        return {"temperature": self.temperature, "top_p": 0.95, "seed": self.seed} if self.temperature > 0 else {}
 
     def prompt_input(self) -> str | list[int]:
         return self.prompt if self.prompt is not None else list(self.prompt_ids)
@@ -94,18 +100,25 @@ class Workload:
             for r in self.requests:
                 row = {"arrival_s": r.arrival_s, "class": r.priority_class, "output_len": r.output_len}
                 row |= {"prompt": r.prompt} if r.prompt is not None else {"prompt_len": r.prompt_len}
+                row |= {"temperature": r.temperature, "seed": r.seed} if r.temperature > 0 else {}
                 f.write(json.dumps(row) + "\n")
 
 
 def poisson_workload(rate: float, *, duration_s: float | None = 20.0, num_requests: int | None = None,
                      high_fraction: float = 0.3, prompt_len: str = "8-48", output_len: str = "16-48",
-                     seed: int = 0, id_prefix: str = "r") -> Workload:
+                     seed: int = 0, id_prefix: str = "r", sampled_fraction: float = 0.0,
+                     temperature: float = 0.8) -> Workload:
     """Poisson arrivals at `rate` requests/s for `duration_s` (or exactly `num_requests`),
-    `high_fraction` of them `high` and the rest `low`, lengths from the given distributions."""
+    `high_fraction` of them `high` and the rest `low`, lengths from the given distributions;
+    `sampled_fraction` of them sample at `temperature` (top_p 0.95, a seed each), the rest are greedy."""
     if rate <= 0:
         raise ValueError(f"rate must be > 0 requests/s, got {rate}")
     if not 0.0 <= high_fraction <= 1.0:
         raise ValueError(f"high_fraction must be in [0, 1], got {high_fraction}")
+    if not 0.0 <= sampled_fraction <= 1.0:
+        raise ValueError(f"sampled_fraction must be in [0, 1], got {sampled_fraction}")
+    if sampled_fraction > 0 and not 0.0 < temperature <= 100.0:
+        raise ValueError(f"temperature must be in (0, 100] for sampled requests, got {temperature}")
     if num_requests is None and (duration_s is None or duration_s <= 0):
         raise ValueError("give num_requests or a duration_s > 0")
     rng = np.random.default_rng(seed)
@@ -118,19 +131,26 @@ def poisson_workload(rate: float, *, duration_s: float | None = 20.0, num_reques
     classes = np.where(rng.random(n) < high_fraction, "high", "low")
     prompts = LengthDist.parse(prompt_len).sample(rng, n)
     outputs = LengthDist.parse(output_len).sample(rng, n)
+    ids = [tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB, int(prompts[i]))) for i in range(n)]
+    # Drawn after everything else, so a greedy workload is the same with or without this option.
+    sampled = rng.random(n) < sampled_fraction if sampled_fraction > 0 else np.zeros(n, bool)
     requests = tuple(
         BenchRequest(f"{id_prefix}{i:05d}", round(float(arrivals[i]), 6), str(classes[i]), int(prompts[i]),
-                     int(outputs[i]), prompt_ids=tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB, int(prompts[i]))))
+                     int(outputs[i]), prompt_ids=ids[i], temperature=temperature if sampled[i] else 0.0,
+                     seed=(seed * 1_000_003 + i) % 2**32 if sampled[i] else 0)
         for i in range(n))
     params = {"kind": "poisson", "rate_rps": rate, "duration_s": duration_s, "num_requests": n,
               "high_fraction": high_fraction, "prompt_len": str(LengthDist.parse(prompt_len)),
-              "output_len": str(LengthDist.parse(output_len)), "seed": seed}
+              "output_len": str(LengthDist.parse(output_len)), "seed": seed,
+              "sampled_fraction": sampled_fraction, "temperature": temperature if sampled_fraction > 0 else None,
+              "sampled_requests": int(sampled.sum())}
     return Workload(requests, params)
 
 
 def load_trace(path: str | Path, *, seed: int = 0, time_scale: float = 1.0, id_prefix: str = "r") -> Workload:
     """A JSONL trace, one request a line: `arrival_s` (offset), `class`, `prompt` (text) or
-    `prompt_len`, `output_len`. `time_scale` < 1 replays it faster."""
+    `prompt_len`, `output_len`, optionally `temperature` and `seed` (a sampled request).
+    `time_scale` < 1 replays it faster."""
     rng = np.random.default_rng(seed)
     requests = []
     for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -142,7 +162,8 @@ def load_trace(path: str | Path, *, seed: int = 0, time_scale: float = 1.0, id_p
             plen = len(prompt) if prompt is not None else int(row["prompt_len"])
             request = BenchRequest(f"{id_prefix}{len(requests):05d}", float(row["arrival_s"]) * time_scale,
                                    str(row.get("class", "low")), plen, int(row["output_len"]), prompt,
-                                   () if prompt is not None else tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB, plen)))
+                                   () if prompt is not None else tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB, plen)),
+                                   temperature=float(row.get("temperature", 0.0)), seed=int(row.get("seed", 0)))
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"{path}:{line_no}: bad trace row ({error}); expected arrival_s, class, "
                              f"prompt or prompt_len, output_len") from None
