@@ -11,3 +11,6 @@ KEEP_PLOTS=1 BENCH_TIMEOUT=240 bash bench/gpu_host_ab.sh "$ARGS" \
   "tp2set|.||--configs adaptive --plans mixed:high=tp2@0-1,low=tp1@2,low=tp1@3;burst:high+low=tp1@0,low=tp1@1,low=tp1@2,low=tp1@3"
 cat $OUT/gpus.txt; rm -f $OUT/gpus.txt $OUT/tp1set_sampled/*.png $OUT/tp2set/*.png
 for d in tp1set tp1set_sampled tp2set; do sed -n '/## Switch costs/,/## Plots/p' $OUT/$d/report.md; grep -A3 "## Ratios" $OUT/$d/report.md; done
+# at most 8 files come back: keep results.json (report.md is rebuilt from it), the headline's plots, one log
+cat $OUT/tp1set.log $OUT/tp1set_sampled.log $OUT/tp2set.log > $OUT/logs.txt; rm -f $OUT/*.log $OUT/*/report.md
+find $OUT -type f | sort
