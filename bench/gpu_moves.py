@@ -94,7 +94,6 @@ def main():
     ap.add_argument("--pieces", default="1,2,4")
     ap.add_argument("--sync", default="auto,0,1", help="host sync before sending: 1, 0 or auto (the default rule)")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--transports", default="device_put", help="device_put and/or peer (moves waited for)")
     ap.add_argument("--profile", default="tp4@0-3->tp1@3,tp2@0-1->tp2@2-3,tp2@0-1->tp4@0-3,tp2@0-1->tp1@1,tp1@0->tp1@1")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -123,21 +122,19 @@ def main():
                     prof = results["phases"][key] = profile_moves(ps, lanes[a], lanes[b], args.move_tokens)
                     print(f"{key}: {json.dumps(prof, indent=1)}", flush=True)
         ps.move_pieces, ps.move_sync = 1, None
-        for transport, sync in [(t, {"1": True, "0": False, "auto": None}[v]) for t in args.transports.split(",")
-                                for v in (args.sync.split(",") if t == "device_put" else ["auto"])]:
-            ps.move_sync, ps.move_transport = sync, transport
-            for p in (pieces if transport == "device_put" else [1]):
+        for sync in ({"1": True, "0": False, "auto": None}[v] for v in args.sync.split(",")):
+            ps.move_sync = sync
+            for p in pieces:
                 ps.move_pieces = p
                 for a, b in PAIRS:
                     if a in lanes and b in lanes:
                         m = measure_move(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
                         row = {k: m[k] for k in ("ms", "GB_per_s", "contents_equal")}
-                        key = (f"{impl} x{p}{({True: ' sync', False: '', None: ' auto'})[sync]}"
-                               f"{' peer' if transport == 'peer' else ''} {a}->{b}")
+                        key = f"{impl} x{p}{({True: ' sync', False: '', None: ' auto'})[sync]} {a}->{b}"
                         results["moves"][key] = row
                         print(f"{key}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s equal={row['contents_equal']}",
                               flush=True)
-        ps.move_sync, ps.move_transport = None, "device_put"
+        ps.move_sync = None
         ps.move_pieces = 1
         for a, b in (("tp2@0-1", "tp4@0-3"), ("tp4@0-3", "tp1@3"), ("tp2@0-1", "tp1@1")):
             if a in lanes and b in lanes:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from nitsum_jax.plans.peer_copy import CudaError, PeerCopier
+from cuda_peer_copy import CudaError, PeerCopier
 from gpu_plans import report  # bench/ is on sys.path when run as a script
 
 

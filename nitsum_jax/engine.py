@@ -573,7 +573,8 @@ class Engine:
         # what the cost model's per-token estimate and the switch log's bandwidth are about.
         moved = len(src.allocator.pages(request_id)) * src.page_size * self.costs.kv_bytes_per_token
         t0 = time.perf_counter()
-        self.plan_set.move(request_id, src, dst, wait=True)
+        self.plan_set.move(request_id, src, dst)
+        jax.block_until_ready(dst.kv)
         seconds = time.perf_counter() - t0
         self.costs.move_bytes_per_s = _ema(self.costs.move_bytes_per_s, moved / seconds)
         return moved, seconds

@@ -9,7 +9,7 @@ on 4 GPUs? The shapes of TP4 -> TP1 (three 134 MB pieces from GPUs 0-2 into GPU 
                one batched device_put, then a consumer program on each destination (like the
                scatter), dispatched at once; wait for the consumers
   pipeline_sync  the same, but the host waits for the producers before device_put
-  raw          sources ready, `cuMemcpyPeerAsync` (nitsum_jax/plans/peer_copy.py) into landing arrays made
+  raw          sources ready, `cuMemcpyPeerAsync` (bench/cuda_peer_copy.py) into landing arrays made
                beforehand, one stream per device pair; returns when every copy is complete (GPU only)
 
 Host times of each call (ms from the start) and the time all data landed, medians of 15.
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
-from nitsum_jax.plans.peer_copy import PeerCopier, driver  # noqa: E402
+from cuda_peer_copy import PeerCopier, driver  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--mb", type=float, default=134.0)

@@ -3,7 +3,7 @@
 import time, statistics, jax, jax.numpy as jnp
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
-from nitsum_jax.plans.peer_copy import PeerCopier
+from cuda_peer_copy import PeerCopier
 a, b = jax.devices()[:2]
 for mb in (537, 134):
     n = int(mb * 1e6 / 4)

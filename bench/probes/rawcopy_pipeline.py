@@ -3,7 +3,7 @@
 import time, statistics, jax, jax.numpy as jnp
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
-from nitsum_jax.plans.peer_copy import PeerCopier
+from cuda_peer_copy import PeerCopier
 a, b = jax.devices()[:2]
 n = int(537e6 / 4)
 x = jax.device_put(jax.random.bits(jax.random.key(0), (n,), jnp.uint32), a)

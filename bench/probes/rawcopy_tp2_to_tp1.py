@@ -4,7 +4,7 @@ import time, statistics, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
-from nitsum_jax.plans.peer_copy import PeerCopier
+from cuda_peer_copy import PeerCopier
 a, b = jax.devices()[:2]
 n = int(537e6 / 4)
 mesh = Mesh(np.array([a, b]), ("x",))

@@ -5,7 +5,6 @@ compiles nothing and creates no communicators."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import jax
@@ -29,28 +28,17 @@ def lane_name(spec: LaneSpec) -> str:
 class PlanSet:
     def __init__(self, cfg: LlamaConfig, params: Params | None, plans: tuple[Plan, ...], *,
                  devices: list | None = None, num_pages: int = 256, page_size: int = 16,
-                 grid: BucketGrid = BucketGrid(), random_seed: int = 0, move_pieces: int | None = None,
-                 move_transport: str | None = None):
+                 grid: BucketGrid = BucketGrid(), random_seed: int = 0, move_pieces: int | None = None):
         """`params` is the unsplit model; None draws random weights on the devices (benchmarks).
         `move_pieces`: a KV move is sent in up to this many pieces of pages, so that the copy
         of one piece may overlap the transfer of the next (default: NITSUM_MOVE_PIECES, else 1:
         on 4 GPUs two pieces were slower, BENCHMARKS.md session 3). Whether the host waits for a
-        gather before sending it: NITSUM_MOVE_SYNC=0/1, else `_sync_for` decides per move.
-        `move_transport` (env NITSUM_MOVE_TRANSPORT): how moves that are waited for
-        (`move(wait=True)`) cross between GPUs: "device_put" (the runtime's copy) or "peer" (copies
-        issued to the CUDA driver into landing buffers, `peer_copy.py`; GPUs only, else
-        device_put). Moves not waited for always use device_put."""
+        gather before sending it: NITSUM_MOVE_SYNC=0/1, else `_sync_for` decides per move."""
         self.cfg, self.plans = cfg, {p.name: p for p in plans}
         self.devices = list(devices or jax.devices())
         self.move_pieces = max(1, int(move_pieces or os.environ.get("NITSUM_MOVE_PIECES", 1)))
         sync = os.environ.get("NITSUM_MOVE_SYNC")  # None: chosen per move (_sync_for)
         self.move_sync: bool | None = None if sync is None else sync == "1"
-        self.move_transport = move_transport or os.environ.get("NITSUM_MOVE_TRANSPORT", "device_put")
-        if self.move_transport not in ("device_put", "peer"):
-            raise ValueError(f"move transport {self.move_transport!r}: expected 'device_put' or 'peer'")
-        self._peer = None  # PeerCopier, made at the first peer move
-        self._landing: dict[tuple, jax.Array] = {}  # (device id, shape, dtype, k) -> landing buffer
-        self._peer_lock = threading.Lock()  # the landing buffers serve one move at a time
         validate_plans(plans, len(self.devices), cfg)
         t0 = time.perf_counter()
         self.layouts = assign_chunks(plans, cfg)
@@ -90,42 +78,24 @@ class PlanSet:
     def memory_report(self) -> dict:
         return memory_report(self.cfg, tuple(self.plans.values()), self.layouts, self.budget)
 
-    def move(self, seq_id, src: Lane, dst: Lane, wait: bool = False) -> int:
+    def move(self, seq_id, src: Lane, dst: Lane) -> int:
         """Move a sequence's pages from `src` to `dst` by per-shard device-to-device copies.
 
         Each chunk's K/V slice goes from the device that holds it on `src` to the device that
-        holds it on `dst`; page ids may change, contents do not. Returns bytes moved. `wait`: return
-        only once the move is complete on the devices (then the peer transport may carry it).
+        holds it on `dst`; page ids may change, contents do not. Returns bytes moved.
         """
         if src is dst:
             return 0
         first, second = sorted((src, dst), key=lambda lane: lane.name)  # one lock order: no deadlock
         with first.kv_lock, second.kv_lock:
-            moved = self._move(seq_id, src, dst, wait)
-            if wait:
-                jax.block_until_ready(dst.kv)
-            return moved
+            return self._move(seq_id, src, dst)
 
-    def _peer_ready(self) -> bool:
-        if self.move_transport != "peer" or self.devices[0].platform != "gpu":
-            return False
-        if self._peer is None:
-            from nitsum_jax.plans.peer_copy import PeerCopier, driver
-
-            if driver() is None:
-                return False
-            self._peer = PeerCopier(self.devices)
-        return True
-
-    def _move(self, seq_id, src: Lane, dst: Lane, wait: bool = False) -> int:
+    def _move(self, seq_id, src: Lane, dst: Lane) -> int:
         src_pages = src.allocator.pages(seq_id)
         dst.allocator.reserve(seq_id, len(src_pages) * src.page_size)
         dst_pages = dst.allocator.pages(seq_id)
         route = self.routes.get((src.spec.devices, dst.spec.devices))
-        if route is not None and wait and self._peer_ready():
-            with self._peer_lock:
-                moved = self._move_packed_peer(route, src, dst, src_pages, dst_pages)
-        elif route is not None:
+        if route is not None:
             moved = self._move_packed(route, src, dst, src_pages, dst_pages)
         else:
             moved = self._move_pieces(src, dst, src_pages, dst_pages)
@@ -162,38 +132,6 @@ class PlanSet:
                 for u in range(len(route.sources[0])))
             dst.scatter_packed(dst_pages[i:i + per], incoming, route.placement, route.per_buffer, n)
         return moved
-
-    def _move_packed_peer(self, route: MoveRoute, src: Lane, dst: Lane, src_pages: list[int],
-                          dst_pages: list[int]) -> int:
-        """The packed route in one piece, its transfers issued to the CUDA driver (`peer_copy.py`):
-        the host waits for the gather, copies each piece into a landing buffer on its destination
-        device (pieces that stay on their device are used as they are) and waits for the copies;
-        then the scatter reads the landing buffers. The caller holds `_peer_lock` and waits for
-        the scatter (`move(wait=True)`), so no program reads a landing buffer while it is written."""
-        (buffers, n) = src.gather_packed(src_pages, route.groups)
-        shards = [{s.device: s.data for s in b.addressable_shards} for b in buffers]
-        pieces = [shards[t][src.devices[i]] for t, i, _ in route.transfers]
-        placed, copies, count = [], [], {}
-        for piece, (_, _, j) in zip(pieces, route.transfers):
-            target = dst.devices[j]
-            if piece.devices() == {target}:
-                placed.append(piece)
-                continue
-            k = count[(target.id, piece.shape)] = count.get((target.id, piece.shape), -1) + 1
-            key = (target.id, piece.shape, str(piece.dtype), k)
-            if key not in self._landing:  # once per destination device, shape and index
-                self._landing[key] = jax.device_put(np.zeros(piece.shape, piece.dtype), target)
-            placed.append(self._landing[key])
-            copies.append((piece, self._landing[key]))
-        self._peer.copy(copies)  # waits for the gather, then for the copies
-        arrived = {(j, route.sources[j].index((t, k))): a for (t, k, j), a in zip(route.transfers, placed)}
-        sharding = NamedSharding(dst.mesh, P(None, None, None, "tp"))
-        shape = dst.packed_buffer_shape(route.per_buffer, n)
-        incoming = tuple(jax.make_array_from_single_device_arrays(
-            shape, sharding, [arrived[(j, u)] for j in range(len(dst.devices))])
-            for u in range(len(route.sources[0])))
-        dst.scatter_packed(dst_pages, incoming, route.placement, route.per_buffer, n)
-        return sum(p.nbytes for p in pieces)
 
     def _sync_for(self, src: Lane, dst: Lane) -> bool:
         """Wait on the host for the gather before `device_put`? Measured in one run on 4 GPUs

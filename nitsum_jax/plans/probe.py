@@ -48,7 +48,8 @@ def measure_move(plan_set, src, dst, tokens: int, repeats: int = 5) -> dict:
             a, b = (src, dst) if i % 2 == 0 else (dst, src)
             jax.block_until_ready(a.kv)
             t0 = time.perf_counter()
-            plan_set.move(seq, a, b, wait=True)
+            plan_set.move(seq, a, b)
+            jax.block_until_ready(b.kv)
             if i >= 4 and a is src:
                 times.append(time.perf_counter() - t0)
             holder = b

@@ -1,8 +1,8 @@
 """Device-to-device copies between GPUs issued straight to the CUDA driver (`cuMemcpyPeerAsync`
-through ctypes): the "peer" transport of KV moves that are waited for (`PlanSet.move(wait=True)`,
-NITSUM_MOVE_TRANSPORT), also bench/gpu_transfer.py's way "cuda" and bench/probes/. Measured in
-sessions 5 and 6 (BENCHMARKS.md): the copies alone run at the link's speed where `device_put`
-starts late; whether a whole move is faster depends on the move (BENCHMARKS.md, session 6).
+through ctypes): an experiment for KV moves (bench/gpu_transfer.py, way "cuda"; bench/probes/).
+Measured in session 5 (BENCHMARKS.md): the copy alone runs at the link's speed, but a move's
+pipeline (gather, copy, scatter) was no faster than with `jax.device_put`, so the engine does
+not use it.
 
 The idea: `jax.device_put` between two GPUs starts its copy 0.5-0.7 ms after it is asked to, even
 when the source is ready (BENCHMARKS.md, sessions 3 and 4, traces of 537 MB moves); a compiled
