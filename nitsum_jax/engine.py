@@ -343,7 +343,8 @@ class Engine:
         self._steps = {lane.name: 0 for lane in self.plan_set.lanes.values()}
         # decode steps dispatched before their predecessor's tokens were read (`_timed_step`)
         self._chained = {lane.name: 0 for lane in self.plan_set.lanes.values()}
-        # steps with a sampled row (temperature > 0): the lane ran its sampler program after the step
+        # runs of the sampler program: one per step program dispatched with a sampled row (temperature
+        # > 0); a step may dispatch a decode batch and prefill chunks, so this can exceed `steps`
         self._sampled = {lane.name: 0 for lane in self.plan_set.lanes.values()}
         if not hasattr(self, "_step_s"):
             self._step_s: dict[str, float] = {}
@@ -357,7 +358,7 @@ class Engine:
     def stats(self) -> dict:
         """Plain data: current `plan`; per-class TTFT/TPOT/e2e p50/p99 (seconds) of finished requests;
         waiting requests per class; KV pages in use per lane; plan switches, preemptions, KV moves;
-        `lanes` (as `lanes_info`); busy seconds, steps, chained decode steps and steps with sampled rows per lane, `device_busy_fraction`,
+        `lanes` (as `lanes_info`); busy seconds, steps, chained decode steps and sampler runs (programs with a sampled row) per lane, `device_busy_fraction`,
         `plan_history` ([(time, plan), ...]) since `reset_stats`; unhealthy lanes."""
         with self._lock:
             per_class: dict[str, dict] = {}
@@ -385,7 +386,7 @@ class Engine:
                 "lane_busy_s": dict(self._busy_s),
                 "steps": dict(self._steps),
                 "chained_steps": dict(self._chained),
-                "sampled_steps": dict(self._sampled),
+                "sampler_runs": dict(self._sampled),
                 "device_busy_fraction": self._busy_fraction(),
                 "plan_history": list(self.plan_history),
                 "unhealthy": dict(self.unhealthy),

@@ -98,8 +98,7 @@ def test_sampled_requests_ran_the_sampler_in_both_configurations(bench):
     _, results = bench
     assert results["workload"]["sampled_fraction"] == 0.5 and results["workload"]["sampled_requests"] > 0
     for name in ("static", "adaptive"):
-        assert sum(results["configs"][name]["sampled_steps"].values()) > 0, name
-        assert sum(results["configs"][name]["sampled_steps"].values()) <= sum(results["configs"][name]["steps"].values())
+        assert sum(results["configs"][name]["sampler_runs"].values()) > 0, name
 
 
 def test_adaptive_run_ends_with_a_switch_cost_probe_in_results_and_report(bench):

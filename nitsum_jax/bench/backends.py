@@ -135,7 +135,7 @@ class EngineBackend:
             "lane_busy_s": stats.get("lane_busy_s"),
             "steps": stats.get("steps"),
             "chained_steps": stats.get("chained_steps"),
-            "sampled_steps": stats.get("sampled_steps"),
+            "sampler_runs": stats.get("sampler_runs"),
             "plan_switches": [dict(s, time=s["time"] - t0) for s in switches],
             "kv_moves": stats["kv_moves"] - self._base.get("kv_moves", 0),
             "preemptions": stats["preemptions"] - self._base.get("preemptions", 0),
