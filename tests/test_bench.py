@@ -150,9 +150,19 @@ def test_a_profile_window_traces_part_of_a_run_and_is_summarised(tmp_path, monke
     finally:
         sys.path.remove("bench")
     monkeypatch.setenv("NITSUM_BENCH_PROFILE", f"{tmp_path}/trace:0:0.5")
-    run_bench(configs=("adaptive",), rates=(20.0,), num_requests=6, prompt_len="4-8", output_len="8", seed=1,
-              plans=PLANS, num_devices=8, grid=GRID, num_pages=32, page_size=8, out_dir=tmp_path / "out",
-              progress=False)
+    # The same run checks that a switch-cost probe that fails (say, out of device memory) is
+    # reported and does not cost the run its results.
+    from nitsum_jax.bench.backends import EngineBackend
+
+    def no_memory(self, repeats=3):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    monkeypatch.setattr(EngineBackend, "switch_costs", no_memory)
+    results = run_bench(configs=("adaptive",), rates=(20.0,), num_requests=6, prompt_len="4-8", output_len="8",
+                        seed=1, plans=PLANS, num_devices=8, grid=GRID, num_pages=32, page_size=8,
+                        out_dir=tmp_path / "out", progress=False)
+    assert results["configs"]["adaptive"]["switch_probe"] == {"error": "RuntimeError: RESOURCE_EXHAUSTED: out of memory"}
+    assert results["counts"]["adaptive"]["completed"] == 6
+    assert "adaptive: switch-cost probe failed: RuntimeError" in (tmp_path / "out" / "report.md").read_text()
     traces = list((tmp_path / "trace" / "adaptive-1").rglob("*.xplane.pb"))
     assert len(traces) == 1
     summary = summarize(str(traces[0]))

@@ -118,7 +118,11 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
                                                         if r["config"] == name]}
             if switch_probe and hasattr(backend, "switch_costs"):
                 with console.status(f"{name}: timing plan switches and KV moves on the idle engine"):
-                    probe = backend.switch_costs()
+                    try:
+                        probe = backend.switch_costs()
+                    except Exception as error:  # e.g. out of device memory: the runs' figures stand
+                        probe = {"error": f"{type(error).__name__}: {error}"}
+                        console.log(f"{name}: switch-cost probe failed: {probe['error']}")
                 if probe is not None:
                     results["configs"][name]["switch_probe"] = probe
         finally:

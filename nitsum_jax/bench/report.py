@@ -71,7 +71,9 @@ def probe_lines(results: dict) -> list[str]:
     lines = []
     for name, c in results["configs"].items():
         probe = c.get("switch_probe")
-        if probe and probe.get("switch_ms"):
+        if probe and probe.get("error"):
+            lines.append(f"{name}: switch-cost probe failed: {probe['error']}")
+        elif probe and probe.get("switch_ms"):
             lines.append(f"{name}: plan switch without KV moves {_f(probe['switch_ms_median'], 3)} ms median, "
                          f"{_f(probe['switch_ms_max'], 3)} ms max over {len(probe['switch_ms'])} switch kinds x "
                          f"{probe['repeats']} (idle engine, after the run)")

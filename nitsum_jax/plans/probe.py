@@ -21,7 +21,7 @@ def fill_random(lane, seed: int) -> None:
     lane that holds no live sequence: every page is overwritten."""
     def rnd(kv):
         keys = jax.random.split(jax.random.key(seed), 2 * len(kv.k))
-        return jax.tree.map(lambda a, k: jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype), kv,
+        return jax.tree.map(lambda a, k: jax.random.normal(k, a.shape, a.dtype), kv,
                             type(kv)(k=tuple(keys[:len(kv.k)]), v=tuple(keys[len(kv.k):])))
     with lane.kv_lock:
         lane.kv = jax.jit(rnd, out_shardings=jax.tree.map(lambda a: a.sharding, lane.kv))(lane.kv)
