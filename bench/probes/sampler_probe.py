@@ -41,6 +41,34 @@ def threshold_rows(logits, batch):
     return tokens, token_logprobs(logits, tokens)
 
 
+def sortable(x):
+    """float32 -> uint32 in the same order (so that XLA may sort plain integers)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def unsortable(k):
+    bits = jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def uint_threshold_rows(logits, batch):
+    """The threshold candidate with the values sorted as uint32 keys."""
+    is_greedy = batch.temperature < 1e-5
+    scaled = logits / jnp.where(is_greedy, 1.0, batch.temperature)[:, None]
+    desc = unsortable(~jnp.sort(~sortable(scaled), axis=-1))
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    keep = (batch.top_k[:, None] <= 0) | (rank < batch.top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, desc, -jnp.inf), axis=-1)
+    keep = keep & (jnp.cumsum(probs, axis=-1) - probs < batch.top_p[:, None])
+    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
+    masked = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
+    drawn = jax.vmap(lambda seed, pos, row: jax.random.categorical(
+        jax.random.fold_in(jax.random.key(seed), pos), row))(batch.seed, batch.position, masked)
+    tokens = jnp.where(is_greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    return tokens, token_logprobs(logits, tokens)
+
+
 def med_ms(fn, *xs):
     jax.block_until_ready(fn(*xs))
     ts = []
@@ -60,6 +88,10 @@ for b in (int(x) for x in args.batches.split(",")):
     parts = {
         "sample_rows (as shipped)": (jax.jit(sample_rows), (logits, batch)),
         "threshold candidate": (jax.jit(threshold_rows), (logits, batch)),
+        "threshold, uint32 keys": (jax.jit(uint_threshold_rows), (logits, batch)),
+        "sort of uint32 keys": (jax.jit(lambda x: jnp.sort(sortable(x), axis=-1)), (logits,)),
+        "sort of uint32 keys + iota": (jax.jit(lambda x: jax.lax.sort(
+            (sortable(x), jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)), num_keys=1)), (logits,)),
         "argsort (values + indices)": (jax.jit(lambda x: jnp.argsort(-x, axis=-1)), (logits,)),
         "sort of values alone": (jax.jit(lambda x: jnp.sort(x, axis=-1)), (logits,)),
         "softmax": (jax.jit(lambda x: jax.nn.softmax(x, axis=-1)), (logits,)),
@@ -70,5 +102,8 @@ for b in (int(x) for x in args.batches.split(",")):
     }
     for name, (fn, xs) in parts.items():
         print(f"batch {b:3d}  {name:28s} {med_ms(fn, *xs):7.3f} ms", flush=True)
+    a = jax.jit(threshold_rows)(logits, batch)[0]
+    u = jax.jit(uint_threshold_rows)(logits, batch)[0]
+    print(f"batch {b:3d}  uint32 candidate draws the float candidate's tokens: {bool(jnp.array_equal(a, u))}")
     tokens, _ = jax.jit(sample_rows)(logits, batch)
     print(f"batch {b:3d}  tokens in range: {bool(np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < args.vocab)))}")
