@@ -118,23 +118,40 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
+def _sortable(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys in the same order (XLA sorts plain integers faster than floats,
+    whose comparator must order NaNs)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _unsortable(keys: jax.Array) -> jax.Array:
+    bits = jnp.where(keys >> 31 == 1, keys & jnp.uint32(0x7FFFFFFF), ~keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _draw(logits: jax.Array, batch: SamplingBatch, is_greedy: jax.Array) -> jax.Array:
-    """Temperature, top-k and top-p draws for every row: [B] int32."""
+    """Temperature, top-k and top-p draws for every row: [B] int32.
+
+    Each row's values are sorted (as uint32 keys, without their token ids) only to find its
+    cutoff: the smallest value among the top-k that is inside the smallest prefix whose mass
+    reaches top_p. The draw is then over the whole vocabulary with the logits below the cutoff
+    masked (tokens tied with the cutoff value stay). Measured on an H100 at batch 32 over a
+    128k vocabulary (BENCHMARKS.md, session 6): 0.89 ms against 1.84 ms for an argsort that
+    carries the token ids."""
     temp = jnp.where(is_greedy, 1.0, batch.temperature)
     scaled = logits / temp[:, None]
-    order = jnp.argsort(-scaled, axis=-1)  # [B, V] token ids, most likely first
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    desc = _unsortable(~jnp.sort(~_sortable(scaled), axis=-1))  # [B, V] values, largest first
     rank = jnp.arange(logits.shape[-1])[None, :]
     keep = (batch.top_k[:, None] <= 0) | (rank < batch.top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = keep & (mass_before < batch.top_p[:, None])
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(jnp.where(keep, desc, -jnp.inf), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first value always stays).
+    keep = keep & (jnp.cumsum(probs, axis=-1) - probs < batch.top_p[:, None])
+    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
+    masked = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
 
     def draw(seed, position, row_logits):
         key = jax.random.fold_in(jax.random.key(seed), position)
         return jax.random.categorical(key, row_logits)
 
-    choice = jax.vmap(draw)(batch.seed, batch.position, masked)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jax.vmap(draw)(batch.seed, batch.position, masked).astype(jnp.int32)
