@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nitsum_jax.sampling import SamplingBatch, SamplingParams, sample_rows, token_logprobs
+from nitsum_jax.sampling import SamplingBatch, SamplingParams, _sortable, sample_rows, token_logprobs
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--vocab", type=int, default=128256)
@@ -23,48 +23,21 @@ args = ap.parse_args()
 print(jax.devices()[0].device_kind)
 
 
-def threshold_rows(logits, batch):
-    """A candidate: sort the values alone, find each row's cutoff value (top-k, then top-p on the
-    renormalised rest), keep the logits at or above it, draw over the vocabulary in place."""
+def argsort_rows(logits, batch):
+    """The draw shipped until session 6, for comparison: an argsort carrying the token ids, the
+    cutoff applied in the sorted order, the draw over the sorted order mapped back."""
     is_greedy = batch.temperature < 1e-5
     scaled = logits / jnp.where(is_greedy, 1.0, batch.temperature)[:, None]
-    desc = -jnp.sort(-scaled, axis=-1)
+    order = jnp.argsort(-scaled, axis=-1)
+    ordered = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(logits.shape[-1])[None, :]
     keep = (batch.top_k[:, None] <= 0) | (rank < batch.top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, desc, -jnp.inf), axis=-1)
+    probs = jax.nn.softmax(jnp.where(keep, ordered, -jnp.inf), axis=-1)
     keep = keep & (jnp.cumsum(probs, axis=-1) - probs < batch.top_p[:, None])
-    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
-    masked = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
-    drawn = jax.vmap(lambda seed, pos, row: jax.random.categorical(
-        jax.random.fold_in(jax.random.key(seed), pos), row))(batch.seed, batch.position, masked)
-    tokens = jnp.where(is_greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
-    return tokens, token_logprobs(logits, tokens)
-
-
-def sortable(x):
-    """float32 -> uint32 in the same order (so that XLA may sort plain integers)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
-
-
-def unsortable(k):
-    bits = jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def uint_threshold_rows(logits, batch):
-    """The threshold candidate with the values sorted as uint32 keys."""
-    is_greedy = batch.temperature < 1e-5
-    scaled = logits / jnp.where(is_greedy, 1.0, batch.temperature)[:, None]
-    desc = unsortable(~jnp.sort(~sortable(scaled), axis=-1))
-    rank = jnp.arange(logits.shape[-1])[None, :]
-    keep = (batch.top_k[:, None] <= 0) | (rank < batch.top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, desc, -jnp.inf), axis=-1)
-    keep = keep & (jnp.cumsum(probs, axis=-1) - probs < batch.top_p[:, None])
-    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
-    masked = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
-    drawn = jax.vmap(lambda seed, pos, row: jax.random.categorical(
-        jax.random.fold_in(jax.random.key(seed), pos), row))(batch.seed, batch.position, masked)
+    choice = jax.vmap(lambda seed, pos, row: jax.random.categorical(
+        jax.random.fold_in(jax.random.key(seed), pos), row))(batch.seed, batch.position,
+                                                             jnp.where(keep, ordered, -jnp.inf))
+    drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
     tokens = jnp.where(is_greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     return tokens, token_logprobs(logits, tokens)
 
@@ -87,11 +60,10 @@ for b in (int(x) for x in args.batches.split(",")):
     key = jax.random.key(1)
     parts = {
         "sample_rows (as shipped)": (jax.jit(sample_rows), (logits, batch)),
-        "threshold candidate": (jax.jit(threshold_rows), (logits, batch)),
-        "threshold, uint32 keys": (jax.jit(uint_threshold_rows), (logits, batch)),
-        "sort of uint32 keys": (jax.jit(lambda x: jnp.sort(sortable(x), axis=-1)), (logits,)),
+        "argsort sampler (before)": (jax.jit(argsort_rows), (logits, batch)),
+        "sort of uint32 keys": (jax.jit(lambda x: jnp.sort(_sortable(x), axis=-1)), (logits,)),
         "sort of uint32 keys + iota": (jax.jit(lambda x: jax.lax.sort(
-            (sortable(x), jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)), num_keys=1)), (logits,)),
+            (_sortable(x), jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)), num_keys=1)), (logits,)),
         "argsort (values + indices)": (jax.jit(lambda x: jnp.argsort(-x, axis=-1)), (logits,)),
         "sort of values alone": (jax.jit(lambda x: jnp.sort(x, axis=-1)), (logits,)),
         "softmax": (jax.jit(lambda x: jax.nn.softmax(x, axis=-1)), (logits,)),
@@ -102,8 +74,5 @@ for b in (int(x) for x in args.batches.split(",")):
     }
     for name, (fn, xs) in parts.items():
         print(f"batch {b:3d}  {name:28s} {med_ms(fn, *xs):7.3f} ms", flush=True)
-    a = jax.jit(threshold_rows)(logits, batch)[0]
-    u = jax.jit(uint_threshold_rows)(logits, batch)[0]
-    print(f"batch {b:3d}  uint32 candidate draws the float candidate's tokens: {bool(jnp.array_equal(a, u))}")
     tokens, _ = jax.jit(sample_rows)(logits, batch)
     print(f"batch {b:3d}  tokens in range: {bool(np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < args.vocab)))}")
