@@ -277,12 +277,12 @@ class Engine:
         from nitsum_jax.plans.probe import fill_random, measure_move
 
         with self._cond:
-            busy = self._handles or self.scheduler.waiting or any(q.running for q in self.scheduler.lanes.values())
-            if busy:
-                raise RuntimeError("measure_switch_costs needs an idle engine (requests are running or waiting)")
-            self._switching = True  # lanes and the control loop wait
-            while self._in_step:
+            while self._in_step:  # a lane may still be finishing a step
                 self._cond.wait(0.05)
+            # From here on the lock is held: lanes, the control loop and `submit` wait for the probe.
+            if self._handles or self.scheduler.waiting or any(q.running for q in self.scheduler.lanes.values()):
+                raise RuntimeError("measure_switch_costs needs an idle engine (requests are running or waiting)")
+            self._switching = True  # and lanes do not chain steps past it
             start_plan, kept, history = self.plan_name, len(self.switches), len(self.plan_history)
             try:
                 switch_ms: dict[str, list[float]] = {}
@@ -572,7 +572,7 @@ class Engine:
         model. Returns (bytes moved, seconds)."""
         # The sequence's own KV bytes (the transfer itself may carry padding up to a compiled size):
         # what the cost model's per-token estimate and the switch log's bandwidth are about.
-        moved = len(src.allocator.pages(request_id)) * src.page_size * self.costs.kv_bytes_per_token
+        moved = src.kv_bytes(request_id)
         t0 = time.perf_counter()
         self.plan_set.move(request_id, src, dst)
         jax.block_until_ready(dst.kv)

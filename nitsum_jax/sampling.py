@@ -101,11 +101,15 @@ def draws(batch: SamplingBatch | None) -> bool:
     return batch is not None and bool(np.any(np.asarray(batch.temperature) >= GREEDY_BELOW))
 
 
-def sample_rows(logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, jax.Array]:
+def sample_rows(logits: jax.Array, batch: SamplingBatch,
+                greedy: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Every row's token (greedy rows: argmax; others: drawn) and its log-probability under the
-    untempered model: ([B] int32, [B] float32). No control flow: the program always sorts."""
+    untempered model: ([B] int32, [B] float32). No control flow: the program always sorts.
+    `greedy`: the rows' argmax when the caller has it already (a lane's step returns it)."""
     is_greedy = batch.temperature < GREEDY_BELOW
-    tokens = _mixed(logits, batch, jnp.argmax(logits, axis=-1).astype(jnp.int32), is_greedy)
+    if greedy is None:
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = _mixed(logits, batch, greedy, is_greedy)
     return tokens, token_logprobs(logits, tokens)
 
 

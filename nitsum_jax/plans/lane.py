@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from nitsum_jax.attention import KVCache
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.kernels import page_copy
-from nitsum_jax.kv import PageAllocator
+from nitsum_jax.kv import PageAllocator, kv_bytes_per_page
 from nitsum_jax.model import ChunkLayout, Params, StepInput
 from nitsum_jax.plans.spec import LaneSpec
 from nitsum_jax.sampling import SamplingBatch, SamplingParams, draws, sample_rows
@@ -153,7 +153,8 @@ class Lane:
                                      top_k=self._abstract((b,), jnp.int32), top_p=self._abstract((b,), jnp.float32),
                                      seed=self._abstract((b,), jnp.uint32), position=self._abstract((b,), jnp.int32))
             self._samplers[b] = jax.jit(sample_rows, out_shardings=(self.replicated, self.replicated)).lower(
-                self._abstract((b, self.cfg.vocab_size), jnp.float32), sampling).compile()
+                self._abstract((b, self.cfg.vocab_size), jnp.float32), sampling,
+                self._abstract((b,), jnp.int32)).compile()
         # A chained decode step takes its tokens from the previous step's output on the device
         # (engine: the host prepares step N+1 while step N runs): [B] -> [B, 1], per batch bucket.
         for b in self.grid.decode_batch:
@@ -168,6 +169,10 @@ class Lane:
                 kv_abs, pages, pieces, pieces).compile()
         self.warm_up()
         return len(self._steps) + len(self._samplers) + len(self._feeds) + len(self._gathers) + len(self._scatters)
+
+    def kv_bytes(self, seq_id) -> int:
+        """The K and V bytes of the pages `seq_id` holds on this lane (all layers, all kv heads)."""
+        return len(self.allocator.pages(seq_id)) * kv_bytes_per_page(self.cfg, self.page_size)
 
     def move_sizes(self) -> tuple[int, ...]:
         return pow2_upto(self.pages_per_seq, self.grid.min_move_pages)
@@ -289,8 +294,8 @@ class Lane:
         step = StepInput(tokens=tokens, start_pos=start_pos, num_new=num_new, page_table=page_table)
         with self.kv_lock:
             next_tokens, logprobs, logits, self.kv = fn(self.params, self.kv, step)
-        if draws(sampling):
-            next_tokens, logprobs = self._samplers[b](logits, sampling)
+        if draws(sampling):  # the step's argmax stays the token of greedy rows
+            next_tokens, logprobs = self._samplers[b](logits, sampling, next_tokens)
         return next_tokens, logprobs
 
     def dispatch_fed(self, previous: jax.Array, start_pos: np.ndarray, num_new: np.ndarray, page_table: np.ndarray,

@@ -13,8 +13,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from nitsum_jax.kv import kv_bytes_per_page
-
 
 def fill_random(lane, seed: int) -> None:
     """Random KV contents in every page of `lane` (never time or check moves on zeros). Only for a
@@ -41,7 +39,7 @@ def measure_move(plan_set, src, dst, tokens: int, repeats: int = 5) -> dict:
     seq = ("probe-move", src.name, dst.name)
     src.allocator.reserve(seq, tokens)
     try:
-        pages = len(src.allocator.pages(seq))
+        pages, nbytes = len(src.allocator.pages(seq)), src.kv_bytes(seq)
         before = kv_checksum(src, src.allocator.pages(seq))
         times, holder = [], src
         for i in range(2 * (repeats + 2)):
@@ -59,6 +57,5 @@ def measure_move(plan_set, src, dst, tokens: int, repeats: int = 5) -> dict:
             if seq in lane.allocator:
                 lane.allocator.free(seq)
     seconds = statistics.median(times)
-    nbytes = kv_bytes_per_page(plan_set.cfg, src.page_size) * pages
     return {"tokens": pages * src.page_size, "MB": nbytes / 1e6, "ms": seconds * 1e3, "GB_per_s": nbytes / seconds / 1e9,
             "contents_equal": abs(before - after) <= 1e-6 * abs(before) and before > 0}
