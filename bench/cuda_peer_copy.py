@@ -27,53 +27,12 @@ import threading
 
 import jax
 
-_CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704
-_CU_STREAM_NON_BLOCKING = 1
+from nitsum_jax.kernels.cuda import CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED as _CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
+from nitsum_jax.kernels.cuda import CU_STREAM_NON_BLOCKING as _CU_STREAM_NON_BLOCKING
+from nitsum_jax.kernels.cuda import CudaError, driver
+from nitsum_jax.kernels.cuda import check as _check
 
-
-class CudaError(RuntimeError):
-    pass
-
-
-def _load():
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-    lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
-    lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
-    lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
-    lib.cuCtxEnablePeerAccess.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-    lib.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
-    lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
-    lib.cuMemcpyPeerAsync.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
-                                      ctypes.c_size_t, ctypes.c_void_p]
-    return lib
-
-
-_lib = None
-_lib_lock = threading.Lock()
-
-
-def driver():
-    """The CUDA driver library, initialised; None where there is none (CPU machines)."""
-    global _lib
-    with _lib_lock:
-        if _lib is None:
-            lib = _load()
-            if lib is None or lib.cuInit(0) != 0:
-                _lib = False
-            else:
-                _lib = lib
-        return _lib or None
-
-
-def _check(lib, result: int, what: str, ok=(0,)):
-    if result not in ok:
-        name = ctypes.c_char_p()
-        lib.cuGetErrorName(result, ctypes.byref(name))
-        raise CudaError(f"{what} failed: {name.value.decode() if name.value else result}")
+__all__ = ["CudaError", "PeerCopier", "driver"]
 
 
 class PeerCopier:

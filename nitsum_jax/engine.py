@@ -318,7 +318,8 @@ class Engine:
         return {"switch_ms": {k: statistics.median(v) for k, v in switch_ms.items()},
                 "switch_ms_max": max(all_ms) if all_ms else None,
                 "switch_ms_median": statistics.median(all_ms) if all_ms else None,
-                "moves": moves, "repeats": repeats}
+                "moves": moves, "repeats": repeats, "move_transport": self.plan_set.move_transport,
+                "move_transport_note": self.plan_set.move_transport_note}
 
     def recent(self) -> list[RequestHandle]:
         """Handles of the last `keep_finished` finished requests, oldest first (live ones are not

@@ -77,6 +77,9 @@ def probe_lines(results: dict) -> list[str]:
             lines.append(f"{name}: plan switch without KV moves {_f(probe['switch_ms_median'], 3)} ms median, "
                          f"{_f(probe['switch_ms_max'], 3)} ms max over {len(probe['switch_ms'])} switch kinds x "
                          f"{probe['repeats']} (idle engine, after the run)")
+        if probe and probe.get("move_transport"):
+            lines.append(f"{name}: KV moves by the {probe['move_transport']} transport "
+                         f"({probe.get('move_transport_note', '')})")
     return lines
 
 

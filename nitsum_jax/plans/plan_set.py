@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nitsum_jax.config import LlamaConfig
+from nitsum_jax.kernels import peer_pages
 from nitsum_jax.model import Params
 from nitsum_jax.plans.lane import BucketGrid, Lane
 from nitsum_jax.plans.layout import assign_chunks, device_chunks
@@ -28,12 +29,16 @@ def lane_name(spec: LaneSpec) -> str:
 class PlanSet:
     def __init__(self, cfg: LlamaConfig, params: Params | None, plans: tuple[Plan, ...], *,
                  devices: list | None = None, num_pages: int = 256, page_size: int = 16,
-                 grid: BucketGrid = BucketGrid(), random_seed: int = 0, move_pieces: int | None = None):
+                 grid: BucketGrid = BucketGrid(), random_seed: int = 0, move_pieces: int | None = None,
+                 move_transport: str | None = None):
         """`params` is the unsplit model; None draws random weights on the devices (benchmarks).
         `move_pieces`: a KV move is sent in up to this many pieces of pages, so that the copy
         of one piece may overlap the transfer of the next (default: NITSUM_MOVE_PIECES, else 1:
         on 4 GPUs two pieces were slower, BENCHMARKS.md session 3). Whether the host waits for a
-        gather before sending it: NITSUM_MOVE_SYNC=0/1, else `_sync_for` decides per move."""
+        gather before sending it: NITSUM_MOVE_SYNC=0/1, else `_sync_for` decides per move.
+        `move_transport` (default NITSUM_MOVE_TRANSPORT, else "auto"): "direct" copies pages
+        GPU to GPU in one kernel pass (kernels/peer_pages.py), "packed" gathers, sends and
+        scatters (moves.py); "auto" takes direct on GPUs where its kernel builds, else packed."""
         self.cfg, self.plans = cfg, {p.name: p for p in plans}
         self.devices = list(devices or jax.devices())
         self.move_pieces = max(1, int(move_pieces or os.environ.get("NITSUM_MOVE_PIECES", 1)))
@@ -69,8 +74,29 @@ class PlanSet:
                     self.num_programs += src.compile_packed_gather(route.groups)
                     self.num_programs += dst.compile_packed_scatter(route.placement, len(route.sources[0]),
                                                                     route.per_buffer)
+        self.move_transport, self.move_transport_note = self._build_transport(
+            move_transport or os.environ.get("NITSUM_MOVE_TRANSPORT", "auto"))
         self.budget = MemoryBudget(num_pages, page_size, max(grid.decode_batch), max(grid.prefill_len, default=1))
         self.startup_seconds = time.perf_counter() - t0
+
+    def _build_transport(self, wanted: str) -> tuple[str, str]:
+        """The transport KV moves use and why; builds the direct kernel at start-up."""
+        if wanted not in ("auto", "direct", "packed"):
+            raise ValueError(f"move transport {wanted!r}; expected auto, direct or packed")
+        self.peer_mover = None
+        if wanted == "packed":
+            return "packed", "asked for"
+        if self.devices[0].platform != "gpu":
+            if wanted == "direct":
+                raise ValueError("the direct KV-move transport needs GPUs")
+            return "packed", f"no GPU ({self.devices[0].platform})"
+        try:
+            self.peer_mover = peer_pages.PeerPageMover(self.devices)
+        except (peer_pages.CudaError, OSError) as e:
+            if wanted == "direct":
+                raise
+            return "packed", f"direct kernel unavailable: {e}"
+        return "direct", f"one kernel pass, {self.peer_mover.mode}"
 
     def lanes_of(self, plan_name: str) -> list[Lane]:
         return [self.lanes[spec.devices] for spec in self.plans[plan_name].lanes]
@@ -95,7 +121,9 @@ class PlanSet:
         dst.allocator.reserve(seq_id, len(src_pages) * src.page_size)
         dst_pages = dst.allocator.pages(seq_id)
         route = self.routes.get((src.spec.devices, dst.spec.devices))
-        if route is not None:
+        if self.move_transport == "direct" and self._direct_ok(src, dst):
+            moved = self.peer_mover.move(src, dst, src_pages, dst_pages)
+        elif route is not None:
             moved = self._move_packed(route, src, dst, src_pages, dst_pages)
         else:
             moved = self._move_pieces(src, dst, src_pages, dst_pages)
@@ -132,6 +160,11 @@ class PlanSet:
                 for u in range(len(route.sources[0])))
             dst.scatter_packed(dst_pages[i:i + per], incoming, route.placement, route.per_buffer, n)
         return moved
+
+    def _direct_ok(self, src: Lane, dst: Lane) -> bool:
+        """Whether the direct kernel handles this pair of lanes (per-device cache shapes agree)."""
+        shard = lambda lane: lane.kv.k[0].sharding.shard_shape(lane.kv_shape)  # noqa: E731
+        return peer_pages.supported(shard(src), shard(dst), src.kv.k[0].dtype.itemsize)
 
     def _sync_for(self, src: Lane, dst: Lane) -> bool:
         """Wait on the host for the gather before `device_put`? Measured in one run on 4 GPUs

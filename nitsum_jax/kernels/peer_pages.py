@@ -1,0 +1,213 @@
+"""KV moves between GPUs in one pass: a CUDA kernel copies a sequence's pages straight from the
+source lane's cache into the destination lane's pages on other GPUs, over NVLink.
+
+The packed path (plans/moves.py) makes three passes: a gather into one buffer per device pair,
+a `device_put` between GPUs, and a scatter into the destination's pages. On 4x H200 a 537 MB
+(4096-token, 8B) move into or out of one GPU ran at 192-258 GB/s that way: the gather and
+scatter each take ~0.27 ms in series with the ~1.4 ms copy, and `device_put` adds ~0.5 ms before
+its copy starts (BENCHMARKS.md, sessions 3-6). Here one kernel per GPU reads each page where it
+lies and writes it where it goes, through unified virtual addresses with peer access enabled
+between the GPUs: no staging buffer, no second pass, no runtime copy path.
+
+Which GPU runs the kernel: "push" (each source GPU loads its own pages and stores them into
+peer memory) or "pull" (each destination GPU loads from peer memory); NITSUM_MOVE_DIRECT_MODE
+picks, push by default (stores to a peer are posted writes, loads wait a round trip).
+
+Safety with XLA's runtime: the caller holds both lanes' `kv_lock`, so no program that writes
+either cache can be enqueued; this module waits (`block_until_ready`) for the programs already
+enqueued, launches on streams of its own, and waits for them before returning, so the next
+program that reads the destination cache sees the pages. Only pages the allocator gave the moving
+sequence are written. Arrays are addressed per shard (`unsafe_buffer_pointer`), held alive by the
+caller's references for the whole call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import threading
+
+import jax
+
+from nitsum_jax.kernels.cuda import Contexts, CudaError, check, compile_cubin
+
+MAX_ARRAYS = 16  # (source, destination) cache arrays one launch copies between
+MAX_PAGES = 448  # pages per launch: the page lists travel in the kernel's parameters (4 KB)
+PAGES_PER_BLOCK = 4
+THREADS = 256
+
+_SOURCE = r"""
+struct Args {
+  unsigned long long src[%(arrays)d];
+  unsigned long long dst[%(arrays)d];
+  long long rows;       // rows of pages per array: layers x kv heads of the shard
+  long long src_pages;  // pages per row in the source cache
+  long long dst_pages;
+  int words;            // 16-byte words per page
+  int n;                // pages to copy
+  int src_page[%(pages)d];
+  int dst_page[%(pages)d];
+};
+
+// Block (x, y, z): pages x*PPB.. of row y of array pair z; each thread copies words i, i+T, ..
+// of every one of those pages, loading all of them before storing any (PPB loads in flight).
+extern "C" __global__ void __launch_bounds__(%(threads)d) copy_pages(const Args a) {
+  const uint4* __restrict__ src = reinterpret_cast<const uint4*>(a.src[blockIdx.z]);
+  uint4* __restrict__ dst = reinterpret_cast<uint4*>(a.dst[blockIdx.z]);
+  const int first = blockIdx.x * %(ppb)d;
+  long long s[%(ppb)d], d[%(ppb)d];
+  #pragma unroll
+  for (int k = 0; k < %(ppb)d; ++k) {
+    const int p = min(first + k, a.n - 1);
+    s[k] = (blockIdx.y * a.src_pages + a.src_page[p]) * a.words;
+    d[k] = (blockIdx.y * a.dst_pages + a.dst_page[p]) * a.words;
+  }
+  for (int i = threadIdx.x; i < a.words; i += blockDim.x) {
+    uint4 v[%(ppb)d];
+    #pragma unroll
+    for (int k = 0; k < %(ppb)d; ++k) v[k] = src[s[k] + i];
+    #pragma unroll
+    for (int k = 0; k < %(ppb)d; ++k) if (first + k < a.n) dst[d[k] + i] = v[k];
+  }
+}
+""" % {"arrays": MAX_ARRAYS, "pages": MAX_PAGES, "ppb": PAGES_PER_BLOCK, "threads": THREADS}
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_uint64 * MAX_ARRAYS), ("dst", ctypes.c_uint64 * MAX_ARRAYS),
+                ("rows", ctypes.c_int64), ("src_pages", ctypes.c_int64), ("dst_pages", ctypes.c_int64),
+                ("words", ctypes.c_int32), ("n", ctypes.c_int32),
+                ("src_page", ctypes.c_int32 * MAX_PAGES), ("dst_page", ctypes.c_int32 * MAX_PAGES)]
+
+
+def copy_plan(src_assign, dst_assign) -> dict[int, list[tuple[int, int, int]]]:
+    """Per source device index i: (source slot r, destination device index j, destination slot q)
+    for every chunk the source device holds, i.e. where each of its cache arrays goes."""
+    where = {c: (j, q) for j, row in enumerate(dst_assign) for q, c in enumerate(row)}
+    return {i: [(r, *where[c]) for r, c in enumerate(row)] for i, row in enumerate(src_assign)}
+
+
+def supported(src_shard_shape, dst_shard_shape, itemsize: int) -> bool:
+    """Same rows (layers, kv heads per shard) and page size on both sides, and whole 16-byte
+    words per page."""
+    L, K, _, S, H = src_shard_shape
+    return (src_shard_shape[:2] == dst_shard_shape[:2] and src_shard_shape[3:] == dst_shard_shape[3:]
+            and (S * H * itemsize) % 16 == 0)
+
+
+class PeerPageMover:
+    """Compiles `copy_pages` once (NVRTC) and loads it on every GPU of `devices` at start-up."""
+
+    def __init__(self, devices: list, mode: str | None = None):
+        self.mode = mode or os.environ.get("NITSUM_MOVE_DIRECT_MODE", "push")
+        if self.mode not in ("push", "pull"):
+            raise ValueError(f"NITSUM_MOVE_DIRECT_MODE={self.mode!r}; expected push or pull")
+        self.cu = Contexts(devices)
+        lib = self.cu.lib
+        self.fn: dict[int, ctypes.c_void_p] = {}
+        self.streams: dict[int, ctypes.c_void_p] = {}
+        cubins: dict[str, bytes] = {}
+        for d in devices:
+            arch = self.cu.arch(d.id)
+            if arch not in cubins:
+                cubins[arch] = compile_cubin(_SOURCE, "copy_pages.cu", arch)
+            self.cu.use(d.id)
+            module, fn = ctypes.c_void_p(), ctypes.c_void_p()
+            check(lib, lib.cuModuleLoadData(ctypes.byref(module), cubins[arch]), "cuModuleLoadData")
+            check(lib, lib.cuModuleGetFunction(ctypes.byref(fn), module, b"copy_pages"), "cuModuleGetFunction")
+            self.fn[d.id] = fn
+            self.streams[d.id] = self.cu.stream(d.id)
+        self._lock = threading.Lock()
+
+    def move(self, src, dst, src_pages: list[int], dst_pages: list[int]) -> int:
+        """Copy the K and V of pages `src_pages` of lane `src` into pages `dst_pages` of lane
+        `dst`, each chunk from the device and slot that hold it on `src` to those that hold it on
+        `dst` (copy_plan). The caller holds both lanes' kv_lock. Returns the bytes copied, once
+        the copies are complete."""
+        if len(src_pages) != len(dst_pages):
+            raise ValueError(f"moving {len(src_pages)} pages into {len(dst_pages)}")
+        if not src_pages:
+            return 0
+        jax.block_until_ready((src.kv, dst.kv))
+        launches = plan_launches(copy_plan(src.layout.assign, dst.layout.assign), self.addresses(src),
+                                 self.addresses(dst), [d.id for d in src.devices], [d.id for d in dst.devices],
+                                 self.mode, src.kv.k[0].sharding.shard_shape(src.kv_shape), dst.kv_shape[2],
+                                 src.kv.k[0].dtype.itemsize, src_pages, dst_pages)
+        self.run(launches, dst)
+        return sum(launch.nbytes for launch in launches)
+
+    def addresses(self, lane) -> dict[tuple[int, int, int], int]:
+        """(0 for K / 1 for V, slot, device index in the lane) -> device address of that shard."""
+        index = {d.id: i for i, d in enumerate(lane.devices)}
+        out = {}
+        for kind, arrays in enumerate((lane.kv.k, lane.kv.v)):
+            for r, arr in enumerate(arrays):
+                for shard in arr.addressable_shards:
+                    out[(kind, r, index[shard.device.id])] = shard.data.unsafe_buffer_pointer()
+        return out
+
+    def run(self, launches: list["Launch"], dst) -> None:
+        """Launch, then wait for every stream used (dst: the lane written, for other executors)."""
+        with self._lock:
+            for launch in launches:
+                self._launch(launch)
+            for runner in dict.fromkeys(launch.runner for launch in launches):
+                self.cu.synchronize(self.streams[runner])
+
+    def _launch(self, launch: "Launch") -> None:
+        args = _Args()
+        for z, (s, d) in enumerate(launch.pairs):
+            args.src[z], args.dst[z] = s, d
+        args.rows, args.src_pages, args.dst_pages = launch.rows, launch.src_total, launch.dst_total
+        args.words, args.n = launch.words, len(launch.src_pages)
+        args.src_page[:args.n] = launch.src_pages
+        args.dst_page[:args.n] = launch.dst_pages
+        params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
+        lib = self.cu.lib
+        self.cu.use(launch.runner)
+        grid_x = -(-args.n // PAGES_PER_BLOCK)
+        check(lib, lib.cuLaunchKernel(self.fn[launch.runner], grid_x, launch.rows, len(launch.pairs), THREADS, 1, 1, 0,
+                                      self.streams[launch.runner], params, None), "cuLaunchKernel(copy_pages)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One launch of `copy_pages`: on GPU `runner`, for each (source, destination) array pair,
+    pages src_pages[p] of every row of the source go to pages dst_pages[p] of the same row."""
+    runner: int
+    pairs: tuple
+    rows: int
+    src_total: int
+    dst_total: int
+    words: int
+    src_pages: tuple[int, ...]
+    dst_pages: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.pairs) * self.rows * len(self.src_pages) * self.words * 16
+
+
+def plan_launches(plan: dict, src_ptr: dict, dst_ptr: dict, src_ids: list[int], dst_ids: list[int], mode: str,
+                  src_shard_shape, dst_total: int, itemsize: int, src_pages: list[int],
+                  dst_pages: list[int]) -> list[Launch]:
+    """The launches of one move. plan: copy_plan's; src_ptr / dst_ptr: (K 0 / V 1, slot, device
+    index) -> address (any value: tests pass keys); src_ids / dst_ids: the lanes' device ids in
+    mesh order; mode "push" runs each launch on the source GPU, "pull" on the destination GPU.
+    At most MAX_ARRAYS pairs and MAX_PAGES pages per launch."""
+    L, K, src_total, S, H = src_shard_shape
+    words = S * H * itemsize // 16
+    by_runner: dict[int, list] = {}
+    for i, targets in sorted(plan.items()):
+        for r, j, q in targets:
+            runner = src_ids[i] if mode == "push" else dst_ids[j]
+            for kind in (0, 1):
+                by_runner.setdefault(runner, []).append((src_ptr[(kind, r, i)], dst_ptr[(kind, q, j)]))
+    return [Launch(runner, tuple(pairs[a:a + MAX_ARRAYS]), L * K, src_total, dst_total, words,
+                   tuple(src_pages[p:p + MAX_PAGES]), tuple(dst_pages[p:p + MAX_PAGES]))
+            for runner, pairs in by_runner.items()
+            for a in range(0, len(pairs), MAX_ARRAYS) for p in range(0, len(src_pages), MAX_PAGES)]
+
+
+__all__ = ["CudaError", "Launch", "PeerPageMover", "copy_plan", "plan_launches", "supported"]

@@ -1,0 +1,158 @@
+"""The direct KV-move transport (kernels/peer_pages.py): one CUDA kernel pass GPU to GPU.
+
+CI has no GPU, so the kernel itself runs on the GPU machine (bench/gpu_moves.py checks every
+moved page there). Here: the kernel source compiles with NVRTC, the transport is chosen and
+refused as documented, and the launches a move plans, carried out by a host executor of the
+kernel's copy rule, move sequences between every TP degree with the tokens and NLL of a run that
+never moved, and leave the destination cache bit-identical to the packed transport's result.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from nitsum_jax.kernels import cuda, peer_pages
+from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
+from test_plans import GRID, PAGE_SIZE, prompts, reference, walk_moves  # noqa: F401  (fixture)
+
+PLANS = "big: all=tp4@0-3; mix: high=tp2@0-1, low=tp1@2, low=tp1@3; pair: low=tp2@0-1, low=tp2@2-3"
+
+
+class HostExecutor(peer_pages.PeerPageMover):
+    """Carries out the launches `PeerPageMover.move` plans with numpy on the host, by the kernel's
+    rule: for each (source, destination) array pair, page src_pages[p] of every row of the source
+    shard becomes page dst_pages[p] of the same row of the destination shard. Addresses are keys."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.launches: list[peer_pages.Launch] = []
+        self._lanes = {}
+
+    def addresses(self, lane):
+        self._lanes[lane.name] = lane
+        index = {d.id: i for i, d in enumerate(lane.devices)}
+        return {(kind, r, index[s.device.id]): (lane.name, kind, r, s.device.id)
+                for kind, arrays in enumerate((lane.kv.k, lane.kv.v)) for r, arr in enumerate(arrays)
+                for s in arr.addressable_shards}
+
+    def run(self, launches, dst):
+        self.launches += launches
+        shards = {}
+        for kind, arrays in enumerate((dst.kv.k, dst.kv.v)):
+            for r, arr in enumerate(arrays):
+                for s in arr.addressable_shards:
+                    shards[(dst.name, kind, r, s.device.id)] = np.array(s.data)
+        for launch in launches:
+            assert launch.runner in {k[3] for pair in launch.pairs for k in pair}
+            for skey, dkey in launch.pairs:
+                src_lane = self._lanes[skey[0]]
+                arr = (src_lane.kv.k, src_lane.kv.v)[skey[1]][skey[2]]
+                src = np.asarray(next(s.data for s in arr.addressable_shards if s.device.id == skey[3]))
+                rows = src.shape[0] * src.shape[1]
+                out = shards[dkey].reshape(rows, launch.dst_total, -1)
+                assert out.dtype.itemsize * out.shape[-1] == launch.words * 16
+                out[:, list(launch.dst_pages)] = src.reshape(rows, launch.src_total, -1)[:, list(launch.src_pages)]
+
+        def rebuild(kind, arrays):
+            return tuple(jax.make_array_from_single_device_arrays(
+                a.shape, a.sharding, [jax.device_put(shards[(dst.name, kind, r, s.device.id)], s.device)
+                                      for s in a.addressable_shards]) for r, a in enumerate(arrays))
+        dst.kv = type(dst.kv)(k=rebuild(0, dst.kv.k), v=rebuild(1, dst.kv.v))
+
+
+@pytest.fixture(scope="module")
+def plan_set(tiny_cfg, tiny_params):
+    return PlanSet(tiny_cfg, tiny_params, parse_plans(PLANS), num_pages=24, page_size=PAGE_SIZE,
+                   grid=BucketGrid(decode_batch=(1,), prefill_len=(16,), max_seq_len=64))
+
+
+def test_copy_plan_sends_each_chunk_from_the_slot_holding_it_to_the_slot_that_will():
+    src, dst = ((0, 1), (2, 3)), ((3, 0, 2, 1),)  # tp2 -> tp1 with the chunks in another order
+    plan = peer_pages.copy_plan(src, dst)
+    assert plan == {0: [(0, 0, 1), (1, 0, 3)], 1: [(0, 0, 2), (1, 0, 0)]}
+    back = peer_pages.copy_plan(dst, src)
+    assert back == {0: [(0, 1, 1), (1, 0, 0), (2, 1, 0), (3, 0, 1)]}
+
+
+def test_launches_are_split_at_the_kernel_limits():
+    plan = {0: [(r, 0, r) for r in range(10)]}  # 20 array pairs from one device
+    ptr = {(k, r, 0): (k, r) for k in (0, 1) for r in range(10)}
+    pages = list(range(1000))
+    launches = peer_pages.plan_launches(plan, ptr, ptr, [5], [7], "push", (2, 1, 1000, 8, 16), 1000, 4, pages,
+                                        pages[::-1])
+    assert [(len(x.pairs), len(x.src_pages)) for x in launches] == [(16, 448), (16, 448), (16, 104),
+                                                                   (4, 448), (4, 448), (4, 104)]
+    assert {x.runner for x in launches} == {5}
+    assert sum(x.nbytes for x in launches) == 20 * 2 * 1000 * 8 * 16 * 4
+    pulled = peer_pages.plan_launches(plan, ptr, ptr, [5], [7], "pull", (2, 1, 1000, 8, 16), 1000, 4, pages, pages)
+    assert {x.runner for x in pulled} == {7}
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_direct_moves_keep_tokens_and_nll_between_every_tp_degree(tiny_cfg, plan_set, reference, mode,  # noqa: F811
+                                                                 monkeypatch):
+    executor = HostExecutor(mode)
+    monkeypatch.setattr(plan_set, "peer_mover", executor)
+    monkeypatch.setattr(plan_set, "move_transport", "direct")
+    lanes = plan_set.lanes
+    route = [lanes[(0, 1, 2, 3)], lanes[(0, 1)], lanes[(0, 1, 2, 3)], lanes[(2,)], lanes[(0, 1)], lanes[(2, 3)],
+             lanes[(3,)], lanes[(2,)], lanes[(0, 1, 2, 3)]]  # tp4>2>4>1>2>2(other devices)>1>1>4
+    walk_moves(tiny_cfg, plan_set, route, reference[2])
+    assert len({x.runner for x in executor.launches}) > 1
+    assert all(not lane.allocator.num_used for lane in lanes.values())
+
+
+def test_direct_and_packed_transports_leave_the_same_bits(plan_set, monkeypatch):
+    from nitsum_jax.plans.probe import fill_random
+
+    for i, lane in enumerate(plan_set.lanes.values()):
+        fill_random(lane, 50 + i)
+    lanes = plan_set.lanes
+    for a, b in [((0, 1, 2, 3), (3,)), ((2,), (0, 1)), ((0, 1), (2, 3))]:
+        src, dst = lanes[a], lanes[b]
+        results = []
+        before = [np.asarray(x) for x in dst.kv.k + dst.kv.v]
+        shardings = [x.sharding for x in dst.kv.k + dst.kv.v]
+        half = len(dst.kv.k)
+        for transport in ("packed", "direct"):
+            restored = tuple(jax.device_put(x, s) for x, s in zip(before, shardings))
+            dst.kv = type(dst.kv)(k=restored[:half], v=restored[half:])
+            monkeypatch.setattr(plan_set, "move_transport", transport)
+            monkeypatch.setattr(plan_set, "peer_mover", HostExecutor("push"))
+            src.allocator.reserve("s", 40)
+            dst.allocator.reserve("other", 8)  # destination page ids differ from the source's
+            plan_set.move("s", src, dst)
+            assert "s" not in src.allocator and len(dst.allocator.pages("s")) == 5
+            results.append([np.asarray(x) for x in dst.kv.k + dst.kv.v])
+            dst.allocator.free("s")
+            dst.allocator.free("other")
+        for p, d in zip(*results):
+            np.testing.assert_array_equal(p, d)
+        assert any(not np.array_equal(x, r) for x, r in zip(before, results[0]))
+
+
+def test_transport_choice_on_a_machine_without_gpus(tiny_cfg, tiny_params):
+    plans = parse_plans("one: all=tp1@0; two: all=tp1@1")
+    grid = BucketGrid(decode_batch=(1,), prefill_len=(16,), max_seq_len=16)
+    ps = PlanSet(tiny_cfg, tiny_params, plans, num_pages=4, page_size=PAGE_SIZE, grid=grid)
+    assert ps.move_transport == "packed" and "no GPU" in ps.move_transport_note
+    with pytest.raises(ValueError, match="needs GPUs"):
+        PlanSet(tiny_cfg, tiny_params, plans, num_pages=4, page_size=PAGE_SIZE, grid=grid, move_transport="direct")
+    with pytest.raises(ValueError, match="expected auto, direct or packed"):
+        PlanSet(tiny_cfg, tiny_params, plans, num_pages=4, page_size=PAGE_SIZE, grid=grid, move_transport="nccl")
+
+
+@pytest.mark.skipif(cuda.nvrtc() is None, reason="NVRTC not installed (the test extras install it)")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernel_source_compiles_with_nvrtc(arch):
+    cubin = cuda.compile_cubin(peer_pages._SOURCE, "copy_pages.cu", arch)
+    assert cubin[:4] == b"\x7fELF" and b"copy_pages" in cubin
+
+
+def test_nvrtc_errors_carry_the_compiler_log():
+    if cuda.nvrtc() is None:
+        with pytest.raises(cuda.CudaError, match="NVRTC"):
+            cuda.compile_cubin("x", "x.cu", "sm_90")
+    else:
+        with pytest.raises(cuda.CudaError, match="could not compile bad.cu: .*error"):
+            cuda.compile_cubin("extern \"C\" __global__ void f() { undefined_thing(); }", "bad.cu", "sm_90")
