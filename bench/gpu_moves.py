@@ -90,7 +90,10 @@ def profile_moves(ps: PlanSet, src, dst, tokens: int, moves: int = 6) -> dict:
 
 def main():
     ap = plan_set_arguments()
-    ap.add_argument("--copies", default="kernel,xla")
+    ap.add_argument("--transports", default="",
+                    help="e.g. direct-push,direct-pull,packed: time every pair with each transport first "
+                         "(packed: the Pallas page copies, one piece)")
+    ap.add_argument("--copies", default="kernel,xla", help="packed-path variants after that ('' for none)")
     ap.add_argument("--pieces", default="1,2,4")
     ap.add_argument("--sync", default="auto,0,1", help="host sync before sending: 1, 0 or auto (the default rule)")
     ap.add_argument("--repeats", type=int, default=10)
@@ -111,7 +114,19 @@ def main():
     gbytes = kv_bytes_per_page(cfg, 1) * args.move_tokens / 1e9
     results = {"device": str(jax.devices()[0].device_kind), "preset": args.preset, "GB": gbytes, "moves": {},
                "phases": {}}
-    for impl in args.copies.split(","):
+    for transport in filter(None, args.transports.split(",")):
+        ps.move_transport, _, mode = transport.partition("-")
+        if mode:
+            ps.peer_mover.mode = mode
+        for a, b in PAIRS:
+            if a in lanes and b in lanes:
+                m = measure_move(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
+                row = {k: m[k] for k in ("ms", "GB_per_s", "contents_equal")}
+                key = f"{transport} {a}->{b}"
+                results["moves"][key] = row
+                print(f"{key}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s equal={row['contents_equal']}", flush=True)
+    ps.move_transport = "packed"  # the variants below are the packed path's
+    for impl in filter(None, args.copies.split(",")):
         print(f"{impl}: programs in {use_copy(ps, impl):.1f}s", flush=True)
         for p, sync in [(p, False) for p in pieces[1:]] + [(1, True), (max(pieces), True)]:
             ps.move_pieces, ps.move_sync = p, sync  # devices' view of a move in pieces

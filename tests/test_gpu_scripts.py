@@ -45,7 +45,8 @@ def test_gpu_step_times_and_compares_impls_on_the_same_inputs(tmp_path):
 
 def test_gpu_moves_moves_every_kind_of_move_with_its_contents_intact(tmp_path):
     out = run_script(["bench/gpu_moves.py", "--preset", "tiny", "--move-tokens", "256", "--copies", "xla",
-                      "--pieces", "1"], 4, tmp_path)
+                      "--pieces", "1", "--transports", "packed"], 4, tmp_path)
     moves = out["moves"]
-    assert len(moves) >= 7  # TP4<->TP2, TP2->TP2, TP1<->TP4, TP1<->TP2
+    assert sum(k.startswith("packed ") for k in moves) >= 7  # TP4<->TP2, TP2->TP2, TP1<->TP4, TP1<->TP2
+    assert sum(k.startswith("xla ") for k in moves) >= 7
     assert all(m["contents_equal"] is True for m in moves.values()), moves
