@@ -86,9 +86,12 @@ def test_launches_are_split_at_the_kernel_limits():
     assert sum(x.nbytes for x in launches) == 20 * 2 * 1000 * 8 * 16 * 4
     pulled = peer_pages.plan_launches(plan, ptr, ptr, [5], [7], "pull", (2, 1, 1000, 8, 16), 1000, 4, pages, pages)
     assert {x.runner for x in pulled} == {7}
+    split = peer_pages.plan_launches(plan, ptr, ptr, [5], [7], "split", (2, 1, 1000, 8, 16), 1000, 4, pages, pages)
+    assert [(x.runner, x.src_pages[0], len(x.src_pages)) for x in split if len(x.pairs) == 16] == [
+        (5, 0, 448), (5, 448, 52), (7, 500, 448), (7, 948, 52)]
 
 
-@pytest.mark.parametrize("mode", ["push", "pull"])
+@pytest.mark.parametrize("mode", peer_pages.MODES)
 def test_direct_moves_keep_tokens_and_nll_between_every_tp_degree(tiny_cfg, plan_set, reference, mode,  # noqa: F811
                                                                  monkeypatch):
     executor = HostExecutor(mode)
@@ -143,9 +146,9 @@ def test_transport_choice_on_a_machine_without_gpus(tiny_cfg, tiny_params):
 
 
 @pytest.mark.skipif(cuda.nvrtc() is None, reason="NVRTC not installed (the test extras install it)")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_kernel_source_compiles_with_nvrtc(arch):
-    cubin = cuda.compile_cubin(peer_pages._SOURCE, "copy_pages.cu", arch)
+@pytest.mark.parametrize("arch, ppb, threads", [("sm_80", 4, 256), ("sm_90", 4, 256), ("sm_90", 8, 128)])
+def test_kernel_source_compiles_with_nvrtc(arch, ppb, threads):
+    cubin = cuda.compile_cubin(peer_pages.kernel_source(ppb, threads), "copy_pages.cu", arch)
     assert cubin[:4] == b"\x7fELF" and b"copy_pages" in cubin
 
 

@@ -10,8 +10,9 @@ lies and writes it where it goes, through unified virtual addresses with peer ac
 between the GPUs: no staging buffer, no second pass, no runtime copy path.
 
 Which GPU runs the kernel: "push" (each source GPU loads its own pages and stores them into
-peer memory) or "pull" (each destination GPU loads from peer memory); NITSUM_MOVE_DIRECT_MODE
-picks, push by default (stores to a peer are posted writes, loads wait a round trip).
+peer memory), "pull" (each destination GPU loads from peer memory) or "split" (the first half of
+the pages pushed, the rest pulled, so both sides' multiprocessors drive the links);
+NITSUM_MOVE_DIRECT_MODE picks, push by default.
 
 Safety with XLA's runtime: the caller holds both lanes' `kv_lock`, so no program that writes
 either cache can be enqueued; this module waits (`block_until_ready`) for the programs already
@@ -34,10 +35,11 @@ from nitsum_jax.kernels.cuda import Contexts, CudaError, check, compile_cubin
 
 MAX_ARRAYS = 16  # (source, destination) cache arrays one launch copies between
 MAX_PAGES = 448  # pages per launch: the page lists travel in the kernel's parameters (4 KB)
-PAGES_PER_BLOCK = 4
+PAGES_PER_BLOCK = 4  # pages whose words one thread loads before storing (loads in flight)
 THREADS = 256
+MODES = ("push", "pull", "split")
 
-_SOURCE = r"""
+_TEMPLATE = r"""
 struct Args {
   unsigned long long src[%(arrays)d];
   unsigned long long dst[%(arrays)d];
@@ -71,7 +73,11 @@ extern "C" __global__ void __launch_bounds__(%(threads)d) copy_pages(const Args 
     for (int k = 0; k < %(ppb)d; ++k) if (first + k < a.n) dst[d[k] + i] = v[k];
   }
 }
-""" % {"arrays": MAX_ARRAYS, "pages": MAX_PAGES, "ppb": PAGES_PER_BLOCK, "threads": THREADS}
+"""
+
+
+def kernel_source(pages_per_block: int = PAGES_PER_BLOCK, threads: int = THREADS) -> str:
+    return _TEMPLATE % {"arrays": MAX_ARRAYS, "pages": MAX_PAGES, "ppb": pages_per_block, "threads": threads}
 
 
 class _Args(ctypes.Structure):
@@ -99,10 +105,12 @@ def supported(src_shard_shape, dst_shard_shape, itemsize: int) -> bool:
 class PeerPageMover:
     """Compiles `copy_pages` once (NVRTC) and loads it on every GPU of `devices` at start-up."""
 
-    def __init__(self, devices: list, mode: str | None = None):
+    def __init__(self, devices: list, mode: str | None = None, pages_per_block: int = PAGES_PER_BLOCK,
+                 threads: int = THREADS):
         self.mode = mode or os.environ.get("NITSUM_MOVE_DIRECT_MODE", "push")
-        if self.mode not in ("push", "pull"):
-            raise ValueError(f"NITSUM_MOVE_DIRECT_MODE={self.mode!r}; expected push or pull")
+        if self.mode not in MODES:
+            raise ValueError(f"NITSUM_MOVE_DIRECT_MODE={self.mode!r}; expected one of {MODES}")
+        self.pages_per_block, self.threads = pages_per_block, threads
         self.cu = Contexts(devices)
         lib = self.cu.lib
         self.fn: dict[int, ctypes.c_void_p] = {}
@@ -111,7 +119,7 @@ class PeerPageMover:
         for d in devices:
             arch = self.cu.arch(d.id)
             if arch not in cubins:
-                cubins[arch] = compile_cubin(_SOURCE, "copy_pages.cu", arch)
+                cubins[arch] = compile_cubin(kernel_source(pages_per_block, threads), "copy_pages.cu", arch)
             self.cu.use(d.id)
             module, fn = ctypes.c_void_p(), ctypes.c_void_p()
             check(lib, lib.cuModuleLoadData(ctypes.byref(module), cubins[arch]), "cuModuleLoadData")
@@ -166,8 +174,8 @@ class PeerPageMover:
         params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
         lib = self.cu.lib
         self.cu.use(launch.runner)
-        grid_x = -(-args.n // PAGES_PER_BLOCK)
-        check(lib, lib.cuLaunchKernel(self.fn[launch.runner], grid_x, launch.rows, len(launch.pairs), THREADS, 1, 1, 0,
+        grid_x = -(-args.n // self.pages_per_block)
+        check(lib, lib.cuLaunchKernel(self.fn[launch.runner], grid_x, launch.rows, len(launch.pairs), self.threads, 1, 1, 0,
                                       self.streams[launch.runner], params, None), "cuLaunchKernel(copy_pages)")
 
 
@@ -194,10 +202,17 @@ def plan_launches(plan: dict, src_ptr: dict, dst_ptr: dict, src_ids: list[int], 
                   dst_pages: list[int]) -> list[Launch]:
     """The launches of one move. plan: copy_plan's; src_ptr / dst_ptr: (K 0 / V 1, slot, device
     index) -> address (any value: tests pass keys); src_ids / dst_ids: the lanes' device ids in
-    mesh order; mode "push" runs each launch on the source GPU, "pull" on the destination GPU.
+    mesh order; mode "push" runs each launch on the source GPU, "pull" on the destination GPU,
+    "split" pushes the first half of the pages and pulls the rest.
     At most MAX_ARRAYS pairs and MAX_PAGES pages per launch."""
     L, K, src_total, S, H = src_shard_shape
     words = S * H * itemsize // 16
+    if mode == "split":
+        half = len(src_pages) // 2
+        args = (plan, src_ptr, dst_ptr, src_ids, dst_ids)
+        return (plan_launches(*args, "push", src_shard_shape, dst_total, itemsize, src_pages[:half], dst_pages[:half])
+                + plan_launches(*args, "pull", src_shard_shape, dst_total, itemsize, src_pages[half:],
+                                dst_pages[half:]))
     by_runner: dict[int, list] = {}
     for i, targets in sorted(plan.items()):
         for r, j, q in targets:
@@ -207,7 +222,7 @@ def plan_launches(plan: dict, src_ptr: dict, dst_ptr: dict, src_ids: list[int], 
     return [Launch(runner, tuple(pairs[a:a + MAX_ARRAYS]), L * K, src_total, dst_total, words,
                    tuple(src_pages[p:p + MAX_PAGES]), tuple(dst_pages[p:p + MAX_PAGES]))
             for runner, pairs in by_runner.items()
-            for a in range(0, len(pairs), MAX_ARRAYS) for p in range(0, len(src_pages), MAX_PAGES)]
+            for a in range(0, len(pairs), MAX_ARRAYS) for p in range(0, len(src_pages), MAX_PAGES) if src_pages]
 
 
 __all__ = ["CudaError", "Launch", "PeerPageMover", "copy_plan", "plan_launches", "supported"]
