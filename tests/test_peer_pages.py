@@ -159,3 +159,25 @@ def test_nvrtc_errors_carry_the_compiler_log():
     else:
         with pytest.raises(cuda.CudaError, match="could not compile bad.cu: .*error"):
             cuda.compile_cubin("extern \"C\" __global__ void f() { undefined_thing(); }", "bad.cu", "sm_90")
+
+
+def test_shard_addresses_are_read_again_once_the_lane_replaces_its_cache(plan_set):
+    import gc
+    import weakref
+
+    from nitsum_jax.plans.probe import fill_random
+
+    mover = object.__new__(peer_pages.PeerPageMover)  # the address book only: no CUDA here
+    mover._addresses = {}
+    lane = plan_set.lanes[(0, 1)]
+    first = mover.addresses(lane)
+    assert mover.addresses(lane) is first  # back-to-back moves read the shards once
+    assert set(first) == {(kind, r, i) for kind in (0, 1) for r in range(lane.layout.slots) for i in range(2)}
+    assert first[(0, 0, 1)] == lane.kv.k[0].addressable_shards[1].data.unsafe_buffer_pointer()
+    old = weakref.ref(lane.kv)
+    fill_random(lane, 7)  # a new cache (as every step makes)
+    gc.collect()
+    assert old() is None  # the address book keeps no replaced cache alive
+    second = mover.addresses(lane)
+    assert second is not first
+    assert second[(1, 0, 0)] == lane.kv.v[0].addressable_shards[0].data.unsafe_buffer_pointer()

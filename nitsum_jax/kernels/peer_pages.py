@@ -28,6 +28,7 @@ import ctypes
 import dataclasses
 import os
 import threading
+import weakref
 
 import jax
 
@@ -35,8 +36,10 @@ from nitsum_jax.kernels.cuda import Contexts, CudaError, check, compile_cubin
 
 MAX_ARRAYS = 16  # (source, destination) cache arrays one launch copies between
 MAX_PAGES = 448  # pages per launch: the page lists travel in the kernel's parameters (4 KB)
-PAGES_PER_BLOCK = 4  # pages whose words one thread loads before storing (loads in flight)
-THREADS = 256
+# Pages whose words one thread loads before storing (loads in flight), and threads per block:
+# the best of 8 settings on 4x H100 (bench/probes/direct_tune.py, BENCHMARKS.md session 7).
+PAGES_PER_BLOCK = 4
+THREADS = 128
 MODES = ("push", "pull", "split")
 
 _TEMPLATE = r"""
@@ -127,6 +130,7 @@ class PeerPageMover:
             self.fn[d.id] = fn
             self.streams[d.id] = self.cu.stream(d.id)
         self._lock = threading.Lock()
+        self._addresses: dict = {}  # lane -> (weak reference to its kv when read, addresses)
 
     def move(self, src, dst, src_pages: list[int], dst_pages: list[int]) -> int:
         """Copy the K and V of pages `src_pages` of lane `src` into pages `dst_pages` of lane
@@ -146,13 +150,19 @@ class PeerPageMover:
         return sum(launch.nbytes for launch in launches)
 
     def addresses(self, lane) -> dict[tuple[int, int, int], int]:
-        """(0 for K / 1 for V, slot, device index in the lane) -> device address of that shard."""
+        """(0 for K / 1 for V, slot, device index in the lane) -> device address of that shard.
+        Read again whenever the lane's cache arrays were replaced (every step replaces them; the
+        moves of one plan switch, back to back, read them once)."""
+        cached = self._addresses.get(lane)
+        if cached is not None and cached[0]() is lane.kv:  # (a weak reference keeps no old cache alive)
+            return cached[1]
         index = {d.id: i for i, d in enumerate(lane.devices)}
         out = {}
         for kind, arrays in enumerate((lane.kv.k, lane.kv.v)):
             for r, arr in enumerate(arrays):
                 for shard in arr.addressable_shards:
                     out[(kind, r, index[shard.device.id])] = shard.data.unsafe_buffer_pointer()
+        self._addresses[lane] = (weakref.ref(lane.kv), out)
         return out
 
     def run(self, launches: list["Launch"], dst) -> None:
