@@ -693,13 +693,21 @@ class Engine:
                                and q.allocator.can_reserve(len(old.allocator.pages(req.request_id)) * old.allocator.page_size)),
                               key=lambda q: q.allocator.num_free, default=None)
                     old.running.remove(req)
+                    if dst is not None:
+                        try:
+                            nbytes, seconds = self._timed_move(req.request_id, self._lane(old.name),
+                                                               self._lane(dst.name))
+                        except Exception:  # the pages stay on the old lane: recompute, as with no room
+                            import logging
+                            logging.getLogger(__name__).exception("KV move of %s from %s to %s failed; it will be "
+                                                                  "recomputed", req.request_id, old.name, dst.name)
+                            dst = None
                     if dst is None:  # no room: recompute later from the waiting queue, keeping its place
                         old.allocator.free(req.request_id)
                         req.state, req.lane, req.num_computed = State.WAITING, None, 0
                         self.scheduler.waiting.append(req)
                         recomputed += 1
                         continue
-                    nbytes, seconds = self._timed_move(req.request_id, self._lane(old.name), self._lane(dst.name))
                     moved_bytes, move_s = moved_bytes + nbytes, move_s + seconds
                     req.lane = dst.name
                     dst.running.append(req)

@@ -258,3 +258,32 @@ def test_switch_cost_probe_refuses_a_busy_engine(engine):
             engine.measure_switch_costs(repeats=1)
     finally:
         handle.result(timeout=120)
+
+
+def test_a_switch_whose_kv_moves_fail_recomputes_the_sequences_and_keeps_their_tokens(tiny_cfg, tiny_params):
+    """The GPU transport fails at every move (a CUDA error): the switch still happens, the moving
+    sequences are recomputed on the new plan's lanes, tokens are the solo run's, no page is kept."""
+    from nitsum_jax.plans import parse_plans
+    from test_peer_pages import FailingTransport
+
+    plans = parse_plans("one: high+low=tp4@0-3; two: high=tp2@4-5, low=tp2@6-7")
+    eng = Engine(tiny_cfg, tiny_params, plans, num_pages=24, page_size=8, grid=GRID, initial_plan="one")
+    failing = FailingTransport()
+    eng.plan_set.peer_mover, eng.plan_set.move_transport = failing, "direct"
+    solo = Generator(tiny_cfg, tiny_params, page_size=8, max_batch=1, prefill_chunk=16, max_seq_len=64)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    try:
+        items = workload(seed=3, n=4)
+        handles = [eng.submit(prompt, params, priority_class=cls) for prompt, cls in items]
+        while not all(h.first_token_time for h in handles):
+            time.sleep(0.001)
+        eng.switch_plan("two", reason="test")
+        results = [h.result(timeout=300) for h in handles]
+        for (prompt, _), got in zip(items, results):
+            assert got.token_ids == solo.generate([prompt], params)[0].token_ids
+        (switch,) = eng.stats()["plan_switches"]
+        assert failing.calls >= 1 and switch["moved"] == 0 and switch["recomputed"] >= failing.calls
+        time.sleep(0.1)
+        assert all(v == 0 for v in eng.stats()["pages_in_use"].values())
+    finally:
+        eng.close()

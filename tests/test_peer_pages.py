@@ -181,3 +181,30 @@ def test_shard_addresses_are_read_again_once_the_lane_replaces_its_cache(plan_se
     second = mover.addresses(lane)
     assert second is not first
     assert second[(1, 0, 0)] == lane.kv.v[0].addressable_shards[0].data.unsafe_buffer_pointer()
+
+
+class FailingTransport(peer_pages.PeerPageMover):
+    """A GPU transport whose copy fails (as a CUDA error would surface), after planning its launches."""
+
+    def __init__(self):
+        self.mode, self._addresses, self.calls = "push", {}, 0
+
+    def run(self, launches, dst):
+        self.calls += 1
+        raise peer_pages.CudaError("cuLaunchKernel(copy_pages) failed: CUDA_ERROR_LAUNCH_FAILED")
+
+
+def test_a_failed_move_leaves_the_sequence_on_its_lane_and_no_page_at_the_destination(plan_set, monkeypatch):
+    failing = FailingTransport()
+    monkeypatch.setattr(plan_set, "peer_mover", failing)
+    monkeypatch.setattr(plan_set, "move_transport", "direct")
+    src, dst = plan_set.lanes[(2,)], plan_set.lanes[(0, 1)]
+    src.allocator.reserve("stays", 40)
+    pages = list(src.allocator.pages("stays"))
+    free_before = dst.allocator.num_free
+    with pytest.raises(peer_pages.CudaError, match="LAUNCH_FAILED"):
+        plan_set.move("stays", src, dst)
+    assert failing.calls == 1
+    assert src.allocator.pages("stays") == pages and "stays" not in dst.allocator
+    assert dst.allocator.num_free == free_before
+    src.allocator.free("stays")

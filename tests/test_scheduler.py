@@ -224,6 +224,24 @@ def test_victim_is_recomputed_when_moving_costs_more():
     assert victim.num_computed == 0 and sched.migrations == []
 
 
+def test_victim_whose_move_fails_is_recomputed_and_its_pages_freed():
+    from nitsum_jax.scheduler import CostModel
+
+    def mover(request, src, dst):
+        raise RuntimeError("device transfer failed")  # a failed move leaves the pages on src (PlanSet.move)
+
+    sched, a, b, clock = two_lanes(CostModel(move_bytes_per_s=1e12, kv_bytes_per_token=1000,
+                                             recompute_s_per_token=1e-3), mover)
+    fill_a_with_low(sched)
+    sched.submit(req("high", "high", arrival=0.2))
+    clock.now = 0.2
+    work = sched.schedule("a")
+    victim = next(r for r in sched.waiting if r.request_id == "low-2")
+    assert victim.num_computed == 0 and victim.state is State.WAITING and sched.migrations == []
+    assert "low-2" not in a.allocator and "low-2" not in b.allocator
+    assert "high" in [w.request.request_id for w in work]
+
+
 def test_requests_that_outgrow_the_lane_together_do_not_wait_for_each_other_forever():
     sched, lane, clock = make(num_pages=6, max_batch=4)  # 24 tokens; each request grows to 20
     for i in range(3):

@@ -108,7 +108,8 @@ class PlanSet:
         """Move a sequence's pages from `src` to `dst` by per-shard device-to-device copies.
 
         Each chunk's K/V slice goes from the device that holds it on `src` to the device that
-        holds it on `dst`; page ids may change, contents do not. Returns bytes moved.
+        holds it on `dst`; page ids may change, contents do not. Returns bytes moved. If the
+        move fails, it raises with the sequence still on `src` and no page held on `dst`.
         """
         if src is dst:
             return 0
@@ -121,12 +122,16 @@ class PlanSet:
         dst.allocator.reserve(seq_id, len(src_pages) * src.page_size)
         dst_pages = dst.allocator.pages(seq_id)
         route = self.routes.get((src.spec.devices, dst.spec.devices))
-        if self.move_transport == "direct" and self._direct_ok(src, dst):
-            moved = self.peer_mover.move(src, dst, src_pages, dst_pages)
-        elif route is not None:
-            moved = self._move_packed(route, src, dst, src_pages, dst_pages)
-        else:
-            moved = self._move_pieces(src, dst, src_pages, dst_pages)
+        try:
+            if self.move_transport == "direct" and self._direct_ok(src, dst):
+                moved = self.peer_mover.move(src, dst, src_pages, dst_pages)
+            elif route is not None:
+                moved = self._move_packed(route, src, dst, src_pages, dst_pages)
+            else:
+                moved = self._move_pieces(src, dst, src_pages, dst_pages)
+        except BaseException:  # the sequence stays where it was; the destination's pages go back
+            dst.allocator.free(seq_id)
+            raise
         src.allocator.free(seq_id)
         return moved
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import time
 from typing import Callable
 
@@ -280,7 +281,13 @@ class Scheduler:
         victim.preemptions += 1
         dst = self._migration_target(lane, victim)
         if dst is not None:
-            self.mover(victim, lane.name, dst.name)
+            try:
+                self.mover(victim, lane.name, dst.name)
+            except Exception:  # the move failed (its pages stay on `lane`): recompute the victim instead
+                logging.getLogger(__name__).exception("KV move of %s from %s to %s failed; it will be recomputed",
+                                                      victim.request_id, lane.name, dst.name)
+                dst = None
+        if dst is not None:
             victim.lane = dst.name
             dst.running.append(victim)
             self.migrations.append((self.clock(), victim.request_id, lane.name, dst.name))
