@@ -27,9 +27,7 @@ import threading
 
 import jax
 
-from nitsum_jax.kernels.cuda import CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED as _CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
-from nitsum_jax.kernels.cuda import CU_STREAM_NON_BLOCKING as _CU_STREAM_NON_BLOCKING
-from nitsum_jax.kernels.cuda import CudaError, driver
+from nitsum_jax.kernels.cuda import Contexts, CudaError, driver
 from nitsum_jax.kernels.cuda import check as _check
 
 __all__ = ["CudaError", "PeerCopier", "driver"]
@@ -39,29 +37,13 @@ class PeerCopier:
     """Copies between single-device arrays on the GPUs `devices`: one stream per ordered pair."""
 
     def __init__(self, devices: list):
-        lib = driver()
-        if lib is None:
+        if driver() is None:
             raise CudaError("no CUDA driver on this machine")
         if any(d.platform != "gpu" for d in devices):
             raise CudaError("peer copies need GPU devices")
-        self.lib = lib
-        self.ctx: dict[int, ctypes.c_void_p] = {}
-        for d in devices:
-            dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-            _check(lib, lib.cuDeviceGet(ctypes.byref(dev), d.local_hardware_id), "cuDeviceGet")
-            _check(lib, lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-            self.ctx[d.id] = ctx
-        self.streams: dict[tuple[int, int], ctypes.c_void_p] = {}
-        for a in devices:
-            _check(lib, lib.cuCtxSetCurrent(self.ctx[a.id]), "cuCtxSetCurrent")
-            for b in devices:
-                if a.id == b.id:
-                    continue
-                _check(lib, lib.cuCtxEnablePeerAccess(self.ctx[b.id], 0), "cuCtxEnablePeerAccess",
-                       ok=(0, _CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED))
-                stream = ctypes.c_void_p()
-                _check(lib, lib.cuStreamCreate(ctypes.byref(stream), _CU_STREAM_NON_BLOCKING), "cuStreamCreate")
-                self.streams[(a.id, b.id)] = stream
+        self.cu = Contexts(devices)  # primary contexts, peer access enabled between every pair
+        self.lib, self.ctx = self.cu.lib, self.cu.ctx
+        self.streams = {(a.id, b.id): self.cu.stream(a.id) for a in devices for b in devices if a.id != b.id}
         self._lock = threading.Lock()
 
     def copy(self, pairs: list[tuple[jax.Array, jax.Array]]) -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from nitsum_jax.kernels import cuda, peer_pages
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
-from test_plans import GRID, PAGE_SIZE, prompts, reference, walk_moves  # noqa: F401  (fixture)
+from test_plans import PAGE_SIZE, reference, walk_moves  # noqa: F401  (reference: a fixture)
 
 PLANS = "big: all=tp4@0-3; mix: high=tp2@0-1, low=tp1@2, low=tp1@3; pair: low=tp2@0-1, low=tp2@2-3"
 
