@@ -88,6 +88,16 @@ def profile_moves(ps: PlanSet, src, dst, tokens: int, moves: int = 6) -> dict:
             "per_move_ms": {k: round(v, 4) for k, v in top}, "timeline_us": timeline}
 
 
+def time_pairs(ps: PlanSet, lanes: dict, name: str, args, results: dict) -> None:
+    """measure_move for every pair of PAIRS the plan set has; rows "NAME SRC->DST" in results["moves"]."""
+    for a, b in PAIRS:
+        if a in lanes and b in lanes:
+            m = measure_move(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
+            row = results["moves"][f"{name} {a}->{b}"] = {k: m[k] for k in ("ms", "GB_per_s", "contents_equal")}
+            print(f"{name} {a}->{b}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s equal={row['contents_equal']}",
+                  flush=True)
+
+
 def main():
     ap = plan_set_arguments()
     ap.add_argument("--transports", default="",
@@ -118,13 +128,7 @@ def main():
         ps.move_transport, _, mode = transport.partition("-")
         if mode:
             ps.peer_mover.mode = mode
-        for a, b in PAIRS:
-            if a in lanes and b in lanes:
-                m = measure_move(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
-                row = {k: m[k] for k in ("ms", "GB_per_s", "contents_equal")}
-                key = f"{transport} {a}->{b}"
-                results["moves"][key] = row
-                print(f"{key}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s equal={row['contents_equal']}", flush=True)
+        time_pairs(ps, lanes, transport, args, results)
     ps.move_transport = "packed"  # the variants below are the packed path's
     for impl in filter(None, args.copies.split(",")):
         print(f"{impl}: programs in {use_copy(ps, impl):.1f}s", flush=True)
@@ -141,14 +145,7 @@ def main():
             ps.move_sync = sync
             for p in pieces:
                 ps.move_pieces = p
-                for a, b in PAIRS:
-                    if a in lanes and b in lanes:
-                        m = measure_move(ps, lanes[a], lanes[b], args.move_tokens, args.repeats)
-                        row = {k: m[k] for k in ("ms", "GB_per_s", "contents_equal")}
-                        key = f"{impl} x{p}{({True: ' sync', False: '', None: ' auto'})[sync]} {a}->{b}"
-                        results["moves"][key] = row
-                        print(f"{key}: {row['ms']:.2f} ms {row['GB_per_s']:.0f} GB/s equal={row['contents_equal']}",
-                              flush=True)
+                time_pairs(ps, lanes, f"{impl} x{p}{({True: ' sync', False: '', None: ' auto'})[sync]}", args, results)
         ps.move_sync = None
         ps.move_pieces = 1
         for a, b in (("tp2@0-1", "tp4@0-3"), ("tp4@0-3", "tp1@3"), ("tp2@0-1", "tp1@1")):

@@ -186,22 +186,32 @@ def fill_a_with_low(sched):
     sched.complete("a", sched.schedule("a"))  # both prefilled on lane a (b is idle: it is scheduled separately)
 
 
-def test_victim_is_migrated_when_moving_is_cheaper_than_recomputing():
+def high_arrives_on_full_lane(move_bytes_per_s, recompute_s_per_token, make_mover):
+    """Lane a full of low work, then a high request: low-2 is the victim. make_mover(sched) gives
+    the scheduler's mover. Returns (sched, a, b, work)."""
     from nitsum_jax.scheduler import CostModel
 
-    moves = []
-
-    def mover(request, src, dst):
-        sched.lanes[dst].allocator.reserve(request.request_id, sched.lanes[src].allocator.capacity(request.request_id))
-        sched.lanes[src].allocator.free(request.request_id)
-        moves.append((request.request_id, src, dst))
-
-    sched, a, b, clock = two_lanes(CostModel(move_bytes_per_s=1e12, kv_bytes_per_token=1000,
-                                             recompute_s_per_token=1e-3), mover)
+    sched, a, b, clock = two_lanes(CostModel(move_bytes_per_s=move_bytes_per_s, kv_bytes_per_token=1000,
+                                             recompute_s_per_token=recompute_s_per_token), None)
+    sched.mover = make_mover(sched)
     fill_a_with_low(sched)
     sched.submit(req("high", "high", arrival=0.2))
     clock.now = 0.2
-    work = sched.schedule("a")
+    return sched, a, b, sched.schedule("a")
+
+
+def test_victim_is_migrated_when_moving_is_cheaper_than_recomputing():
+    moves = []
+
+    def make_mover(sched):
+        def mover(request, src, dst):
+            lanes = sched.lanes
+            lanes[dst].allocator.reserve(request.request_id, lanes[src].allocator.capacity(request.request_id))
+            lanes[src].allocator.free(request.request_id)
+            moves.append((request.request_id, src, dst))
+        return mover
+
+    sched, a, b, work = high_arrives_on_full_lane(1e12, 1e-3, make_mover)
     assert moves == [("low-2", "a", "b")]
     victim = next(r for r in b.running if r.request_id == "low-2")
     assert victim.num_computed == 8 and victim.state is State.RUNNING  # keeps its progress
@@ -209,33 +219,19 @@ def test_victim_is_migrated_when_moving_is_cheaper_than_recomputing():
 
 
 def test_victim_is_recomputed_when_moving_costs_more():
-    from nitsum_jax.scheduler import CostModel
-
     def mover(*args):
         raise AssertionError("must not move")
 
-    sched, a, b, clock = two_lanes(CostModel(move_bytes_per_s=1e3, kv_bytes_per_token=1000,
-                                             recompute_s_per_token=1e-6), mover)
-    fill_a_with_low(sched)
-    sched.submit(req("high", "high", arrival=0.2))
-    clock.now = 0.2
-    sched.schedule("a")
+    sched, a, b, work = high_arrives_on_full_lane(1e3, 1e-6, lambda sched: mover)
     victim = next(r for r in sched.waiting if r.request_id == "low-2")
     assert victim.num_computed == 0 and sched.migrations == []
 
 
 def test_victim_whose_move_fails_is_recomputed_and_its_pages_freed():
-    from nitsum_jax.scheduler import CostModel
-
     def mover(request, src, dst):
         raise RuntimeError("device transfer failed")  # a failed move leaves the pages on src (PlanSet.move)
 
-    sched, a, b, clock = two_lanes(CostModel(move_bytes_per_s=1e12, kv_bytes_per_token=1000,
-                                             recompute_s_per_token=1e-3), mover)
-    fill_a_with_low(sched)
-    sched.submit(req("high", "high", arrival=0.2))
-    clock.now = 0.2
-    work = sched.schedule("a")
+    sched, a, b, work = high_arrives_on_full_lane(1e12, 1e-3, lambda sched: mover)
     victim = next(r for r in sched.waiting if r.request_id == "low-2")
     assert victim.num_computed == 0 and victim.state is State.WAITING and sched.migrations == []
     assert "low-2" not in a.allocator and "low-2" not in b.allocator
