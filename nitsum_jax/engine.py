@@ -565,7 +565,7 @@ class Engine:
     def _migrate(self, request: Request, src: str, dst: str) -> None:
         """A preemption victim moves to another lane. Only enqueued: the destination may be mid-step
         (the device orders the move after it); the cost model learns from switch moves, which sync."""
-        self.plan_set.move(request.request_id, self._lane(src), self._lane(dst))
+        self.plan_set.move(request.request_id, self._lane(src), self._lane(dst), enqueue_only=True)
         self.kv_moves += 1
 
     def _timed_move(self, request_id: str, src: Lane, dst: Lane) -> tuple[int, float]:

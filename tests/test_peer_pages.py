@@ -208,3 +208,17 @@ def test_a_failed_move_leaves_the_sequence_on_its_lane_and_no_page_at_the_destin
     assert src.allocator.pages("stays") == pages and "stays" not in dst.allocator
     assert dst.allocator.num_free == free_before
     src.allocator.free("stays")
+
+
+def test_an_enqueue_only_move_takes_the_packed_path_even_where_direct_is_chosen(plan_set, monkeypatch):
+    """Preemption migrations must not wait on the host for a lane's step in flight."""
+    executor = HostExecutor("push")
+    monkeypatch.setattr(plan_set, "peer_mover", executor)
+    monkeypatch.setattr(plan_set, "move_transport", "direct")
+    src, dst = plan_set.lanes[(2,)], plan_set.lanes[(3,)]
+    src.allocator.reserve("migrant", 24)
+    assert plan_set.move("migrant", src, dst, enqueue_only=True) > 0
+    assert executor.launches == [] and "migrant" in dst.allocator and "migrant" not in src.allocator
+    plan_set.move("migrant", dst, src)
+    assert executor.launches and "migrant" in src.allocator
+    src.allocator.free("migrant")

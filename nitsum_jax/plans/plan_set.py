@@ -104,26 +104,29 @@ class PlanSet:
     def memory_report(self) -> dict:
         return memory_report(self.cfg, tuple(self.plans.values()), self.layouts, self.budget)
 
-    def move(self, seq_id, src: Lane, dst: Lane) -> int:
+    def move(self, seq_id, src: Lane, dst: Lane, enqueue_only: bool = False) -> int:
         """Move a sequence's pages from `src` to `dst` by per-shard device-to-device copies.
 
         Each chunk's K/V slice goes from the device that holds it on `src` to the device that
         holds it on `dst`; page ids may change, contents do not. Returns bytes moved. If the
         move fails, it raises with the sequence still on `src` and no page held on `dst`.
+        `enqueue_only`: the host must not wait for programs in flight on either lane (a lane may be
+        mid-step, as in a preemption's migration), so the move takes the packed path, whose
+        programs the devices order after those steps; the direct transport waits for them.
         """
         if src is dst:
             return 0
         first, second = sorted((src, dst), key=lambda lane: lane.name)  # one lock order: no deadlock
         with first.kv_lock, second.kv_lock:
-            return self._move(seq_id, src, dst)
+            return self._move(seq_id, src, dst, enqueue_only)
 
-    def _move(self, seq_id, src: Lane, dst: Lane) -> int:
+    def _move(self, seq_id, src: Lane, dst: Lane, enqueue_only: bool = False) -> int:
         src_pages = src.allocator.pages(seq_id)
         dst.allocator.reserve(seq_id, len(src_pages) * src.page_size)
         dst_pages = dst.allocator.pages(seq_id)
         route = self.routes.get((src.spec.devices, dst.spec.devices))
         try:
-            if self.move_transport == "direct" and self._direct_ok(src, dst):
+            if self.move_transport == "direct" and not enqueue_only and self._direct_ok(src, dst):
                 moved = self.peer_mover.move(src, dst, src_pages, dst_pages)
             elif route is not None:
                 moved = self._move_packed(route, src, dst, src_pages, dst_pages)
