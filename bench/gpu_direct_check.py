@@ -40,7 +40,8 @@ def direct(ps: PlanSet) -> None:
     """On a machine without GPUs (trying the script): the tests' host executor of the kernel's rule."""
     if ps.peer_mover is None:
         from test_peer_pages import HostExecutor
-        ps.peer_mover, ps.move_transport = HostExecutor("push"), "direct"
+        ps.peer_mover = HostExecutor("push")
+        ps.use_transport("direct")
 
 
 def check(name: str, fn) -> None:
@@ -91,12 +92,12 @@ def round_trips() -> None:
                     pages = src.allocator.pages(seq)
                     k, v, _ = src.gather_pages(pages)
                     before = [bits(a) for a in k + v]
-                    ps.move_transport = "direct"
+                    ps.use_transport("direct")
                     ps.move(seq, src, dst)
                     src.allocator.reserve("spacer", tokens)  # the way back lands on other page ids
-                    ps.move_transport = "packed"
+                    ps.use_transport("packed")
                     ps.move(seq, dst, src)
-                    ps.move_transport = "direct"
+                    ps.use_transport("direct")
                     back = src.allocator.pages(seq)
                     k, v, _ = src.gather_pages(back)
                     after = [bits(a) for a in k + v]

@@ -125,11 +125,12 @@ def main():
     results = {"device": str(jax.devices()[0].device_kind), "preset": args.preset, "GB": gbytes, "moves": {},
                "phases": {}}
     for transport in filter(None, args.transports.split(",")):
-        ps.move_transport, _, mode = transport.partition("-")
+        name, _, mode = transport.partition("-")
+        ps.use_transport(name)
         if mode:
             ps.peer_mover.mode = mode
         time_pairs(ps, lanes, transport, args, results)
-    ps.move_transport = "packed"  # the variants below are the packed path's
+    ps.use_transport("packed")  # the variants below are the packed path's
     for impl in filter(None, args.copies.split(",")):
         print(f"{impl}: programs in {use_copy(ps, impl):.1f}s", flush=True)
         for p, sync in [(p, False) for p in pieces[1:]] + [(1, True), (max(pieces), True)]:

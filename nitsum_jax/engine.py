@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import logging
 import os
 import queue
 import random
@@ -42,6 +43,7 @@ from nitsum_jax.sequence import Completion, Sequence, append_token, validate_pro
 from nitsum_jax.tokenizer import TextTokenizer
 
 
+_log = logging.getLogger(__name__)
 _GIL_SWITCH_S = float(os.environ.get("NITSUM_GIL_SWITCH_S", "0.0005"))
 
 
@@ -489,9 +491,7 @@ class Engine:
 
     def _fail_running(self, lane_name: str, error: Exception) -> None:
         """Finish the lane's running requests with an error (their pages go back); waiting ones stay."""
-        import logging
-
-        logging.getLogger(__name__).exception("lane %s: engine error: %s", lane_name, error)
+        _log.exception("lane %s: engine error: %s", lane_name, error)
         lane = self.scheduler.lanes.get(lane_name)
         for req in list(lane.running if lane else []):
             self._handles[req.request_id].error = f"{type(error).__name__}: {error}"
@@ -541,9 +541,7 @@ class Engine:
         """A lane's step raised: mark it unhealthy, put its requests back in line to be recomputed
         on other lanes (their streamed tokens stay: recompute re-reads prompt + output), and leave
         for a plan without it. With no such plan, requests no remaining lane serves fail."""
-        import logging
-
-        logging.getLogger(__name__).error("lane %s failed, marked unhealthy: %s", name, error)
+        _log.error("lane %s failed, marked unhealthy: %s", name, error)
         self.unhealthy[name] = f"{type(error).__name__}: {error}"
         lane = self._lane(name)
         if self.controller is not None:
@@ -698,9 +696,8 @@ class Engine:
                             nbytes, seconds = self._timed_move(req.request_id, self._lane(old.name),
                                                                self._lane(dst.name))
                         except Exception:  # the pages stay on the old lane: recompute, as with no room
-                            import logging
-                            logging.getLogger(__name__).exception("KV move of %s from %s to %s failed; it will be "
-                                                                  "recomputed", req.request_id, old.name, dst.name)
+                            _log.exception("KV move of %s from %s to %s failed; it will be recomputed",
+                                           req.request_id, old.name, dst.name)
                             dst = None
                     if dst is None:  # no room: recompute later from the waiting queue, keeping its place
                         old.allocator.free(req.request_id)

@@ -269,7 +269,8 @@ def test_a_switch_whose_kv_moves_fail_recomputes_the_sequences_and_keeps_their_t
     plans = parse_plans("one: high+low=tp4@0-3; two: high=tp2@4-5, low=tp2@6-7")
     eng = Engine(tiny_cfg, tiny_params, plans, num_pages=24, page_size=8, grid=GRID, initial_plan="one")
     failing = FailingTransport()
-    eng.plan_set.peer_mover, eng.plan_set.move_transport = failing, "direct"
+    eng.plan_set.peer_mover = failing
+    eng.plan_set.use_transport("direct")
     solo = Generator(tiny_cfg, tiny_params, page_size=8, max_batch=1, prefill_chunk=16, max_seq_len=64)
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     try:

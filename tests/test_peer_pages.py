@@ -60,6 +60,15 @@ class HostExecutor(peer_pages.PeerPageMover):
         dst.kv = type(dst.kv)(k=rebuild(0, dst.kv.k), v=rebuild(1, dst.kv.v))
 
 
+def use_direct(plan_set, executor, monkeypatch):
+    """Moves of `plan_set` by the direct transport with `executor` in place of the GPU kernel;
+    monkeypatch puts the plan set's transport back after the test."""
+    for name in ("peer_mover", "move_transport", "direct_pairs"):
+        monkeypatch.setattr(plan_set, name, getattr(plan_set, name))
+    plan_set.peer_mover = executor
+    plan_set.use_transport("direct")
+
+
 @pytest.fixture(scope="module")
 def plan_set(tiny_cfg, tiny_params):
     return PlanSet(tiny_cfg, tiny_params, parse_plans(PLANS), num_pages=24, page_size=PAGE_SIZE,
@@ -95,8 +104,7 @@ def test_launches_are_split_at_the_kernel_limits():
 def test_direct_moves_keep_tokens_and_nll_between_every_tp_degree(tiny_cfg, plan_set, reference, mode,  # noqa: F811
                                                                  monkeypatch):
     executor = HostExecutor(mode)
-    monkeypatch.setattr(plan_set, "peer_mover", executor)
-    monkeypatch.setattr(plan_set, "move_transport", "direct")
+    use_direct(plan_set, executor, monkeypatch)
     lanes = plan_set.lanes
     route = [lanes[(0, 1, 2, 3)], lanes[(0, 1)], lanes[(0, 1, 2, 3)], lanes[(2,)], lanes[(0, 1)], lanes[(2, 3)],
              lanes[(3,)], lanes[(2,)], lanes[(0, 1, 2, 3)]]  # tp4>2>4>1>2>2(other devices)>1>1>4
@@ -120,8 +128,8 @@ def test_direct_and_packed_transports_leave_the_same_bits(plan_set, monkeypatch)
         for transport in ("packed", "direct"):
             restored = tuple(jax.device_put(x, s) for x, s in zip(before, shardings))
             dst.kv = type(dst.kv)(k=restored[:half], v=restored[half:])
-            monkeypatch.setattr(plan_set, "move_transport", transport)
-            monkeypatch.setattr(plan_set, "peer_mover", HostExecutor("push"))
+            use_direct(plan_set, HostExecutor("push"), monkeypatch)
+            plan_set.use_transport(transport)
             src.allocator.reserve("s", 40)
             dst.allocator.reserve("other", 8)  # destination page ids differ from the source's
             plan_set.move("s", src, dst)
@@ -138,7 +146,9 @@ def test_transport_choice_on_a_machine_without_gpus(tiny_cfg, tiny_params):
     plans = parse_plans("one: all=tp1@0; two: all=tp1@1")
     grid = BucketGrid(decode_batch=(1,), prefill_len=(16,), max_seq_len=16)
     ps = PlanSet(tiny_cfg, tiny_params, plans, num_pages=4, page_size=PAGE_SIZE, grid=grid)
-    assert ps.move_transport == "packed" and "no GPU" in ps.move_transport_note
+    assert ps.move_transport == "packed" and "no GPU" in ps.move_transport_note and ps.direct_pairs == set()
+    with pytest.raises(ValueError, match="was not built"):
+        ps.use_transport("direct")
     with pytest.raises(ValueError, match="needs GPUs"):
         PlanSet(tiny_cfg, tiny_params, plans, num_pages=4, page_size=PAGE_SIZE, grid=grid, move_transport="direct")
     with pytest.raises(ValueError, match="expected auto, direct or packed"):
@@ -196,8 +206,7 @@ class FailingTransport(peer_pages.PeerPageMover):
 
 def test_a_failed_move_leaves_the_sequence_on_its_lane_and_no_page_at_the_destination(plan_set, monkeypatch):
     failing = FailingTransport()
-    monkeypatch.setattr(plan_set, "peer_mover", failing)
-    monkeypatch.setattr(plan_set, "move_transport", "direct")
+    use_direct(plan_set, failing, monkeypatch)
     src, dst = plan_set.lanes[(2,)], plan_set.lanes[(0, 1)]
     src.allocator.reserve("stays", 40)
     pages = list(src.allocator.pages("stays"))
@@ -213,8 +222,7 @@ def test_a_failed_move_leaves_the_sequence_on_its_lane_and_no_page_at_the_destin
 def test_an_enqueue_only_move_takes_the_packed_path_even_where_direct_is_chosen(plan_set, monkeypatch):
     """Preemption migrations must not wait on the host for a lane's step in flight."""
     executor = HostExecutor("push")
-    monkeypatch.setattr(plan_set, "peer_mover", executor)
-    monkeypatch.setattr(plan_set, "move_transport", "direct")
+    use_direct(plan_set, executor, monkeypatch)
     src, dst = plan_set.lanes[(2,)], plan_set.lanes[(3,)]
     src.allocator.reserve("migrant", 24)
     assert plan_set.move("migrant", src, dst, enqueue_only=True) > 0

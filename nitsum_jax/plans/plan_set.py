@@ -74,6 +74,7 @@ class PlanSet:
                     self.num_programs += src.compile_packed_gather(route.groups)
                     self.num_programs += dst.compile_packed_scatter(route.placement, len(route.sources[0]),
                                                                     route.per_buffer)
+        self.direct_pairs: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()  # lane pairs moved by the kernel
         self.move_transport, self.move_transport_note = self._build_transport(
             move_transport or os.environ.get("NITSUM_MOVE_TRANSPORT", "auto"))
         self.budget = MemoryBudget(num_pages, page_size, max(grid.decode_batch), max(grid.prefill_len, default=1))
@@ -96,7 +97,21 @@ class PlanSet:
             if wanted == "direct":
                 raise
             return "packed", f"direct kernel unavailable: {e}"
+        self.use_transport("direct")
         return "direct", f"one kernel pass, {self.peer_mover.mode}"
+
+    def use_transport(self, name: str) -> None:
+        """Switch KV moves to transport `name` ("direct" needs the kernel built at start-up) and
+        derive the lane pairs it serves: direct where both lanes' per-device caches agree in
+        rows and page size (`peer_pages.supported`), the packed path for every other pair."""
+        if name not in ("direct", "packed"):
+            raise ValueError(f"move transport {name!r}; expected direct or packed")
+        if name == "direct" and self.peer_mover is None:
+            raise ValueError("the direct KV-move transport was not built (no GPU or no NVRTC)")
+        self.move_transport = name
+        shard = {key: lane.kv.k[0].sharding.shard_shape(lane.kv_shape) for key, lane in self.lanes.items()}
+        self.direct_pairs = {(a, b) for a, x in self.lanes.items() for b in self.lanes if a != b and name == "direct"
+                             and peer_pages.supported(shard[a], shard[b], x.kv.k[0].dtype.itemsize)}
 
     def lanes_of(self, plan_name: str) -> list[Lane]:
         return [self.lanes[spec.devices] for spec in self.plans[plan_name].lanes]
@@ -126,7 +141,7 @@ class PlanSet:
         dst_pages = dst.allocator.pages(seq_id)
         route = self.routes.get((src.spec.devices, dst.spec.devices))
         try:
-            if self.move_transport == "direct" and not enqueue_only and self._direct_ok(src, dst):
+            if not enqueue_only and (src.spec.devices, dst.spec.devices) in self.direct_pairs:
                 moved = self.peer_mover.move(src, dst, src_pages, dst_pages)
             elif route is not None:
                 moved = self._move_packed(route, src, dst, src_pages, dst_pages)
@@ -168,11 +183,6 @@ class PlanSet:
                 for u in range(len(route.sources[0])))
             dst.scatter_packed(dst_pages[i:i + per], incoming, route.placement, route.per_buffer, n)
         return moved
-
-    def _direct_ok(self, src: Lane, dst: Lane) -> bool:
-        """Whether the direct kernel handles this pair of lanes (per-device cache shapes agree)."""
-        shard = lambda lane: lane.kv.k[0].sharding.shard_shape(lane.kv_shape)  # noqa: E731
-        return peer_pages.supported(shard(src), shard(dst), src.kv.k[0].dtype.itemsize)
 
     def _sync_for(self, src: Lane, dst: Lane) -> bool:
         """Wait on the host for the gather before `device_put`? Measured in one run on 4 GPUs
