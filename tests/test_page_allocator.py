@@ -214,3 +214,15 @@ def test_random_reserve_and_free_never_give_one_page_to_two_sequences():
     for sid in list(tokens):
         alloc.free(sid)
     assert alloc.num_free == alloc.num_pages
+
+
+def test_the_lowest_free_pages_go_first_so_a_sequence_reserved_at_once_gets_adjacent_pages():
+    alloc = PageAllocator(num_pages=16, page_size=1)
+    assert alloc.reserve("a", 4) == [0, 1, 2, 3]
+    assert alloc.reserve("b", 3) == [4, 5, 6]
+    alloc.free("a")
+    assert alloc.reserve("c", 6) == [0, 1, 2, 3, 7, 8]  # the hole first, then on past "b"
+    assert alloc.reserve("b", 4) == [9]  # growth takes the next free page
+    alloc.free("c")
+    alloc.free("b")
+    assert alloc.reserve("d", 16) == list(range(16)) and alloc.num_free == 0

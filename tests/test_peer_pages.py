@@ -21,12 +21,13 @@ PLANS = "big: all=tp4@0-3; mix: high=tp2@0-1, low=tp1@2, low=tp1@3; pair: low=tp
 class HostExecutor(peer_pages.PeerPageMover):
     """Carries out the launches `PeerPageMover.move` plans with numpy on the host, by the kernel's
     rule: for each (source, destination) array pair, page src_pages[p] of every row of the source
-    shard becomes page dst_pages[p] of the same row of the destination shard. Addresses are keys."""
+    shard becomes page dst_pages[p] of the same row of the destination shard; and the copy-engine
+    copies it plans (`engine_runs`), each a run of adjacent pages of every row. Addresses are keys."""
 
-    def __init__(self, mode: str):
-        self.mode = mode
-        self.launches: list[peer_pages.Launch] = []
-        self._lanes = {}
+    def __init__(self, mode: str, engine_runs: int = 0, engine_streams: int = 3):
+        self.mode, self.engine_runs, self.engine_streams = mode, engine_runs, engine_streams
+        self.launches: list = []
+        self._lanes, self._groups = {}, {}
 
     def addresses(self, lane):
         self._lanes[lane.name] = lane
@@ -42,16 +43,27 @@ class HostExecutor(peer_pages.PeerPageMover):
             for r, arr in enumerate(arrays):
                 for s in arr.addressable_shards:
                     shards[(dst.name, kind, r, s.device.id)] = np.array(s.data)
-        for launch in launches:
-            assert launch.runner in {k[3] for pair in launch.pairs for k in pair}
-            for skey, dkey in launch.pairs:
-                src_lane = self._lanes[skey[0]]
-                arr = (src_lane.kv.k, src_lane.kv.v)[skey[1]][skey[2]]
-                src = np.asarray(next(s.data for s in arr.addressable_shards if s.device.id == skey[3]))
-                rows = src.shape[0] * src.shape[1]
-                out = shards[dkey].reshape(rows, launch.dst_total, -1)
-                assert out.dtype.itemsize * out.shape[-1] == launch.words * 16
-                out[:, list(launch.dst_pages)] = src.reshape(rows, launch.src_total, -1)[:, list(launch.src_pages)]
+        def views(skey, dkey, item):
+            src_lane = self._lanes[skey[0]]
+            arr = (src_lane.kv.k, src_lane.kv.v)[skey[1]][skey[2]]
+            src = np.asarray(next(s.data for s in arr.addressable_shards if s.device.id == skey[3]))
+            rows = src.shape[0] * src.shape[1]
+            assert rows == item.rows
+            out = shards[dkey].reshape(rows, item.dst_total, -1)
+            assert out.dtype.itemsize * out.shape[-1] == item.words * 16
+            return src.reshape(rows, item.src_total, -1), out
+
+        for item in launches:
+            if isinstance(item, peer_pages.PitchedCopy):  # copy engine: a run of adjacent pages
+                assert item.runner == item.src[3] if self.mode == "push" else item.runner == item.dst[3]
+                assert 0 <= item.stream < self.engine_streams
+                src, out = views(item.src, item.dst, item)
+                out[:, item.dst_page:item.dst_page + item.pages] = src[:, item.src_page:item.src_page + item.pages]
+                continue
+            assert item.runner in {k[3] for pair in item.pairs for k in pair}
+            for skey, dkey in item.pairs:
+                src, out = views(skey, dkey, item)
+                out[:, list(item.dst_pages)] = src[:, list(item.src_pages)]
 
         def rebuild(kind, arrays):
             return tuple(jax.make_array_from_single_device_arrays(
@@ -100,16 +112,42 @@ def test_launches_are_split_at_the_kernel_limits():
         (5, 0, 448), (5, 448, 52), (7, 500, 448), (7, 948, 52)]
 
 
-@pytest.mark.parametrize("mode", peer_pages.MODES)
+def test_page_runs_and_copy_engine_plans():
+    assert peer_pages.page_runs([3, 4, 5, 9, 10, 11], [7, 8, 0, 1, 2, 5]) == [(3, 7, 2), (5, 0, 1), (9, 1, 2),
+                                                                              (11, 5, 1)]
+    assert peer_pages.page_runs(list(range(10, 74)), list(range(64))) == [(10, 0, 64)]
+    by_runner = {5: [("k0", "K0"), ("v0", "V0")], 6: [("k1", "K1"), ("v1", "V1")]}
+    copies = peer_pages.plan_copies(by_runner, (2, 3, 100, 8, 16), 40, 2, [(3, 7, 2), (9, 1, 4)], 3)
+    assert [(c.runner, c.stream, c.src, c.dst, c.src_page, c.dst_page, c.pages) for c in copies[:4]] == [
+        (5, 0, "k0", "K0", 3, 7, 2), (5, 1, "k0", "K0", 9, 1, 4), (5, 2, "v0", "V0", 3, 7, 2), (5, 0, "v0", "V0", 9, 1, 4)]
+    assert {(c.rows, c.src_total, c.dst_total, c.words) for c in copies} == {(6, 100, 40, 16)}
+    assert sum(c.nbytes for c in copies) == 4 * 6 * 6 * 8 * 16 * 2
+
+
+@pytest.mark.parametrize("mode, engine_runs", [("push", 0), ("pull", 0), ("split", 0), ("push", 64), ("pull", 1)])
 def test_direct_moves_keep_tokens_and_nll_between_every_tp_degree(tiny_cfg, plan_set, reference, mode,  # noqa: F811
-                                                                 monkeypatch):
-    executor = HostExecutor(mode)
+                                                                 engine_runs, monkeypatch):
+    """engine_runs 64: every move by the copy engines; 1: those of one run of pages, the rest by
+    the kernel."""
+    executor = HostExecutor(mode, engine_runs)
     use_direct(plan_set, executor, monkeypatch)
     lanes = plan_set.lanes
+    holes = [lanes[(2,)], lanes[(2, 3)]] if engine_runs == 1 else []
+    for lane in holes:  # every other page held: a sequence moved in gets pages spread over the pool
+        for p in range(6):
+            lane.allocator.reserve(("filler", p), PAGE_SIZE)
+        for p in range(0, 6, 2):
+            lane.allocator.free(("filler", p))
     route = [lanes[(0, 1, 2, 3)], lanes[(0, 1)], lanes[(0, 1, 2, 3)], lanes[(2,)], lanes[(0, 1)], lanes[(2, 3)],
              lanes[(3,)], lanes[(2,)], lanes[(0, 1, 2, 3)]]  # tp4>2>4>1>2>2(other devices)>1>1>4
     walk_moves(tiny_cfg, plan_set, route, reference[2])
+    for lane in holes:
+        for p in range(1, 6, 2):
+            lane.allocator.free(("filler", p))
     assert len({x.runner for x in executor.launches}) > 1
+    kinds = {type(x) for x in executor.launches}
+    assert kinds == ({peer_pages.PitchedCopy} if engine_runs == 64 else
+                     {peer_pages.Launch, peer_pages.PitchedCopy} if engine_runs else {peer_pages.Launch})
     assert all(not lane.allocator.num_used for lane in lanes.values())
 
 
@@ -125,10 +163,10 @@ def test_direct_and_packed_transports_leave_the_same_bits(plan_set, monkeypatch)
         before = [np.asarray(x) for x in dst.kv.k + dst.kv.v]
         shardings = [x.sharding for x in dst.kv.k + dst.kv.v]
         half = len(dst.kv.k)
-        for transport in ("packed", "direct"):
+        for transport, engine_runs in (("packed", 0), ("direct", 0), ("direct", 8)):
             restored = tuple(jax.device_put(x, s) for x, s in zip(before, shardings))
             dst.kv = type(dst.kv)(k=restored[:half], v=restored[half:])
-            use_direct(plan_set, HostExecutor("push"), monkeypatch)
+            use_direct(plan_set, HostExecutor("push", engine_runs), monkeypatch)
             plan_set.use_transport(transport)
             src.allocator.reserve("s", 40)
             dst.allocator.reserve("other", 8)  # destination page ids differ from the source's
@@ -137,8 +175,9 @@ def test_direct_and_packed_transports_leave_the_same_bits(plan_set, monkeypatch)
             results.append([np.asarray(x) for x in dst.kv.k + dst.kv.v])
             dst.allocator.free("s")
             dst.allocator.free("other")
-        for p, d in zip(*results):
-            np.testing.assert_array_equal(p, d)
+        for packed, direct, engine in zip(*results):
+            np.testing.assert_array_equal(packed, direct)
+            np.testing.assert_array_equal(packed, engine)
         assert any(not np.array_equal(x, r) for x, r in zip(before, results[0]))
 
 
@@ -197,7 +236,7 @@ class FailingTransport(peer_pages.PeerPageMover):
     """A GPU transport whose copy fails (as a CUDA error would surface), after planning its launches."""
 
     def __init__(self):
-        self.mode, self._addresses, self.calls = "push", {}, 0
+        self.mode, self._addresses, self._groups, self.calls, self.engine_runs = "push", {}, {}, 0, 0
 
     def run(self, launches, dst):
         self.calls += 1

@@ -1,7 +1,8 @@
 """Does a sequence's page layout change a direct KV move's speed? The 8B shape, 4096-token moves
-(measure_move, median of 10, contents checked) on lanes whose free pages are in order (a fresh
-allocator: a sequence's pages are adjacent) and after the free lists were shuffled (pages spread
-over the whole pool, as after a serving run), with the engine's pool size (2048 pages).
+(measure_move, median of 10, contents checked) on lanes whose pages are all free (the allocator
+hands out the lowest free pages: a sequence's pages are adjacent) and where a random half of each
+lane's pages is held (a sequence's pages spread over the pool, as while serving), with the engine's
+pool size (2048 pages).
 
     PYTHONPATH=. python bench/probes/direct_scatter.py
 """
@@ -23,10 +24,14 @@ if __name__ == "__main__":
     for i, lane in enumerate(ps.lanes.values()):
         fill_random(lane, i)
     lanes = {lane.name: lane for lane in ps.lanes.values()}
-    for layout in ("adjacent", "shuffled"):
-        if layout == "shuffled":
+    for layout in ("adjacent", "spread"):
+        if layout == "spread":
             for lane in lanes.values():
-                random.Random(lane.name).shuffle(lane.allocator._free)
+                held = random.Random(lane.name).sample(range(lane.allocator.num_pages), lane.allocator.num_pages // 2)
+                for p in range(lane.allocator.num_pages):
+                    lane.allocator.reserve(("filler", p), lane.page_size)
+                for p in set(range(lane.allocator.num_pages)) - set(held):
+                    lane.allocator.free(("filler", p))
         for a, b in PAIRS:
             m = measure_move(ps, lanes[a], lanes[b], 4096, 10)
             print(f"{layout} {ps.move_transport} {a}->{b}: {m['ms']:.3f} ms {m['GB_per_s']:.0f} GB/s "

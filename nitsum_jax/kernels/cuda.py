@@ -42,6 +42,7 @@ def _load_driver():
     lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
     lib.cuMemcpyPeerAsync.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
                                       ctypes.c_size_t, ctypes.c_void_p]
+    lib.cuMemcpy2DAsync_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.cuModuleLoadData.argtypes = [c_void_p_p, ctypes.c_void_p]
     lib.cuModuleGetFunction.argtypes = [c_void_p_p, ctypes.c_void_p, ctypes.c_char_p]
     lib.cuLaunchKernel.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,

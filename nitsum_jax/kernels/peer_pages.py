@@ -31,6 +31,7 @@ import threading
 import weakref
 
 import jax
+import numpy as np
 
 from nitsum_jax.kernels.cuda import Contexts, CudaError, check, compile_cubin
 
@@ -41,6 +42,11 @@ MAX_PAGES = 448  # pages per launch: the page lists travel in the kernel's param
 PAGES_PER_BLOCK = 4
 THREADS = 128
 MODES = ("push", "pull", "split")
+# Moves whose pages form at most this many runs (adjacent on both sides) go by the GPUs' copy
+# engines, one pitched copy per array pair and run, on ENGINE_STREAMS streams a GPU; 0: never.
+ENGINE_RUNS = 0
+ENGINE_STREAMS = 4
+CU_MEMORYTYPE_DEVICE = 2
 
 _TEMPLATE = r"""
 struct Args {
@@ -90,6 +96,15 @@ class _Args(ctypes.Structure):
                 ("src_page", ctypes.c_int32 * MAX_PAGES), ("dst_page", ctypes.c_int32 * MAX_PAGES)]
 
 
+class _Memcpy2D(ctypes.Structure):  # CUDA_MEMCPY2D
+    _fields_ = [("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+                ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+                ("srcPitch", ctypes.c_size_t), ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t),
+                ("dstMemoryType", ctypes.c_int), ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64),
+                ("dstArray", ctypes.c_void_p), ("dstPitch", ctypes.c_size_t), ("WidthInBytes", ctypes.c_size_t),
+                ("Height", ctypes.c_size_t)]
+
+
 def copy_plan(src_assign, dst_assign) -> dict[int, list[tuple[int, int, int]]]:
     """Per source device index i: (source slot r, destination device index j, destination slot q)
     for every chunk the source device holds, i.e. where each of its cache arrays goes."""
@@ -109,15 +124,18 @@ class PeerPageMover:
     """Compiles `copy_pages` once (NVRTC) and loads it on every GPU of `devices` at start-up."""
 
     def __init__(self, devices: list, mode: str | None = None, pages_per_block: int = PAGES_PER_BLOCK,
-                 threads: int = THREADS):
+                 threads: int = THREADS, engine_runs: int | None = None, engine_streams: int = ENGINE_STREAMS):
         self.mode = mode or os.environ.get("NITSUM_MOVE_DIRECT_MODE", "push")
         if self.mode not in MODES:
             raise ValueError(f"NITSUM_MOVE_DIRECT_MODE={self.mode!r}; expected one of {MODES}")
         self.pages_per_block, self.threads = pages_per_block, threads
+        self.engine_runs = int(os.environ.get("NITSUM_MOVE_ENGINE_RUNS", ENGINE_RUNS)) if engine_runs is None else engine_runs
+        self.engine_streams = engine_streams
         self.cu = Contexts(devices)
         lib = self.cu.lib
         self.fn: dict[int, ctypes.c_void_p] = {}
         self.streams: dict[int, ctypes.c_void_p] = {}
+        self.engine_stream: dict[int, list[ctypes.c_void_p]] = {}
         cubins: dict[str, bytes] = {}
         for d in devices:
             arch = self.cu.arch(d.id)
@@ -129,8 +147,10 @@ class PeerPageMover:
             check(lib, lib.cuModuleGetFunction(ctypes.byref(fn), module, b"copy_pages"), "cuModuleGetFunction")
             self.fn[d.id] = fn
             self.streams[d.id] = self.cu.stream(d.id)
+            self.engine_stream[d.id] = [self.streams[d.id]] + [self.cu.stream(d.id) for _ in range(engine_streams - 1)]
         self._lock = threading.Lock()
         self._addresses: dict = {}  # lane -> (weak reference to its kv when read, addresses)
+        self._groups: dict = {}  # (src lane, dst lane) -> (their address tables, pairs by runner)
 
     def move(self, src, dst, src_pages: list[int], dst_pages: list[int]) -> int:
         """Copy the K and V of pages `src_pages` of lane `src` into pages `dst_pages` of lane
@@ -142,12 +162,35 @@ class PeerPageMover:
         if not src_pages:
             return 0
         jax.block_until_ready((src.kv, dst.kv))
-        launches = plan_launches(copy_plan(src.layout.assign, dst.layout.assign), self.addresses(src),
-                                 self.addresses(dst), [d.id for d in src.devices], [d.id for d in dst.devices],
-                                 self.mode, src.kv.k[0].sharding.shard_shape(src.kv_shape), dst.kv_shape[2],
-                                 src.kv.k[0].dtype.itemsize, src_pages, dst_pages)
-        self.run(launches, dst)
-        return sum(launch.nbytes for launch in launches)
+        src_ptr, dst_ptr = self.addresses(src), self.addresses(dst)
+        shape, itemsize = src.kv.k[0].sharding.shard_shape(src.kv_shape), src.kv.k[0].dtype.itemsize
+        work = None
+        if self.engine_runs and self.mode != "split":
+            runs = page_runs(src_pages, dst_pages)
+            if len(runs) <= self.engine_runs:
+                work = plan_copies(self._pairs(src, dst, src_ptr, dst_ptr), shape, dst.kv_shape[2], itemsize, runs,
+                                   self.engine_streams)
+        if work is None:
+            if self.mode == "split":
+                work = plan_launches(copy_plan(src.layout.assign, dst.layout.assign), src_ptr, dst_ptr,
+                                     [d.id for d in src.devices], [d.id for d in dst.devices], self.mode, shape,
+                                     dst.kv_shape[2], itemsize, src_pages, dst_pages)
+            else:
+                work = launches_for(self._pairs(src, dst, src_ptr, dst_ptr), shape, dst.kv_shape[2], itemsize,
+                                    src_pages, dst_pages)
+        self.run(work, dst)
+        return sum(item.nbytes for item in work)
+
+    def _pairs(self, src, dst, src_ptr, dst_ptr) -> dict[int, list[tuple]]:
+        """The (source, destination) address pairs each GPU copies for a move src -> dst in this
+        mover's mode, worked out once per pair of address tables."""
+        cached = self._groups.get((src, dst))
+        if cached is not None and cached[0] is src_ptr and cached[1] is dst_ptr:
+            return cached[2]
+        groups = pairs_by_runner(copy_plan(src.layout.assign, dst.layout.assign), src_ptr, dst_ptr,
+                                 [d.id for d in src.devices], [d.id for d in dst.devices], self.mode)
+        self._groups[(src, dst)] = (src_ptr, dst_ptr, groups)
+        return groups
 
     def addresses(self, lane) -> dict[tuple[int, int, int], int]:
         """(0 for K / 1 for V, slot, device index in the lane) -> device address of that shard.
@@ -165,13 +208,30 @@ class PeerPageMover:
         self._addresses[lane] = (weakref.ref(lane.kv), out)
         return out
 
-    def run(self, launches: list["Launch"], dst) -> None:
-        """Launch, then wait for every stream used (dst: the lane written, for other executors)."""
+    def run(self, work: list, dst) -> None:
+        """Launch the kernels and start the copies, then wait for every stream used (dst: the lane
+        written, for other executors)."""
         with self._lock:
-            for launch in launches:
-                self._launch(launch)
-            for runner in dict.fromkeys(launch.runner for launch in launches):
-                self.cu.synchronize(self.streams[runner])
+            streams = {}
+            for item in work:
+                if isinstance(item, Launch):
+                    self._launch(item)
+                    streams[id(self.streams[item.runner])] = self.streams[item.runner]
+                else:
+                    stream = self.engine_stream[item.runner][item.stream]
+                    self._copy(item, stream)
+                    streams[id(stream)] = stream
+            for stream in streams.values():
+                self.cu.synchronize(stream)
+
+    def _copy(self, copy: "PitchedCopy", stream) -> None:
+        page = copy.words * 16
+        desc = _Memcpy2D(srcMemoryType=CU_MEMORYTYPE_DEVICE, srcDevice=copy.src + copy.src_page * page,
+                         srcPitch=copy.src_total * page, dstMemoryType=CU_MEMORYTYPE_DEVICE,
+                         dstDevice=copy.dst + copy.dst_page * page, dstPitch=copy.dst_total * page,
+                         WidthInBytes=copy.pages * page, Height=copy.rows)
+        self.cu.use(copy.runner)
+        check(self.cu.lib, self.cu.lib.cuMemcpy2DAsync_v2(ctypes.byref(desc), stream), "cuMemcpy2DAsync")
 
     def _launch(self, launch: "Launch") -> None:
         args = _Args()
@@ -207,6 +267,75 @@ class Launch:
         return len(self.pairs) * self.rows * len(self.src_pages) * self.words * 16
 
 
+@dataclasses.dataclass(frozen=True)
+class PitchedCopy:
+    """One copy-engine copy (cuMemcpy2DAsync) started on GPU `runner`, stream `stream` of its
+    engine streams: pages src_page.. (`pages` of them, adjacent) of every row of array `src` go to
+    pages dst_page.. of the same row of array `dst`."""
+    runner: int
+    stream: int
+    src: object
+    dst: object
+    rows: int
+    src_total: int
+    dst_total: int
+    words: int
+    src_page: int
+    dst_page: int
+    pages: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.pages * self.words * 16
+
+
+def page_runs(src_pages, dst_pages) -> list[tuple[int, int, int]]:
+    """(first source page, first destination page, length) of each run of positions where both
+    page lists go up by one."""
+    s, d = np.asarray(src_pages, dtype=np.int64), np.asarray(dst_pages, dtype=np.int64)
+    breaks = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [len(s)])))
+    return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist()))
+
+
+def pairs_by_runner(plan: dict, src_ptr: dict, dst_ptr: dict, src_ids: list[int], dst_ids: list[int],
+                    mode: str) -> dict[int, list[tuple]]:
+    """GPU id -> the (source, destination) array address pairs it copies: in "push" the GPU that
+    holds the source shard, in "pull" the one that holds the destination shard."""
+    by_runner: dict[int, list] = {}
+    for i, targets in sorted(plan.items()):
+        for r, j, q in targets:
+            runner = src_ids[i] if mode == "push" else dst_ids[j]
+            for kind in (0, 1):
+                by_runner.setdefault(runner, []).append((src_ptr[(kind, r, i)], dst_ptr[(kind, q, j)]))
+    return by_runner
+
+
+def launches_for(by_runner: dict, src_shard_shape, dst_total: int, itemsize: int, src_pages: list[int],
+                 dst_pages: list[int]) -> list[Launch]:
+    """Kernel launches copying pages src_pages -> dst_pages of every pair in `by_runner`, at most
+    MAX_ARRAYS pairs and MAX_PAGES pages per launch."""
+    L, K, src_total, S, H = src_shard_shape
+    words = S * H * itemsize // 16
+    src_pages, dst_pages = tuple(src_pages), tuple(dst_pages)
+    return [Launch(runner, tuple(pairs[a:a + MAX_ARRAYS]), L * K, src_total, dst_total, words,
+                   src_pages[p:p + MAX_PAGES], dst_pages[p:p + MAX_PAGES])
+            for runner, pairs in by_runner.items()
+            for a in range(0, len(pairs), MAX_ARRAYS) for p in range(0, len(src_pages), MAX_PAGES) if src_pages]
+
+
+def plan_copies(by_runner: dict, src_shard_shape, dst_total: int, itemsize: int, runs: list[tuple[int, int, int]],
+                streams: int) -> list[PitchedCopy]:
+    """Copy-engine copies of `runs` (page_runs') for every pair in `by_runner`: one pitched copy
+    per pair and run, spread round-robin over each GPU's `streams` engine streams."""
+    L, K, src_total, S, H = src_shard_shape
+    words = S * H * itemsize // 16
+    return [PitchedCopy(runner, n % streams, s, d, L * K, src_total, dst_total, words, a, b, length)
+            for runner, pairs in by_runner.items()
+            for n, ((s, d), (a, b, length)) in enumerate((pair, run) for pair in pairs for run in runs)]
+
+
 def plan_launches(plan: dict, src_ptr: dict, dst_ptr: dict, src_ids: list[int], dst_ids: list[int], mode: str,
                   src_shard_shape, dst_total: int, itemsize: int, src_pages: list[int],
                   dst_pages: list[int]) -> list[Launch]:
@@ -215,24 +344,15 @@ def plan_launches(plan: dict, src_ptr: dict, dst_ptr: dict, src_ids: list[int], 
     mesh order; mode "push" runs each launch on the source GPU, "pull" on the destination GPU,
     "split" pushes the first half of the pages and pulls the rest.
     At most MAX_ARRAYS pairs and MAX_PAGES pages per launch."""
-    L, K, src_total, S, H = src_shard_shape
-    words = S * H * itemsize // 16
     if mode == "split":
         half = len(src_pages) // 2
         args = (plan, src_ptr, dst_ptr, src_ids, dst_ids)
         return (plan_launches(*args, "push", src_shard_shape, dst_total, itemsize, src_pages[:half], dst_pages[:half])
                 + plan_launches(*args, "pull", src_shard_shape, dst_total, itemsize, src_pages[half:],
                                 dst_pages[half:]))
-    by_runner: dict[int, list] = {}
-    for i, targets in sorted(plan.items()):
-        for r, j, q in targets:
-            runner = src_ids[i] if mode == "push" else dst_ids[j]
-            for kind in (0, 1):
-                by_runner.setdefault(runner, []).append((src_ptr[(kind, r, i)], dst_ptr[(kind, q, j)]))
-    return [Launch(runner, tuple(pairs[a:a + MAX_ARRAYS]), L * K, src_total, dst_total, words,
-                   tuple(src_pages[p:p + MAX_PAGES]), tuple(dst_pages[p:p + MAX_PAGES]))
-            for runner, pairs in by_runner.items()
-            for a in range(0, len(pairs), MAX_ARRAYS) for p in range(0, len(src_pages), MAX_PAGES) if src_pages]
+    return launches_for(pairs_by_runner(plan, src_ptr, dst_ptr, src_ids, dst_ids, mode), src_shard_shape, dst_total,
+                        itemsize, src_pages, dst_pages)
 
 
-__all__ = ["CudaError", "Launch", "PeerPageMover", "copy_plan", "plan_launches", "supported"]
+__all__ = ["CudaError", "Launch", "PeerPageMover", "PitchedCopy", "copy_plan", "launches_for", "page_runs",
+           "pairs_by_runner", "plan_copies", "plan_launches", "supported"]
