@@ -131,6 +131,7 @@ class PeerPageMover:
         self.pages_per_block, self.threads = pages_per_block, threads
         self.engine_runs = int(os.environ.get("NITSUM_MOVE_ENGINE_RUNS", ENGINE_RUNS)) if engine_runs is None else engine_runs
         self.engine_streams = engine_streams
+        self.spin = os.environ.get("NITSUM_MOVE_WAIT", "spin") == "spin"  # else block in cuStreamSynchronize
         self.cu = Contexts(devices)
         lib = self.cu.lib
         self.fn: dict[int, ctypes.c_void_p] = {}
@@ -222,7 +223,7 @@ class PeerPageMover:
                     self._copy(item, stream)
                     streams[id(stream)] = stream
             for stream in streams.values():
-                self.cu.synchronize(stream)
+                self.cu.wait(stream) if self.spin else self.cu.synchronize(stream)
 
     def _copy(self, copy: "PitchedCopy", stream) -> None:
         page = copy.words * 16
@@ -292,6 +293,11 @@ class PitchedCopy:
 def page_runs(src_pages, dst_pages) -> list[tuple[int, int, int]]:
     """(first source page, first destination page, length) of each run of positions where both
     page lists go up by one."""
+    n = len(src_pages)
+    if n and src_pages[-1] - src_pages[0] == n - 1 and dst_pages[-1] - dst_pages[0] == n - 1 and \
+            list(src_pages) == list(range(src_pages[0], src_pages[0] + n)) and \
+            list(dst_pages) == list(range(dst_pages[0], dst_pages[0] + n)):
+        return [(src_pages[0], dst_pages[0], n)]  # the common case: one run (checked in C)
     s, d = np.asarray(src_pages, dtype=np.int64), np.asarray(dst_pages, dtype=np.int64)
     breaks = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
     starts = np.concatenate(([0], breaks))
