@@ -5,7 +5,8 @@
    and teacher-forced NLL must be those of the single-device run that never moved (the CPU tests'
    walk, tests/test_plans.py).
 2. The 8B shape (bf16, random pages): for each lane pair, a 4096-token sequence moved there by the
-   kernel and back by the packed transport lands bit-identical in the source lane's pages.
+   kernel (push, pull) or the copy engines (the default for adjacent pages) and back by the packed
+   transport lands bit-identical in the source lane's pages.
 Prints PASS/FAIL lines; exits 1 on any failure.
 
     PYTHONPATH=.:tests python bench/gpu_direct_check.py
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from nitsum_jax.config import preset
+from nitsum_jax.kernels import peer_pages
 from nitsum_jax.generate import Generator
 from nitsum_jax.model import init_params
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
@@ -29,6 +31,11 @@ from test_plans import GREEDY, PAGE_SIZE, prompts, walk_moves  # noqa: E402
 
 PLANS = "big: all=tp4@0-3; mix: high=tp2@0-1, low=tp1@2, low=tp1@3; pair: low=tp2@0-1, low=tp2@2-3"
 failed = []
+VARIANTS = (("push", 0), ("pull", 0), ("push", peer_pages.ENGINE_RUNS))  # kernel push, pull; copy engines
+
+
+def label(mode: str, engine_runs: int) -> str:
+    return "copy engines" if engine_runs else f"kernel {mode}"
 
 
 def bits(a):
@@ -40,7 +47,7 @@ def direct(ps: PlanSet) -> None:
     """On a machine without GPUs (trying the script): the tests' host executor of the kernel's rule."""
     if ps.peer_mover is None:
         from test_peer_pages import HostExecutor
-        ps.peer_mover = HostExecutor("push")
+        ps.peer_mover = HostExecutor("push", peer_pages.ENGINE_RUNS)
         ps.use_transport("direct")
 
 
@@ -64,9 +71,9 @@ def tiny_walks() -> None:
     lanes = ps.lanes
     route = [lanes[(0, 1, 2, 3)], lanes[(0, 1)], lanes[(0, 1, 2, 3)], lanes[(2,)], lanes[(0, 1)], lanes[(2, 3)],
              lanes[(3,)], lanes[(2,)], lanes[(0, 1, 2, 3)]]
-    for mode in ("push", "pull"):
-        ps.peer_mover.mode = mode
-        check(f"tiny walk, direct {mode}: tokens and NLL of the unmoved run",
+    for mode, engine_runs in VARIANTS:
+        ps.peer_mover.mode, ps.peer_mover.engine_runs = mode, engine_runs
+        check(f"tiny walk, direct {label(mode, engine_runs)}: tokens and NLL of the unmoved run",
               lambda: walk_moves(cfg, ps, route, want))
 
 
@@ -79,8 +86,8 @@ def round_trips() -> None:
     for i, lane in enumerate(ps.lanes.values()):
         fill_random(lane, i)
     lanes = list(ps.lanes.values())
-    for mode in ("push", "pull"):
-        ps.peer_mover.mode = mode
+    for mode, engine_runs in VARIANTS:
+        ps.peer_mover.mode, ps.peer_mover.engine_runs = mode, engine_runs
         for src in lanes:
             for dst in lanes:
                 if src is dst:
@@ -106,7 +113,7 @@ def round_trips() -> None:
                     assert back != pages, "the way back reused the same page ids"
                     for x, y in zip(before, after):
                         assert bool(jnp.all(x == y)), "pages differ after the round trip"
-                check(f"8B 4096 tokens, direct {mode} {src.name} -> {dst.name}, packed back: bit-identical", trip)
+                check(f"8B 4096 tokens, direct {label(mode, engine_runs)} {src.name} -> {dst.name}, packed back: bit-identical", trip)
 
 
 TRANSPORT = "direct" if jax.devices()[0].platform == "gpu" else "packed"
