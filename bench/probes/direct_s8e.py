@@ -1,0 +1,120 @@
+"""Session 8, call E: where a 1024-token move's ~0.13 ms beyond its copy goes. Time stamps inside
+PlanSet.move and PeerPageMover.move (host waits, planning, issue, the wait for the copy) for
+TP1 -> TP1 moves: alternating directions as measure_move does, the same direction repeated, with
+a 1 ms pause before each timed move, and with Python's garbage collector off.
+
+    PYTHONPATH=.:bench/probes python bench/probes/direct_s8e.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import jax
+
+from direct_s8 import PLANS
+from nitsum_jax.config import preset
+from nitsum_jax.kernels import peer_pages
+from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
+from nitsum_jax.plans.probe import fill_random
+
+STAMPS: list[tuple[str, float]] = []
+
+
+class Stamped(peer_pages.PeerPageMover):
+    def move(self, src, dst, src_pages, dst_pages):
+        STAMPS.append(("mover in", time.perf_counter()))
+        jax.block_until_ready((src.kv, dst.kv))
+        STAMPS.append(("ready", time.perf_counter()))
+        src_ptr, dst_ptr = self.addresses(src), self.addresses(dst)
+        shape, itemsize = src.kv.k[0].sharding.shard_shape(src.kv_shape), src.kv.k[0].dtype.itemsize
+        pairs = self._pairs(src, dst, src_ptr, dst_ptr)
+        runs = peer_pages.page_runs(src_pages, dst_pages)
+        if self.engine_runs and len(runs) <= self.engine_runs:
+            work = peer_pages.plan_copies(pairs, shape, dst.kv_shape[2], itemsize, runs, self.engine_streams)
+        else:
+            work = peer_pages.launches_for(pairs, shape, dst.kv_shape[2], itemsize, src_pages, dst_pages)
+        STAMPS.append(("planned", time.perf_counter()))
+        with self._lock:
+            streams = {}
+            for item in work:
+                if isinstance(item, peer_pages.Launch):
+                    self._launch(item)
+                    streams[id(self.streams[item.runner])] = self.streams[item.runner]
+                else:
+                    stream = self.engine_stream[item.runner][item.stream]
+                    self._copy(item, stream)
+                    streams[id(stream)] = stream
+            STAMPS.append(("issued", time.perf_counter()))
+            for stream in streams.values():
+                self.cu.wait(stream)
+        STAMPS.append(("copied", time.perf_counter()))
+        return sum(item.nbytes for item in work)
+
+
+def pattern(ps, src, dst, tokens, how: str, n=30) -> dict:
+    seq = ("diag", how)
+    src.allocator.reserve(seq, tokens)
+    steps: dict[str, list[float]] = {}
+    holder = src
+    for i in range(2 * n + 4):
+        a, b = (src, dst) if holder is src else (dst, src)
+        if how == "same" and i % 2 == 1:
+            a, b = src, dst  # timed moves only, src -> dst: put it back untimed first
+        timed = a is src and i >= 4
+        if how == "pause" and timed:
+            time.sleep(0.001)
+        jax.block_until_ready(a.kv)
+        STAMPS.clear()
+        t0 = time.perf_counter()
+        if how == "same" and holder is dst:
+            ps.move(seq, dst, src)
+            holder = src
+            continue
+        ps.move(seq, a, b)
+        t1 = time.perf_counter()
+        jax.block_until_ready(b.kv)
+        t2 = time.perf_counter()
+        holder = b
+        if timed:
+            marks = [("start", t0)] + STAMPS + [("move out", t1), ("bur", t2)]
+            for (_, x), (name, y) in zip(marks, marks[1:]):
+                steps.setdefault(name, []).append((y - x) * 1e6)
+            steps.setdefault("total", []).append((t2 - t0) * 1e6)
+    if seq in holder.allocator:
+        holder.allocator.free(seq)
+    return {k: round(statistics.median(v), 1) for k, v in steps.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    ps = PlanSet(preset("llama-3.1-8b"), None, parse_plans(PLANS), num_pages=2048, page_size=16, move_transport="direct",
+                 grid=BucketGrid(decode_batch=(8,), prefill_len=(), max_seq_len=4096, min_move_pages=256))
+    for i, lane in enumerate(ps.lanes.values()):
+        fill_random(lane, i)
+    lanes = {lane.name: lane for lane in ps.lanes.values()}
+    out = {"device": jax.devices()[0].device_kind, "us": {}}
+    for engine_runs in (4, 0):
+        ps.peer_mover = Stamped(ps.devices, engine_runs=engine_runs)
+        for a, b in (("tp1@0", "tp1@1"), ("tp2@0-1", "tp1@3")):
+            for how in ("alternate", "same", "pause", "nogc"):
+                if how == "nogc":
+                    gc.disable()
+                r = pattern(ps, lanes[a], lanes[b], 1024, how)
+                gc.enable()
+                key = f"{'engine' if engine_runs else 'kernel'} {a}->{b} {how}"
+                out["us"][key] = r
+                print(key, json.dumps(r), f"-> {134.2 / r['total'] * 1e3:.0f} GB/s", flush=True)
+    if args.out:
+        with open(f"{args.out}/direct_s8e.json", "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
