@@ -80,7 +80,13 @@ class PageAllocator:
 
     def _take(self, n: int) -> list[int]:
         """The `n` lowest free pages, marked used (the caller checked that `n` are free)."""
-        found, start = [], self._low
+        low = self._low
+        if not self._used[low:low + n].any() and low + n <= self.num_pages:  # the next n pages are free
+            self._used[low:low + n] = True
+            self._num_free -= n
+            self._low = low + n
+            return list(range(low, low + n))
+        found, start = [], low
         while sum(map(len, found)) < n:
             stop = min(self.num_pages, start + max(4 * n, 256))
             found.append(np.flatnonzero(~self._used[start:stop]) + start)
@@ -96,7 +102,14 @@ class PageAllocator:
         if seq_id not in self._pages:
             raise KeyError(f"sequence {seq_id!r} holds no KV pages (unknown or already freed)")
         pages = self._pages.pop(seq_id)
-        if pages:
+        first, n = (pages[0], len(pages)) if pages else (0, 0)
+        if n and pages[-1] - first == n - 1 and pages == list(range(first, first + n)):  # one run: slices
+            if not self._used[first:first + n].all():
+                raise AssertionError(f"pages of {seq_id!r} in {first}..{first + n - 1} were not marked as used")
+            self._used[first:first + n] = False
+            self._num_free += n
+            self._low = min(self._low, first)
+        elif pages:
             index = np.asarray(pages)
             if not self._used[index].all():
                 raise AssertionError(f"pages {index[~self._used[index]].tolist()} of {seq_id!r} were not marked as used")

@@ -27,6 +27,7 @@ PAIRS = [("tp1@0", "tp1@1"), ("tp2@0-1", "tp1@3"), ("tp1@2", "tp2@0-1"), ("tp4@0
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--movers", default="default,kernel")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ps = PlanSet(preset("llama-3.1-8b"), None, parse_plans(PLANS), num_pages=2048, page_size=16, move_transport="direct",
@@ -35,6 +36,7 @@ def main():
         fill_random(lane, i)
     lanes = {lane.name: lane for lane in ps.lanes.values()}
     movers = {"default": ps.peer_mover, "kernel": peer_pages.PeerPageMover(ps.devices, engine_runs=0)}
+    movers = {k: v for k, v in movers.items() if k in args.movers.split(",")}
     rates: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, mover in movers.items():

@@ -23,6 +23,7 @@ from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
 from nitsum_jax.plans.probe import fill_random
 
 STAMPS: list[tuple[str, float]] = []
+HOWS = ("alternate", "same", "pause", "nogc")
 
 
 class Stamped(peer_pages.PeerPageMover):
@@ -93,6 +94,7 @@ def pattern(ps, src, dst, tokens, how: str, n=30) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--hows", default=",".join(HOWS))
     args = ap.parse_args()
     ps = PlanSet(preset("llama-3.1-8b"), None, parse_plans(PLANS), num_pages=2048, page_size=16, move_transport="direct",
                  grid=BucketGrid(decode_batch=(8,), prefill_len=(), max_seq_len=4096, min_move_pages=256))
@@ -103,7 +105,7 @@ def main():
     for engine_runs in (4, 0):
         ps.peer_mover = Stamped(ps.devices, engine_runs=engine_runs)
         for a, b in (("tp1@0", "tp1@1"), ("tp2@0-1", "tp1@3")):
-            for how in ("alternate", "same", "pause", "nogc"):
+            for how in args.hows.split(","):
                 if how == "nogc":
                     gc.disable()
                 r = pattern(ps, lanes[a], lanes[b], 1024, how)

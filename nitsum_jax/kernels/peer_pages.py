@@ -28,9 +28,9 @@ caller's references for the whole call.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import threading
+import typing
 import weakref
 
 import jax
@@ -156,6 +156,12 @@ class PeerPageMover:
             self.streams[d.id] = self.cu.stream(d.id)
             self.engine_stream[d.id] = [self.streams[d.id]] + [self.cu.stream(d.id) for _ in range(engine_streams - 1)]
         self._lock = threading.Lock()
+        # cuLaunchKernel copies the parameters and cuMemcpy2DAsync the descriptor when called, so
+        # one of each serves every launch and copy.
+        self._args, self._desc = _Args(), _Memcpy2D(srcMemoryType=CU_MEMORYTYPE_DEVICE, dstMemoryType=CU_MEMORYTYPE_DEVICE)
+        self._params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(self._args), ctypes.c_void_p))
+        self._desc_ref = ctypes.byref(self._desc)
+        self._current = None  # the GPU whose context this mover made current last
         self._addresses: dict = {}  # lane -> (weak reference to its kv when read, addresses)
         self._groups: dict = {}  # (src lane, dst lane) -> (their address tables, pairs by runner)
 
@@ -219,6 +225,7 @@ class PeerPageMover:
         """Launch the kernels and start the copies, then wait for every stream used (dst: the lane
         written, for other executors)."""
         with self._lock:
+            self._current = None  # the calling thread's current context is not known
             streams = {}
             for item in work:
                 if isinstance(item, Launch):
@@ -232,32 +239,34 @@ class PeerPageMover:
                 self.cu.wait(stream) if self.spin else self.cu.synchronize(stream)
 
     def _copy(self, copy: "PitchedCopy", stream) -> None:
-        page = copy.words * 16
-        desc = _Memcpy2D(srcMemoryType=CU_MEMORYTYPE_DEVICE, srcDevice=copy.src + copy.src_page * page,
-                         srcPitch=copy.src_total * page, dstMemoryType=CU_MEMORYTYPE_DEVICE,
-                         dstDevice=copy.dst + copy.dst_page * page, dstPitch=copy.dst_total * page,
-                         WidthInBytes=copy.pages * page, Height=copy.rows)
-        self.cu.use(copy.runner)
-        check(self.cu.lib, self.cu.lib.cuMemcpy2DAsync_v2(ctypes.byref(desc), stream), "cuMemcpy2DAsync")
+        page, desc = copy.words * 16, self._desc  # one descriptor, filled per copy (under _lock)
+        desc.srcDevice, desc.srcPitch = copy.src + copy.src_page * page, copy.src_total * page
+        desc.dstDevice, desc.dstPitch = copy.dst + copy.dst_page * page, copy.dst_total * page
+        desc.WidthInBytes, desc.Height = copy.pages * page, copy.rows
+        self._use(copy.runner)
+        check(self.cu.lib, self.cu.lib.cuMemcpy2DAsync_v2(self._desc_ref, stream), "cuMemcpy2DAsync")
+
+    def _use(self, device_id: int) -> None:
+        if self._current != device_id:  # cuCtxSetCurrent only when the GPU changes
+            self.cu.use(device_id)
+            self._current = device_id
 
     def _launch(self, launch: "Launch") -> None:
-        args = _Args()
+        args = self._args  # one parameter block, filled per launch (under _lock)
         for z, (s, d) in enumerate(launch.pairs):
             args.src[z], args.dst[z] = s, d
         args.rows, args.src_pages, args.dst_pages = launch.rows, launch.src_total, launch.dst_total
         args.words, args.n = launch.words, len(launch.src_pages)
         args.src_page[:args.n] = launch.src_pages
         args.dst_page[:args.n] = launch.dst_pages
-        params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
         lib = self.cu.lib
-        self.cu.use(launch.runner)
+        self._use(launch.runner)
         grid_x = -(-args.n // self.pages_per_block)
         check(lib, lib.cuLaunchKernel(self.fn[launch.runner], grid_x, launch.rows, len(launch.pairs), self.threads, 1, 1, 0,
-                                      self.streams[launch.runner], params, None), "cuLaunchKernel(copy_pages)")
+                                      self.streams[launch.runner], self._params, None), "cuLaunchKernel(copy_pages)")
 
 
-@dataclasses.dataclass(frozen=True)
-class Launch:
+class Launch(typing.NamedTuple):  # a tuple: made per move, cheaply
     """One launch of `copy_pages`: on GPU `runner`, for each (source, destination) array pair,
     pages src_pages[p] of every row of the source go to pages dst_pages[p] of the same row."""
     runner: int
@@ -274,8 +283,7 @@ class Launch:
         return len(self.pairs) * self.rows * len(self.src_pages) * self.words * 16
 
 
-@dataclasses.dataclass(frozen=True)
-class PitchedCopy:
+class PitchedCopy(typing.NamedTuple):
     """One copy-engine copy (cuMemcpy2DAsync) started on GPU `runner`, stream `stream` of its
     engine streams: pages src_page.. (`pages` of them, adjacent) of every row of array `src` go to
     pages dst_page.. of the same row of array `dst`."""
