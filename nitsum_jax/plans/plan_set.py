@@ -37,7 +37,7 @@ class PlanSet:
         on 4 GPUs two pieces were slower, BENCHMARKS.md session 3). Whether the host waits for a
         gather before sending it: NITSUM_MOVE_SYNC=0/1, else `_sync_for` decides per move.
         `move_transport` (default NITSUM_MOVE_TRANSPORT, else "auto"): "direct" copies pages
-        GPU to GPU in one kernel pass (kernels/peer_pages.py), "packed" gathers, sends and
+        GPU to GPU in one pass, by the copy engines or a kernel (kernels/peer_pages.py), "packed" gathers, sends and
         scatters (moves.py); "auto" takes direct on GPUs where its kernel builds, else packed."""
         self.cfg, self.plans = cfg, {p.name: p for p in plans}
         self.devices = list(devices or jax.devices())
@@ -98,7 +98,9 @@ class PlanSet:
                 raise
             return "packed", f"direct kernel unavailable: {e}"
         self.use_transport("direct")
-        return "direct", f"one kernel pass, {self.peer_mover.mode}"
+        mover = self.peer_mover
+        engines = f"copy engines where a sequence's pages form <= {mover.engine_runs} runs, else " if mover.engine_runs else ""
+        return "direct", f"one pass GPU to GPU: {engines}the kernel ({mover.mode})"
 
     def use_transport(self, name: str) -> None:
         """Switch KV moves to transport `name` ("direct" needs the kernel built at start-up) and
