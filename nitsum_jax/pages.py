@@ -22,9 +22,9 @@ class PageAllocator:
         self.num_pages = num_pages
         self.page_size = page_size
         # Lowest free page first: a sequence reserved at once (a prompt, a moved sequence) gets
-        # adjacent pages wherever the pool has them, which the direct KV-move kernel copies 7-10%
-        # faster than pages spread over the pool (BENCHMARKS.md, session 7), and the bookkeeping
-        # is vectorized (a move of 256 pages paid ~80 us of per-page Python before).
+        # adjacent pages wherever the pool has them, which a KV move between GPUs sends by the copy
+        # engines, one pitched copy per cache array (BENCHMARKS.md, session 8); the bookkeeping is
+        # vectorized (a move of 256 pages paid ~80 us of per-page Python before).
         self._used = np.zeros(num_pages, dtype=bool)
         self._num_free = num_pages
         self._low = 0  # every page below this one is in use
@@ -81,7 +81,7 @@ class PageAllocator:
     def _take(self, n: int) -> list[int]:
         """The `n` lowest free pages, marked used (the caller checked that `n` are free)."""
         low = self._low
-        if not self._used[low:low + n].any() and low + n <= self.num_pages:  # the next n pages are free
+        if low + n <= self.num_pages and not self._used[low:low + n].any():  # the next n pages are free
             self._used[low:low + n] = True
             self._num_free -= n
             self._low = low + n

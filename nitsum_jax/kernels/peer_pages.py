@@ -161,9 +161,9 @@ class PeerPageMover:
         self._args, self._desc = _Args(), _Memcpy2D(srcMemoryType=CU_MEMORYTYPE_DEVICE, dstMemoryType=CU_MEMORYTYPE_DEVICE)
         self._params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(self._args), ctypes.c_void_p))
         self._desc_ref = ctypes.byref(self._desc)
-        self._current = None  # the GPU whose context this mover made current last
+        self._current = None  # the GPU whose context run() made current last (reset per call)
         self._addresses: dict = {}  # lane -> (weak reference to its kv when read, addresses)
-        self._groups: dict = {}  # (src lane, dst lane) -> (their address tables, pairs by runner)
+        self._groups: dict = {}  # (src lane, dst lane, mode) -> (their address tables, pairs by runner)
 
     def move(self, src, dst, src_pages: list[int], dst_pages: list[int]) -> int:
         """Copy the K and V of pages `src_pages` of lane `src` into pages `dst_pages` of lane
