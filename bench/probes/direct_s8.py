@@ -41,6 +41,36 @@ def med_us(f, n=50):
     return statistics.median(ts) * 1e6
 
 
+def make_plan_set(preset_name: str = "llama-3.1-8b", num_pages: int = 2048):
+    """PLANS' lanes (direct transport, 4096-token grid) with random pages; (plan set, lanes by name)."""
+    ps = PlanSet(preset(preset_name), None, parse_plans(PLANS), num_pages=num_pages, page_size=16,
+                 move_transport="direct",
+                 grid=BucketGrid(decode_batch=(8,), prefill_len=(), max_seq_len=4096, min_move_pages=256))
+    for i, lane in enumerate(ps.lanes.values()):
+        fill_random(lane, i)
+    return ps, {lane.name: lane for lane in ps.lanes.values()}
+
+
+def finish(out: dict, rows: list[str], out_dir: str | None, name: str) -> None:
+    """Write `out` to OUT_DIR/NAME.json and print the summary rows last (the device tool returns
+    the end of the output)."""
+    if out_dir:
+        with open(f"{out_dir}/{name}.json", "w") as f:
+            json.dump(out, f, indent=2)
+    print("\n".join(["", "SUMMARY"] + rows))
+
+
+def plan_work(mover, src, dst, src_pages, dst_pages, engines: int = 0) -> list:
+    """The launches (engines=0) or the copy-engine copies on `engines` streams a GPU that `mover`
+    would issue for moving src_pages of `src` into dst_pages of `dst`."""
+    shape, isz = src.kv.k[0].sharding.shard_shape(src.kv_shape), src.kv.k[0].dtype.itemsize
+    pairs = mover._pairs(src, dst, mover.addresses(src), mover.addresses(dst))
+    if not engines:
+        return peer_pages.launches_for(pairs, shape, dst.kv_shape[2], isz, src_pages, dst_pages)
+    return peer_pages.plan_copies(pairs, shape, dst.kv_shape[2], isz, peer_pages.page_runs(src_pages, dst_pages),
+                                  engines)
+
+
 def spread(lanes, on: bool):
     for lane in lanes.values():
         a = lane.allocator
@@ -63,11 +93,7 @@ def main():
     ap.add_argument("--num-pages", type=int, default=2048)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    ps = PlanSet(preset(args.preset), None, parse_plans(PLANS), num_pages=args.num_pages, page_size=16, move_transport="direct",
-                 grid=BucketGrid(decode_batch=(8,), prefill_len=(), max_seq_len=4096, min_move_pages=256))
-    for i, lane in enumerate(ps.lanes.values()):
-        fill_random(lane, i)
-    lanes = {lane.name: lane for lane in ps.lanes.values()}
+    ps, lanes = make_plan_set(args.preset, args.num_pages)
     out = {"device": jax.devices()[0].device_kind, "moves": {}, "breakdown": {}, "settings": {}}
     rows = []
 
@@ -95,12 +121,9 @@ def main():
             src.allocator.reserve("b", tokens)
             dst.allocator.reserve("b", tokens)
             sp, dp = src.allocator.pages("b"), dst.allocator.pages("b")
+            work = plan_work(mover, src, dst, sp, dp, 0 if name == "kernel" else 4)
             shape, isz = src.kv.k[0].sharding.shard_shape(src.kv_shape), src.kv.k[0].dtype.itemsize
             pairs = mover._pairs(src, dst, mover.addresses(src), mover.addresses(dst))
-            if name == "kernel":
-                work = peer_pages.launches_for(pairs, shape, dst.kv_shape[2], isz, sp, dp)
-            else:
-                work = peer_pages.plan_copies(pairs, shape, dst.kv_shape[2], isz, peer_pages.page_runs(sp, dp), 4)
             nbytes = sum(w.nbytes for w in work)
             jax.block_until_ready((src.kv, dst.kv))
             b = {"MB": nbytes / 1e6,
@@ -129,10 +152,7 @@ def main():
             out["settings"][f"ppb{ppb} t{threads} {a}->{b}"] = m["GB_per_s"]
             rows.append(f"settings ppb{ppb} t{threads} 1024 {a}->{b}: {m['GB_per_s']:.0f} GB/s equal={m['contents_equal']}")
             print(rows[-1], flush=True)
-    if args.out:
-        with open(f"{args.out}/direct_s8.json", "w") as f:
-            json.dump(out, f, indent=2)
-    print("\n".join(["", "SUMMARY"] + rows))
+    finish(out, rows, args.out, "direct_s8")
 
 
 if __name__ == "__main__":

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import statistics
 import time
 
 import jax
 
-from direct_s8 import PAIRS, PLANS, spread
-from nitsum_jax.config import preset
+from direct_s8 import PAIRS, finish, make_plan_set, plan_work, spread
 from nitsum_jax.kernels import peer_pages
-from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
-from nitsum_jax.plans.probe import fill_random, measure_move
+from nitsum_jax.plans.probe import measure_move
 
 
 def device_ms(mover, work, stream, n=20):
@@ -61,11 +58,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    ps = PlanSet(preset("llama-3.1-8b"), None, parse_plans(PLANS), num_pages=2048, page_size=16, move_transport="direct",
-                 grid=BucketGrid(decode_batch=(8,), prefill_len=(), max_seq_len=4096, min_move_pages=256))
-    for i, lane in enumerate(ps.lanes.values()):
-        fill_random(lane, i)
-    lanes = {lane.name: lane for lane in ps.lanes.values()}
+    ps, lanes = make_plan_set()
     out = {"device": jax.devices()[0].device_kind, "moves": {}, "device_time": {}}
     rows = []
     spin = peer_pages.PeerPageMover(ps.devices, "push", engine_runs=0)
@@ -90,18 +83,13 @@ def main():
                         print(rows[-1], flush=True)
     spread(lanes, False)
     src, dst = lanes["tp1@0"], lanes["tp1@1"]
-    shape, isz = src.kv.k[0].sharding.shard_shape(src.kv_shape), src.kv.k[0].dtype.itemsize
     for tokens in (1024, 4096):
         src.allocator.reserve("b", tokens)
         dst.allocator.reserve("b", tokens)
         sp, dp = src.allocator.pages("b"), dst.allocator.pages("b")
         for name in ("kernel spin", "engine x1"):
             mover = movers[name]
-            pairs = mover._pairs(src, dst, mover.addresses(src), mover.addresses(dst))
-            if name == "kernel spin":
-                work = peer_pages.launches_for(pairs, shape, dst.kv_shape[2], isz, sp, dp)
-            else:
-                work = peer_pages.plan_copies(pairs, shape, dst.kv_shape[2], isz, peer_pages.page_runs(sp, dp), 1)
+            work = plan_work(mover, src, dst, sp, dp, 0 if name == "kernel spin" else 1)
             nbytes = sum(w.nbytes for w in work)
             dev, host = device_ms(mover, work, mover.streams[src.devices[0].id])
             out["device_time"][f"{name} {tokens}"] = {"device_ms": dev, "host_ms": host, "MB": nbytes / 1e6,
@@ -111,10 +99,7 @@ def main():
             print(rows[-1], flush=True)
         src.allocator.free("b")
         dst.allocator.free("b")
-    if args.out:
-        with open(f"{args.out}/direct_s8b.json", "w") as f:
-            json.dump(out, f, indent=2)
-    print("\n".join(["", "SUMMARY"] + rows))
+    finish(out, rows, args.out, "direct_s8b")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ import statistics
 
 import jax
 
-from direct_s8 import PLANS
-from nitsum_jax.config import preset
+from direct_s8 import make_plan_set
 from nitsum_jax.kernels import peer_pages
-from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
-from nitsum_jax.plans.probe import fill_random, measure_move
+from nitsum_jax.plans.probe import measure_move
 
 PAIRS = [("tp1@0", "tp1@1"), ("tp2@0-1", "tp1@3"), ("tp1@2", "tp2@0-1"), ("tp4@0-3", "tp1@3")]
 
@@ -30,11 +28,7 @@ def main():
     ap.add_argument("--movers", default="default,kernel")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    ps = PlanSet(preset("llama-3.1-8b"), None, parse_plans(PLANS), num_pages=2048, page_size=16, move_transport="direct",
-                 grid=BucketGrid(decode_batch=(8,), prefill_len=(), max_seq_len=4096, min_move_pages=256))
-    for i, lane in enumerate(ps.lanes.values()):
-        fill_random(lane, i)
-    lanes = {lane.name: lane for lane in ps.lanes.values()}
+    ps, lanes = make_plan_set()
     movers = {"default": ps.peer_mover, "kernel": peer_pages.PeerPageMover(ps.devices, engine_runs=0)}
     movers = {k: v for k, v in movers.items() if k in args.movers.split(",")}
     rates: dict[str, list[float]] = {}

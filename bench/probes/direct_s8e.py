@@ -16,45 +16,61 @@ import time
 
 import jax
 
-from direct_s8 import PLANS
-from nitsum_jax.config import preset
+from direct_s8 import make_plan_set
 from nitsum_jax.kernels import peer_pages
-from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
-from nitsum_jax.plans.probe import fill_random
 
 STAMPS: list[tuple[str, float]] = []
 HOWS = ("alternate", "same", "pause", "nogc")
 
 
+class _StampedWaits:
+    """The mover's CUDA contexts, stamping "issued" when the first wait of a move begins."""
+
+    def __init__(self, cu):
+        self.cu, self.first = cu, True
+
+    def __getattr__(self, name):
+        return getattr(self.cu, name)
+
+    def _stamp(self):
+        if self.first:
+            STAMPS.append(("issued", time.perf_counter()))
+            self.first = False
+
+    def wait(self, stream):
+        self._stamp()
+        self.cu.wait(stream)
+
+    def synchronize(self, stream):
+        self._stamp()
+        self.cu.synchronize(stream)
+
+
 class Stamped(peer_pages.PeerPageMover):
+    """The default mover with time stamps: entering move, after the host's wait for both caches
+    (the first address lookup follows it), once planned (run begins), once issued (the first
+    stream wait), once copied."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cu = _StampedWaits(self.cu)
+
     def move(self, src, dst, src_pages, dst_pages):
         STAMPS.append(("mover in", time.perf_counter()))
-        jax.block_until_ready((src.kv, dst.kv))
-        STAMPS.append(("ready", time.perf_counter()))
-        src_ptr, dst_ptr = self.addresses(src), self.addresses(dst)
-        shape, itemsize = src.kv.k[0].sharding.shard_shape(src.kv_shape), src.kv.k[0].dtype.itemsize
-        pairs = self._pairs(src, dst, src_ptr, dst_ptr)
-        runs = peer_pages.page_runs(src_pages, dst_pages)
-        if self.engine_runs and len(runs) <= self.engine_runs:
-            work = peer_pages.plan_copies(pairs, shape, dst.kv_shape[2], itemsize, runs, self.engine_streams)
-        else:
-            work = peer_pages.launches_for(pairs, shape, dst.kv_shape[2], itemsize, src_pages, dst_pages)
-        STAMPS.append(("planned", time.perf_counter()))
-        with self._lock:
-            streams = {}
-            for item in work:
-                if isinstance(item, peer_pages.Launch):
-                    self._launch(item)
-                    streams[id(self.streams[item.runner])] = self.streams[item.runner]
-                else:
-                    stream = self.engine_stream[item.runner][item.stream]
-                    self._copy(item, stream)
-                    streams[id(stream)] = stream
-            STAMPS.append(("issued", time.perf_counter()))
-            for stream in streams.values():
-                self.cu.wait(stream)
+        self.ready_stamped, self.cu.first = False, True
+        moved = super().move(src, dst, src_pages, dst_pages)
         STAMPS.append(("copied", time.perf_counter()))
-        return sum(item.nbytes for item in work)
+        return moved
+
+    def addresses(self, lane):
+        if not self.ready_stamped:
+            STAMPS.append(("ready", time.perf_counter()))
+            self.ready_stamped = True
+        return super().addresses(lane)
+
+    def run(self, work, dst):
+        STAMPS.append(("planned", time.perf_counter()))
+        super().run(work, dst)
 
 
 def pattern(ps, src, dst, tokens, how: str, n=30) -> dict:
@@ -96,11 +112,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--hows", default=",".join(HOWS))
     args = ap.parse_args()
-    ps = PlanSet(preset("llama-3.1-8b"), None, parse_plans(PLANS), num_pages=2048, page_size=16, move_transport="direct",
-                 grid=BucketGrid(decode_batch=(8,), prefill_len=(), max_seq_len=4096, min_move_pages=256))
-    for i, lane in enumerate(ps.lanes.values()):
-        fill_random(lane, i)
-    lanes = {lane.name: lane for lane in ps.lanes.values()}
+    ps, lanes = make_plan_set()
     out = {"device": jax.devices()[0].device_kind, "us": {}}
     for engine_runs in (4, 0):
         ps.peer_mover = Stamped(ps.devices, engine_runs=engine_runs)
