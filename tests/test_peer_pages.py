@@ -201,6 +201,15 @@ def test_kernel_source_compiles_with_nvrtc(arch, ppb, threads):
     assert cubin[:4] == b"\x7fELF" and b"copy_pages" in cubin
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("NITSUM_MOVE_DIRECT_MODE", "sideways", "expected one of"), ("NITSUM_MOVE_ENGINE_RUNS", "four", "whole number"),
+    ("NITSUM_MOVE_ENGINE_RUNS", "-1", "whole number"), ("NITSUM_MOVE_WAIT", "sleep", "expected spin or block")])
+def test_bad_transport_settings_are_refused_by_name(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}={value!r}.*{message}"):
+        peer_pages.PeerPageMover(jax.devices())  # refused before any CUDA call
+
+
 def test_nvrtc_errors_carry_the_compiler_log():
     if cuda.nvrtc() is None:
         with pytest.raises(cuda.CudaError, match="NVRTC"):

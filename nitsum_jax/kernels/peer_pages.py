@@ -135,9 +135,16 @@ class PeerPageMover:
         if self.mode not in MODES:
             raise ValueError(f"NITSUM_MOVE_DIRECT_MODE={self.mode!r}; expected one of {MODES}")
         self.pages_per_block, self.threads = pages_per_block, threads
-        self.engine_runs = int(os.environ.get("NITSUM_MOVE_ENGINE_RUNS", ENGINE_RUNS)) if engine_runs is None else engine_runs
-        self.engine_streams = engine_streams
-        self.spin = os.environ.get("NITSUM_MOVE_WAIT", "spin") == "spin"  # else block in cuStreamSynchronize
+        if engine_runs is None:
+            value = os.environ.get("NITSUM_MOVE_ENGINE_RUNS", str(ENGINE_RUNS))
+            if not value.isdigit():
+                raise ValueError(f"NITSUM_MOVE_ENGINE_RUNS={value!r}; expected a whole number (0: never the copy engines)")
+            engine_runs = int(value)
+        self.engine_runs, self.engine_streams = engine_runs, engine_streams
+        wait = os.environ.get("NITSUM_MOVE_WAIT", "spin")
+        if wait not in ("spin", "block"):
+            raise ValueError(f"NITSUM_MOVE_WAIT={wait!r}; expected spin or block")
+        self.spin = wait == "spin"  # poll the streams, else block in cuStreamSynchronize
         self.cu = Contexts(devices)
         lib = self.cu.lib
         self.fn: dict[int, ctypes.c_void_p] = {}
