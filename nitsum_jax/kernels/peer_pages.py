@@ -184,20 +184,18 @@ class PeerPageMover:
         jax.block_until_ready((src.kv, dst.kv))
         src_ptr, dst_ptr = self.addresses(src), self.addresses(dst)
         shape, itemsize = src.kv.k[0].sharding.shard_shape(src.kv_shape), src.kv.k[0].dtype.itemsize
-        work = None
-        if self.engine_runs and self.mode != "split":
-            runs = page_runs(src_pages, dst_pages)
-            if len(runs) <= self.engine_runs:
-                work = plan_copies(self._pairs(src, dst, src_ptr, dst_ptr), shape, dst.kv_shape[2], itemsize, runs,
-                                   self.engine_streams)
-        if work is None:
-            if self.mode == "split":
-                work = plan_launches(copy_plan(src.layout.assign, dst.layout.assign), src_ptr, dst_ptr,
-                                     [d.id for d in src.devices], [d.id for d in dst.devices], self.mode, shape,
-                                     dst.kv_shape[2], itemsize, src_pages, dst_pages)
+        dst_total = dst.kv_shape[2]
+        if self.mode == "split":  # half the pages pushed, half pulled: two sets of pairs
+            work = plan_launches(copy_plan(src.layout.assign, dst.layout.assign), src_ptr, dst_ptr,
+                                 [d.id for d in src.devices], [d.id for d in dst.devices], self.mode, shape, dst_total,
+                                 itemsize, src_pages, dst_pages)
+        else:
+            pairs = self._pairs(src, dst, src_ptr, dst_ptr)
+            runs = page_runs(src_pages, dst_pages) if self.engine_runs else ()
+            if runs and len(runs) <= self.engine_runs:
+                work = plan_copies(pairs, shape, dst_total, itemsize, runs, self.engine_streams)
             else:
-                work = launches_for(self._pairs(src, dst, src_ptr, dst_ptr), shape, dst.kv_shape[2], itemsize,
-                                    src_pages, dst_pages)
+                work = launches_for(pairs, shape, dst_total, itemsize, src_pages, dst_pages)
         self.run(work, dst)
         return sum(item.nbytes for item in work)
 

@@ -19,6 +19,8 @@ from typing import Callable
 from nitsum_jax.pages import PageAllocator
 from nitsum_jax.scheduler.classes import PriorityClass
 
+_log = logging.getLogger(__name__)
+
 
 class QueueFull(RuntimeError):
     """The class queue is at its bound (the server answers RESOURCE_EXHAUSTED)."""
@@ -284,8 +286,8 @@ class Scheduler:
             try:
                 self.mover(victim, lane.name, dst.name)
             except Exception:  # the move failed (its pages stay on `lane`): recompute the victim instead
-                logging.getLogger(__name__).exception("KV move of %s from %s to %s failed; it will be recomputed",
-                                                      victim.request_id, lane.name, dst.name)
+                _log.exception("KV move of %s from %s to %s failed; it will be recomputed",
+                               victim.request_id, lane.name, dst.name)
                 dst = None
         if dst is not None:
             victim.lane = dst.name
