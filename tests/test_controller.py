@@ -53,24 +53,24 @@ def test_measured_step_costs_pick_the_throughput_plan_with_most_capacity():
     c = PlanController(plans, "static", hold_s=0.0, min_dwell_s=0.0)
     low_only = dict(waiting={"low": 9}, running={}, slo_attainment={})
     # TP2 steps measured slow (e.g. a kernel that scales badly): two TP4 lanes beat four TP2 lanes.
-    slow_tp2 = Load(**low_only, lane_step_s={(0, 1, 2, 3): 0.010, (0, 1): 0.030})
+    slow_tp2 = Load(**low_only, lane_step_s={"tp4@0-3": 0.010, "tp2@0-1": 0.030})
     assert c.preferred(slow_tp2)[0] == "wide"
-    fast_tp2 = Load(**low_only, lane_step_s={(0, 1, 2, 3): 0.010, (0, 1): 0.012})
+    fast_tp2 = Load(**low_only, lane_step_s={"tp4@0-3": 0.010, "tp2@0-1": 0.012})
     assert c.preferred(fast_tp2)[0] == "burst"
 
 
 def test_a_reserved_plan_whose_high_lane_misses_the_tpot_target_loses_to_a_faster_one():
-    c = PlanController(PLANS, "burst", hold_s=0.0, min_dwell_s=0.0, high_tpot_target_s=0.02)
+    c = PlanController(PLANS, "burst", hold_s=0.0, min_dwell_s=0.0, urgent_tpot_target_s=0.02)
     high = dict(waiting={"high": 2, "low": 3}, running={}, slo_attainment={})
-    assert c.preferred(Load(**high, lane_step_s={(0, 1, 2, 3): 0.015}))[0] == "mixed"
-    too_slow = {(0, 1, 2, 3): 0.025, tuple(range(8)): 0.012}
+    assert c.preferred(Load(**high, lane_step_s={"tp4@0-3": 0.015}))[0] == "mixed"
+    too_slow = {"tp4@0-3": 0.025, "tp8@0-7": 0.012}
     assert c.preferred(Load(**high, lane_step_s=too_slow))[0] == "static"
 
 
 def test_an_unhealthy_lane_rules_out_its_plans_and_the_controller_leaves_at_once():
     c = PlanController(PLANS, "mixed", hold_s=5.0, min_dwell_s=5.0)
     c.force("mixed", 0.0)
-    c.mark_unhealthy((4, 5))
+    c.mark_unhealthy("tp2@4-5")
     decision = c.decide(load(high=1, low=3), 0.1)  # within the dwell time, but mixed is broken
     assert decision is not None and decision[0] == "static"
     assert all(c.usable(c.plans[name]) for name in ["static"]) and not c.usable(c.plans["burst"])

@@ -189,7 +189,7 @@ def test_engine_builds_from_a_preset_with_a_compact_plan_set():
         out = eng.generate(["hi there"], SamplingParams(max_tokens=5, ignore_eos=True), priority_class="high")
         assert len(out[0].token_ids) == 5 and out[0].text is not None
         assert sorted(eng.plan_set.plans) == ["m", "s"]
-        assert 0.0 <= eng._slo_attainment()["high"] <= 1.0
+        assert 0.0 <= eng.core.slo_attainment()["high"] <= 1.0
     finally:
         eng.close()
 

@@ -216,7 +216,7 @@ def test_client_deadline_is_deadline_exceeded_and_frees_its_pages(server, engine
     [handle] = [h for h in engine.recent() if h.request.request_id.startswith("deadline-test@")]
     assert handle.request.deadline is not None
     assert handle.request.finish_reason in ("deadline", "cancelled")
-    assert len(handle.seq.output_ids) < 56
+    assert len(handle.output_ids) < 56
 
 
 # -- standard services, info, metrics ----------------------------------------------------------

@@ -23,7 +23,7 @@ from nitsum_jax.plans.weights import WeightStore
 
 
 def lane_name(spec: LaneSpec) -> str:
-    return f"tp{spec.tp}@{spec.devices[0]}-{spec.devices[-1]}" if spec.tp > 1 else f"tp1@{spec.devices[0]}"
+    return spec.name
 
 
 class PlanSet:

@@ -31,8 +31,24 @@ class LaneSpec:
     def serves(self, priority_class: str) -> bool:
         return ALL_CLASSES in self.classes or priority_class in self.classes
 
+    @property
+    def name(self) -> str:
+        """The lane's one identity, used by scheduler, controller, plan set, metrics and the
+        server: `tp2@0-1` (`tp1@3` for one device; a list `tp2@0.2` where the devices are not
+        a range)."""
+        return f"tp{self.tp}@{device_text(self.devices)}"
+
     def __str__(self) -> str:
-        return f"{'+'.join(self.classes)}=tp{self.tp}@{'.'.join(map(str, self.devices))}"
+        return f"{'+'.join(self.classes)}={self.name}"
+
+
+def device_text(devices: tuple[int, ...]) -> str:
+    """`0-3` for a range, `5` for one device, `0.2` otherwise (the plan syntax's two forms)."""
+    if len(devices) == 1:
+        return str(devices[0])
+    if devices == tuple(range(devices[0], devices[-1] + 1)):
+        return f"{devices[0]}-{devices[-1]}"
+    return ".".join(map(str, devices))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +116,12 @@ def load_plans_toml(path: Path) -> tuple[Plan, ...]:
     return tuple(plans)
 
 
-def read_plans(value: str | None, num_devices: int, cfg: LlamaConfig) -> tuple[Plan, ...]:
-    """`--plans` value: a TOML file path, the compact form, or None for the default set."""
+def read_plans(value: str | None, num_devices: int, cfg: LlamaConfig,
+               tiers: tuple[str, ...] = ("high", "low")) -> tuple[Plan, ...]:
+    """`--plans` value: a TOML file path, the compact form, or None for the default set over
+    `tiers` (class names, most urgent first)."""
     if value is None:
-        plans = default_plans(num_devices, cfg)
+        plans = default_plans(num_devices, cfg, tiers)
     elif value.endswith(".toml") or Path(value).is_file():
         plans = load_plans_toml(Path(value))
     else:
@@ -119,17 +137,20 @@ def _largest_tp(n: int, cfg: LlamaConfig) -> int:
     return tp
 
 
-def default_plans(num_devices: int, cfg: LlamaConfig) -> tuple[Plan, ...]:
-    """static: one lane over all devices; mixed: high on the first half, low lanes on the rest;
-    burst: low on lanes of a quarter of the devices each (every device busy with low work)."""
+def default_plans(num_devices: int, cfg: LlamaConfig, tiers: tuple[str, ...] = ("high", "low")) -> tuple[Plan, ...]:
+    """`tiers`: the class names, most urgent first. static: one lane over all devices; mixed:
+    the most urgent tier on the first half, every other tier on lanes of a quarter each; burst:
+    lanes of a quarter each, the first serving every tier, the rest every tier but the most
+    urgent (every device busy with bulk work)."""
     n = _largest_tp(num_devices, cfg)
     static = Plan("static", (LaneSpec((ALL_CLASSES,), n, tuple(range(n))),))
-    if n == 1:
+    if n == 1 or len(tiers) < 2:
         return (static,)
+    urgent, rest = (tiers[0],), tuple(tiers[1:])
     half, quarter = n // 2, max(n // 4, 1)
-    mixed = [LaneSpec(("high",), half, tuple(range(half)))]
-    mixed += [LaneSpec(("low",), quarter, tuple(range(d, d + quarter))) for d in range(half, n, quarter)]
-    burst = [LaneSpec(("high", "low") if d == 0 else ("low",), quarter, tuple(range(d, d + quarter)))
+    mixed = [LaneSpec(urgent, half, tuple(range(half)))]
+    mixed += [LaneSpec(rest, quarter, tuple(range(d, d + quarter))) for d in range(half, n, quarter)]
+    burst = [LaneSpec(urgent + rest if d == 0 else rest, quarter, tuple(range(d, d + quarter)))
              for d in range(0, n, quarter)]
     return static, Plan("mixed", tuple(mixed)), Plan("burst", tuple(burst))
 
@@ -157,3 +178,19 @@ def validate_plans(plans: tuple[Plan, ...], num_devices: int, cfg: LlamaConfig) 
                 if d in seen:
                     raise PlanError(f"plan {plan.name!r}: device {d} is in two lanes ({seen[d]} and {lane})")
                 seen[d] = lane
+
+
+def check_plan_classes(plans: tuple[Plan, ...], classes: set[str] | dict) -> None:
+    """Raise PlanError unless every lane names known classes (or `all`) and every class is
+    served by some lane of every plan (a plan that serves no lane for a class would strand it)."""
+    known = set(classes)
+    for plan in plans:
+        for lane in plan.lanes:
+            unknown = [c for c in lane.classes if c != ALL_CLASSES and c not in known]
+            if unknown:
+                raise PlanError(f"plan {plan.name!r}, lane {lane}: unknown class {unknown[0]!r}; "
+                                f"known: {sorted(known)} or {ALL_CLASSES!r}")
+        stranded = [c for c in sorted(known) if not any(lane.serves(c) for lane in plan.lanes)]
+        if stranded:
+            raise PlanError(f"plan {plan.name!r} has no lane for class {stranded[0]!r}; every plan must serve "
+                            f"every class (classes: {sorted(known)})")

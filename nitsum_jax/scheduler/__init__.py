@@ -1,6 +1,8 @@
 """Scheduling: priority classes, queues, admission by KV pages, preemption. No JAX here."""
 
-from nitsum_jax.scheduler.classes import PriorityClass, default_classes
-from nitsum_jax.scheduler.core import CostModel, LaneQueue, QueueFull, Request, Scheduler, State, Work
+from nitsum_jax.scheduler.classes import PriorityClass, by_rank, default_classes, load_classes
+from nitsum_jax.scheduler.core import Scheduler
+from nitsum_jax.scheduler.requests import CostModel, LaneQueue, Move, QueueFull, Request, State, SwitchPlan, Work
 
-__all__ = ["CostModel", "LaneQueue", "PriorityClass", "QueueFull", "Request", "Scheduler", "State", "Work", "default_classes"]
+__all__ = ["CostModel", "LaneQueue", "Move", "PriorityClass", "QueueFull", "Request", "Scheduler", "State",
+           "SwitchPlan", "Work", "by_rank", "default_classes", "load_classes"]

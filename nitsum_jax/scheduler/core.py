@@ -5,91 +5,24 @@ decodes first (one token each), then prefill chunks in the remaining token budge
 low-class prompt cannot stall a lane's decode. Admission reserves KV pages; a waiting request
 of a more urgent class may preempt running less urgent ones when pages or batch slots are
 short. A preempted request keeps its arrival time (its place in line) and is never preempted
-twice; waiting requests age, so no class starves.
+twice; waiting requests age, so no class starves. Every change of the scheduler's state goes
+through its methods: submit, cancel, schedule, complete, finish, evict a lane, switch lanes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import logging
 import time
 from typing import Callable
 
-from nitsum_jax.pages import PageAllocator
 from nitsum_jax.scheduler.classes import PriorityClass
+from nitsum_jax.scheduler.queues import WaitingQueues
+from nitsum_jax.scheduler.requests import (CostModel, LaneQueue, Move, QueueFull, Request, State, SwitchPlan,
+                                           Work)
+
+__all__ = ["CostModel", "LaneQueue", "Move", "QueueFull", "Request", "Scheduler", "State", "SwitchPlan", "Work"]
 
 _log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """The class queue is at its bound (the server answers RESOURCE_EXHAUSTED)."""
-
-
-class State(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclasses.dataclass(eq=False)
-class Request:
-    request_id: str
-    priority_class: str
-    prompt_len: int
-    max_tokens: int
-    arrival: float
-    deadline: float | None = None  # absolute clock time
-    state: State = State.WAITING
-    lane: str | None = None
-    num_computed: int = 0  # tokens whose K/V are in the lane's pages
-    num_output: int = 0
-    preemptions: int = 0
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "deadline"
-    cancel_requested: bool = False
-
-    @property
-    def total_len(self) -> int:
-        """Tokens the sequence holds now: the prompt plus what it generated."""
-        return self.prompt_len + self.num_output
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < self.total_len - (1 if self.num_output else 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Work:
-    request: Request
-    start_pos: int
-    num_tokens: int  # 1 for decode, a chunk for prefill
-
-
-@dataclasses.dataclass
-class LaneQueue:
-    name: str
-    classes: tuple[str, ...]  # classes this lane serves ("all" for every class)
-    allocator: PageAllocator
-    max_batch: int
-    running: list[Request] = dataclasses.field(default_factory=list)
-
-    def serves(self, cls: str) -> bool:
-        return "all" in self.classes or cls in self.classes
-
-
-@dataclasses.dataclass
-class CostModel:
-    """Measured costs the victim decision uses; the engine updates them from real steps and moves."""
-
-    move_bytes_per_s: float = 100e9
-    kv_bytes_per_token: int = 1
-    recompute_s_per_token: float = 1e-4
-
-    def move_s(self, tokens: int) -> float:
-        return tokens * self.kv_bytes_per_token / self.move_bytes_per_s
-
-    def recompute_s(self, tokens: int) -> float:
-        return tokens * self.recompute_s_per_token
 
 
 class Scheduler:
@@ -97,31 +30,51 @@ class Scheduler:
                  clock: Callable[[], float] = time.monotonic, token_budget: int = 512, prefill_chunk: int = 128,
                  max_preemptions: int = 1, costs: CostModel | None = None,
                  mover: Callable[[Request, str, str], None] | None = None):
-        """`mover(request, src_lane, dst_lane)` moves a sequence's KV pages; without one,
-        preempted requests are always recomputed."""
+        """`mover(request, src_lane, dst_lane)` moves a preemption victim's KV pages at once (it
+        may raise: the victim is then recomputed); without one, victims are always recomputed.
+        `token_budget`: new tokens a step of a lane may carry, an int for every lane or a
+        {lane name: int} (lanes absent from it take `default_budget`)."""
         self.classes, self.clock = classes, clock
         self.costs, self.mover = costs or CostModel(), mover
         self.migrations: list[tuple[float, str, str, str]] = []  # (time, request, from lane, to lane)
         self.lanes = {lane.name: lane for lane in lanes}
-        self.token_budget, self.prefill_chunk, self.max_preemptions = token_budget, prefill_chunk, max_preemptions
-        self.waiting: list[Request] = []
-        self.finished: list[Request] = []
+        self.prefill_chunk, self.max_preemptions = prefill_chunk, max_preemptions
+        self.default_budget = token_budget if isinstance(token_budget, int) else 512
+        self.lane_budget: dict[str, int] = {} if isinstance(token_budget, int) else dict(token_budget)
+        self.queues = WaitingQueues(classes)
+        self.finished: list[Request] = []  # finished since the owner last took them (`take_finished`)
         self.preemption_log: list[tuple[float, str, str]] = []  # (time, victim, for whom)
         # Whether a lane may take a migrated sequence now (the engine says no while its step runs).
         self.can_receive: Callable[[str], bool] = lambda lane_name: True
 
+    @property
+    def token_budget(self) -> int:
+        return self.default_budget
+
+    def budget_for(self, lane_name: str) -> int:
+        return self.lane_budget.get(lane_name, self.default_budget)
+
     # -- intake --------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        cls = self.classes.get(request.priority_class)
-        if cls is None:
+        if request.priority_class not in self.classes:
             raise ValueError(f"unknown priority class {request.priority_class!r}; known: {sorted(self.classes)}")
-        queued = sum(1 for r in self.waiting if r.priority_class == cls.name)
-        if queued >= cls.max_queue:
-            raise QueueFull(f"class {cls.name!r} queue is full ({queued} waiting, bound {cls.max_queue})")
-        self.waiting.append(request)
+        self.queues.push(request)
 
     def cancel(self, request: Request) -> None:
         request.cancel_requested = True
+
+    @property
+    def waiting(self) -> list[Request]:
+        """Every waiting request, most urgent first (a copy: change them through the methods)."""
+        return self.queues.all(self.urgency)
+
+    def waiting_count(self, class_name: str) -> int:
+        return self.queues.count(class_name)
+
+    def take_finished(self) -> list[Request]:
+        """Requests that ended since the last call, in the order they ended."""
+        done, self.finished = self.finished, []
+        return done
 
     # -- one step ------------------------------------------------------------------------
     def urgency(self, request: Request) -> tuple[float, float]:
@@ -136,7 +89,7 @@ class Scheduler:
         self._reap(lane)
         work: list[Work] = []
         stalled: list[tuple[Request, int]] = []  # running requests with no page to grow into
-        budget = self.token_budget
+        budget = self.budget_for(lane_name)
         # 1. Running decodes grow by one token; running prefills continue.
         for req in sorted(lane.running, key=self.urgency):
             if req not in lane.running:
@@ -150,15 +103,17 @@ class Scheduler:
             work.append(Work(req, req.num_computed, n))
             budget -= n
         # 2. Admit waiting requests the lane serves, most urgent first.
-        for req in sorted((r for r in self.waiting if lane.serves(r.priority_class)), key=self.urgency):
+        for req in self.queues.ordered(self.urgency, lane.serves):
             if budget <= 0:
                 break
+            if req.state is not State.WAITING:
+                continue  # taken meanwhile (a copy of the queues is iterated)
             if len(lane.running) >= lane.max_batch and not self._preempt_for(lane, req):
                 continue
             n = min(self.prefill_chunk, req.total_len - req.num_computed, budget)
             if not self._reserve(lane, req, req.num_computed + n):
                 continue
-            self.waiting.remove(req)
+            self.queues.remove(req)
             req.state, req.lane = State.RUNNING, lane.name
             lane.running.append(req)
             work.append(Work(req, req.num_computed, n))
@@ -190,10 +145,11 @@ class Scheduler:
                     or w.num_tokens != 1 or w.start_pos + 1 != r.total_len  # not a decode row
                     or r.num_output + 1 >= r.max_tokens):  # `work` gives its last token
                 return None
-        if any(lane.serves(r.priority_class) for r in self.waiting):
+        served = list(self.queues.ordered(self.urgency, lane.serves))
+        if served:
             if len(lane.running) < lane.max_batch:
                 return None
-            if any(self._victim(lane, r) is not None for r in self.waiting if lane.serves(r.priority_class)):
+            if any(self._victim(lane, r) is not None for r in served):
                 return None
         for w in work:  # the token `work` draws is written by the next step: one more position each
             r = w.request
@@ -218,7 +174,92 @@ class Scheduler:
                 if req.num_output >= req.max_tokens:
                     finished.setdefault(req.request_id, "length")
             if req.request_id in finished:
-                self._finish(lane, req, finished[req.request_id])
+                self.finish(lane_name, req, finished[req.request_id])
+
+    def finish(self, lane_name: str, req: Request, reason: str) -> None:
+        """A running request ends (`reason`: stop, length, cancelled, deadline, error); its pages go back."""
+        lane = self.lanes[lane_name]
+        lane.running.remove(req)
+        if req.request_id in lane.allocator:
+            lane.allocator.free(req.request_id)
+        req.state, req.finish_reason = State.FINISHED, reason
+        self.finished.append(req)
+
+    def drop_waiting(self, req: Request, reason: str) -> None:
+        """A waiting request ends without running (no lane can serve it)."""
+        self.queues.remove(req)
+        req.state, req.finish_reason = State.FINISHED, reason
+        self.finished.append(req)
+
+    # -- lanes ---------------------------------------------------------------------------
+    def evict_lane(self, lane_name: str) -> list[Request]:
+        """Every running request of a lane goes back in line (the lane failed or is leaving)."""
+        lane = self.lanes[lane_name]
+        evicted = list(lane.running)
+        for req in evicted:
+            self._requeue(lane, req)
+        return evicted
+
+    def remove_lane(self, lane_name: str) -> list[Request]:
+        """A lane leaves for good (it failed and no plan is without it): its running requests go
+        back in line, and waiting requests no remaining lane serves end with "error" (returned)."""
+        self.evict_lane(lane_name)
+        del self.lanes[lane_name]
+        stranded = [r for r in self.waiting if not any(q.serves(r.priority_class) for q in self.lanes.values())]
+        for req in stranded:
+            self.drop_waiting(req, "error")
+        return stranded
+
+    def switch_lanes(self, lanes: list[LaneQueue]) -> SwitchPlan:
+        """Serve from `lanes` from now on (a plan switch; every lane is at a step boundary).
+        Lanes in both sets keep their running batch. Each running sequence of a lane that leaves
+        moves to a lane of the new set that serves its class, has a batch slot and room for its
+        pages, when the measured costs say moving is cheaper than recomputing; else it goes back
+        in line (keeping its place) to be recomputed. The plan's moves are the driver's to carry
+        out; a move that fails is handed back with `move_failed`."""
+        new = {q.name: q for q in lanes}
+        plan = SwitchPlan()
+        for old in self.lanes.values():
+            if old.name in new:
+                new[old.name].running = old.running
+        pending: dict[str, int] = {name: 0 for name in new}  # pages the planned moves will take
+        for old in self.lanes.values():
+            if old.name in new:
+                continue
+            plan.leaving[old.name] = old
+            for req in list(old.running):
+                old.running.remove(req)
+                dst = self._switch_target(old, req, new, pending)
+                if dst is None:
+                    self._recompute(old, req)
+                    plan.recomputed.append(req)
+                    continue
+                pending[dst.name] += len(old.allocator.pages(req.request_id))
+                req.lane = dst.name
+                dst.running.append(req)
+                plan.moves.append(Move(req, old.name, dst.name, req.num_computed))
+        self.lanes = new
+        return plan
+
+    def move_failed(self, move: Move, src_queue: LaneQueue) -> None:
+        """A planned move did not happen (its pages are still on `src_queue`'s allocator, none on
+        the destination): the sequence goes back in line to be recomputed."""
+        dst = self.lanes.get(move.dst)
+        if dst is not None and move.request in dst.running:
+            dst.running.remove(move.request)
+        self._recompute(src_queue, move.request)
+
+    def _switch_target(self, old: LaneQueue, req: Request, new: dict[str, LaneQueue],
+                       pending: dict[str, int]) -> LaneQueue | None:
+        if req.num_computed == 0 or self.costs.move_s(req.num_computed) >= self.costs.recompute_s(req.num_computed):
+            return None
+        pages = len(old.allocator.pages(req.request_id))
+        options = [q for q in new.values() if q.serves(req.priority_class) and len(q.running) < q.max_batch
+                   and q.allocator.num_free - pending[q.name] >= pages]
+        return max(options, key=lambda q: q.allocator.num_free - pending[q.name], default=None)
+
+    def pages_in_use(self) -> dict[str, int]:
+        return {name: lane.allocator.num_used for name, lane in self.lanes.items()}
 
     # -- internals -----------------------------------------------------------------------
     def _reap(self, lane: LaneQueue) -> None:
@@ -226,20 +267,10 @@ class Scheduler:
         now = self.clock()
         for req in list(lane.running):
             if req.cancel_requested or (req.deadline is not None and now >= req.deadline):
-                self._finish(lane, req, "cancelled" if req.cancel_requested else "deadline")
-        for req in list(self.waiting):
+                self.finish(lane.name, req, "cancelled" if req.cancel_requested else "deadline")
+        for req in self.queues.ordered(self.urgency):
             if req.cancel_requested or (req.deadline is not None and now >= req.deadline):
-                self.waiting.remove(req)
-                req.state = State.FINISHED
-                req.finish_reason = "cancelled" if req.cancel_requested else "deadline"
-                self.finished.append(req)
-
-    def _finish(self, lane: LaneQueue, req: Request, reason: str) -> None:
-        lane.running.remove(req)
-        if req.request_id in lane.allocator:
-            lane.allocator.free(req.request_id)
-        req.state, req.finish_reason = State.FINISHED, reason
-        self.finished.append(req)
+                self.drop_waiting(req, "cancelled" if req.cancel_requested else "deadline")
 
     def _reserve(self, lane: LaneQueue, req: Request, tokens: int) -> bool:
         while not lane.allocator.can_reserve(tokens, req.request_id):
@@ -281,6 +312,7 @@ class Scheduler:
             return False
         lane.running.remove(victim)
         victim.preemptions += 1
+        self.preemption_log.append((self.clock(), victim.request_id, for_req.request_id))
         dst = self._migration_target(lane, victim)
         if dst is not None:
             try:
@@ -289,38 +321,27 @@ class Scheduler:
                 _log.exception("KV move of %s from %s to %s failed; it will be recomputed",
                                victim.request_id, lane.name, dst.name)
                 dst = None
-        if dst is not None:
-            victim.lane = dst.name
-            dst.running.append(victim)
-            self.migrations.append((self.clock(), victim.request_id, lane.name, dst.name))
-            self.preemption_log.append((self.clock(), victim.request_id, for_req.request_id))
+        if dst is None:
+            self._recompute(lane, victim)
             return True
-        self._requeue(lane, victim)
-        self.preemption_log.append((self.clock(), victim.request_id, for_req.request_id))
+        victim.lane = dst.name
+        dst.running.append(victim)
+        self.migrations.append((self.clock(), victim.request_id, lane.name, dst.name))
         return True
 
     def _requeue(self, lane: LaneQueue, req: Request) -> None:
         """Back to the waiting queue, pages freed, to be recomputed on readmission."""
         if req in lane.running:
             lane.running.remove(req)
+        self._recompute(lane, req)
+
+    def _recompute(self, lane: LaneQueue, req: Request) -> None:
+        """`req` (already off `lane`'s running batch) goes back in line at its arrival's place,
+        its pages on `lane` freed: it is recomputed (prompt and output so far) on readmission."""
         if req.request_id in lane.allocator:
             lane.allocator.free(req.request_id)
         req.state, req.lane, req.num_computed = State.WAITING, None, 0
-        self.waiting.append(req)  # keeps its arrival: its place in line
-
-    def evict_lane(self, lane_name: str) -> list[Request]:
-        """Every running request of a lane goes back in line (the lane failed or is leaving)."""
-        lane = self.lanes[lane_name]
-        evicted = list(lane.running)
-        for req in evicted:
-            self._requeue(lane, req)
-        return evicted
-
-    def drop_waiting(self, req: Request, reason: str) -> None:
-        """A waiting request ends without running (no lane can serve it)."""
-        self.waiting.remove(req)
-        req.state, req.finish_reason = State.FINISHED, reason
-        self.finished.append(req)
+        self.queues.push(req, bounded=False)
 
     def _migration_target(self, lane: LaneQueue, victim: Request) -> LaneQueue | None:
         """Another lane that serves the victim's class and has a slot and pages for it, when
@@ -333,6 +354,3 @@ class Scheduler:
         options = [q for q in self.lanes.values() if q is not lane and q.serves(victim.priority_class)
                    and len(q.running) < q.max_batch and q.allocator.can_reserve(tokens) and self.can_receive(q.name)]
         return max(options, key=lambda q: q.allocator.num_free, default=None)
-
-    def pages_in_use(self) -> dict[str, int]:
-        return {name: lane.allocator.num_used for name, lane in self.lanes.items()}

@@ -1,0 +1,324 @@
+"""The serving core: deterministic, no threads, no JAX, no wall clock.
+
+It owns the scheduler and the plan controller and every request's state. Events come in as
+method calls, each with the time it happened (`now`, seconds on the driver's clock):
+submit, cancel, a lane's step done (its tokens and its measured seconds), a KV move done or
+failed, a lane failed, time advanced (`tick`). Answers are commands: the work of a lane's next
+step (`next_step`, `chain_step`), the plan to switch to (`tick`), the moves and recomputes of
+a switch (`begin_switch`), the tokens to stream and the requests that ended (`step_done`,
+`take_finished`). Same events, same answers, every time: the GPU runtime
+(`engine/runtime.py`) and a simulator drive the same core.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Callable, Protocol, Sequence as Seq
+
+from nitsum_jax.engine import stats as figures
+from nitsum_jax.pages import PageAllocator
+from nitsum_jax.plans.spec import LaneSpec, Plan
+from nitsum_jax.sampling import SamplingParams
+from nitsum_jax.scheduler import (CostModel, LaneQueue, Move, PriorityClass, Request, Scheduler, State, SwitchPlan,
+                                  Work)
+from nitsum_jax.scheduler.controller import Load, PlanController
+from nitsum_jax.sequence import Sequence, append_token
+
+_log = logging.getLogger(__name__)
+
+
+class LanePort(Protocol):
+    """What the core reads of a lane (`plans.Lane` for JAX devices, a simulated lane, a fake)."""
+
+    name: str
+    spec: LaneSpec
+    allocator: PageAllocator
+
+
+@dataclasses.dataclass
+class Entry:
+    """A live request: the scheduler's view (`request`) and its tokens (`seq`)."""
+
+    request: Request
+    seq: Sequence
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    served_by: tuple[str, str, int] | None = None  # (plan, lane, tp) of its last step
+    error: str | None = None  # why it finished with "error"
+    moved: int = 0  # KV moves between lanes
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """What is kept of a finished request: small, whatever its prompt or sampling settings were."""
+
+    request: Request
+    output_ids: tuple[int, ...]
+    first_token_time: float | None
+    finish_time: float
+    served_by: tuple[str, str, int] | None
+    error: str | None
+    moved: int
+
+    @property
+    def latency(self) -> figures.Latency:
+        return figures.latency(self.request.arrival, self.first_token_time, self.finish_time, len(self.output_ids),
+                               self.request.finish_reason in figures.COMPLETED_REASONS)
+
+
+@dataclasses.dataclass
+class PlanSwitch:
+    time: float
+    from_plan: str
+    to_plan: str
+    reason: str
+    duration_s: float
+    moved: int
+    recomputed: int
+    moved_bytes: int = 0  # KV bytes of the moved sequences
+    move_s: float = 0.0  # time of those moves (each synced): moved_bytes / move_s is their bandwidth
+
+
+class EngineCore:
+    def __init__(self, classes: dict[str, PriorityClass], plans: Seq[Plan], lanes: dict[str, LanePort], *,
+                 initial_plan: str | None = None, token_budget: int | dict[str, int] = 512, prefill_chunk: int = 128,
+                 max_batch: int = 8, costs: CostModel | None = None, controller: PlanController | None = None,
+                 tokenizer=None, eos_token_ids: Seq[int] = (), keep_finished: int = 1000,
+                 mover: Callable[[Request, str, str], None] | None = None, recompute_sample_tokens: int = 0):
+        """`lanes`: every lane of the plan set by name. `mover`: carries out a preemption victim's
+        KV move at once (the driver's; None: victims are recomputed). `recompute_sample_tokens`:
+        a step with more new tokens than this is a sample of the recompute cost."""
+        self.classes, self.plans = classes, {p.name: p for p in plans}
+        self.lanes, self.max_batch = lanes, max_batch
+        self.tokenizer, self.eos_token_ids = tokenizer, tuple(eos_token_ids)
+        self.plan_name = initial_plan or plans[0].name
+        self.costs = costs or CostModel()
+        self.controller = controller
+        self.scheduler = Scheduler(classes, self._queues(self.plan_name), token_budget=token_budget,
+                                   prefill_chunk=prefill_chunk, costs=self.costs, mover=mover)
+        self.recompute_sample_tokens = recompute_sample_tokens
+        self.entries: dict[str, Entry] = {}  # requests not finished yet
+        self.recent: collections.deque[Finished] = collections.deque(maxlen=keep_finished)
+        self.completed: dict[str, int] = {c: 0 for c in classes}  # requests finished since start
+        self.switches: list[PlanSwitch] = []
+        self.kv_moves = 0
+        self.unhealthy: dict[str, str] = {}  # lane name -> the error that took it out
+        self.pending_switch: tuple[str, str] | None = None  # (plan, reason)
+        self.step_s: dict[str, float] = {}  # lane -> decode step seconds (EMA)
+        self.reset_stats(0.0)
+
+    # -- requests ------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, seed: int,
+               priority_class: str, now: float, deadline_s: float | None = None) -> Entry:
+        """Queue a validated prompt; raises ValueError (unknown class) or QueueFull."""
+        if priority_class not in self.classes:
+            raise ValueError(f"unknown priority class {priority_class!r}; known: {sorted(self.classes)}")
+        if request_id in self.entries:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        req = Request(request_id, priority_class, len(prompt_ids), sampling.max_tokens, now,
+                      None if deadline_s is None else now + deadline_s)
+        entry = Entry(req, Sequence(request_id, prompt_ids, sampling, seed))
+        self.scheduler.submit(req)
+        self.entries[request_id] = entry
+        return entry
+
+    def cancel(self, request_id: str) -> None:
+        """The request leaves at its lane's next step boundary (or now, if it waits)."""
+        entry = self.entries.get(request_id)
+        if entry is not None:
+            self.scheduler.cancel(entry.request)
+
+    def take_finished(self, now: float) -> list[Entry]:
+        """Requests that ended since the last call (their pages are back); they leave the core."""
+        done = []
+        for req in self.scheduler.take_finished():
+            entry = self.entries.pop(req.request_id)
+            entry.finish_time = now
+            self.completed[req.priority_class] += 1
+            self.recent.append(Finished(req, tuple(entry.seq.output_ids), entry.first_token_time, now,
+                                        entry.served_by, entry.error, entry.moved))
+            done.append(entry)
+        return done
+
+    # -- steps ---------------------------------------------------------------------------
+    def in_plan(self, lane_name: str) -> bool:
+        return lane_name in self.scheduler.lanes and lane_name not in self.unhealthy
+
+    def next_step(self, lane_name: str) -> list[Work]:
+        """The work of the lane's next step (empty: nothing to do). A scheduling error fails the
+        lane's running requests rather than stranding them."""
+        try:
+            return self.scheduler.schedule(lane_name)
+        except Exception as error:
+            self.fail_running(lane_name, error)
+            return []
+
+    def chain_step(self, lane_name: str, work: list[Work]) -> list[Work] | None:
+        """The decode step to dispatch after `work`, before its tokens are read (None: the next
+        step needs the boundary; also while a switch is pending)."""
+        if self.pending_switch is not None or not self.in_plan(lane_name):
+            return None
+        return self.scheduler.next_decode(lane_name, work)
+
+    def step_done(self, lane_name: str, work: list[Work], results, seconds: float,
+                  now: float) -> list[tuple[Entry, int]]:
+        """A lane's step finished in `seconds`: `results` are [(rows, tokens, logprobs)], one
+        token and logprob per row (host values). Returns the (request, token) pairs to stream."""
+        self.busy_s[lane_name] += seconds
+        self.steps[lane_name] += 1
+        tokens = sum(w.num_tokens for w in work)
+        if all(w.num_tokens == 1 for w in work):  # a decode step: the controller's cost
+            self.step_s[lane_name] = _ema(self.step_s.get(lane_name, seconds), seconds)
+        elif tokens > self.recompute_sample_tokens:  # prefill-heavy: a recompute cost sample
+            self.costs.recompute_s_per_token = _ema(self.costs.recompute_s_per_token, seconds / tokens)
+        try:
+            return self._emit(lane_name, results, now)
+        except Exception as error:
+            self.fail_running(lane_name, error)
+            return []
+
+    def _emit(self, lane_name: str, results, now: float) -> list[tuple[Entry, int]]:
+        emitted, finished, work = [], {}, []
+        served_by = (self.plan_name, lane_name, self.lanes[lane_name].spec.tp)
+        for rows, tokens, logprobs in results:
+            work.extend(rows)
+            for i, w in enumerate(rows):
+                req = w.request
+                if req.state is not State.RUNNING or w.start_pos + w.num_tokens < req.total_len:
+                    continue  # a prompt chunk that is not the last draws nothing
+                entry = self.entries[req.request_id]
+                entry.seq.output_logprobs.append(logprobs[i])
+                append_token(entry.seq, tokens[i], self.tokenizer, self.eos_token_ids)
+                entry.served_by = served_by
+                if entry.first_token_time is None:
+                    entry.first_token_time = now
+                emitted.append((entry, tokens[i]))
+                if entry.seq.finished:
+                    finished[req.request_id] = entry.seq.finish_reason
+        self.scheduler.complete(lane_name, work, finished=finished)
+        return emitted
+
+    def fail_running(self, lane_name: str, error: Exception) -> None:
+        """Finish the lane's running requests with an error (their pages go back); waiting ones stay."""
+        _log.error("lane %s: engine error: %s", lane_name, error, exc_info=error)
+        lane = self.scheduler.lanes.get(lane_name)
+        for req in list(lane.running if lane else []):
+            self.entries[req.request_id].error = f"{type(error).__name__}: {error}"
+            self.scheduler.finish(lane_name, req, "error")
+
+    def lane_failed(self, lane_name: str, error: Exception) -> None:
+        """A lane's step raised: mark it unhealthy, put its requests back in line to be recomputed
+        on other lanes (their streamed tokens stay: recompute re-reads prompt + output), and leave
+        for a plan without it. With no such plan, requests no remaining lane serves fail."""
+        _log.error("lane %s failed, marked unhealthy: %s", lane_name, error)
+        self.unhealthy[lane_name] = f"{type(error).__name__}: {error}"
+        if self.controller is not None:
+            self.controller.mark_unhealthy(lane_name)
+        if lane_name not in self.scheduler.lanes:
+            return
+        self.scheduler.evict_lane(lane_name)
+        healthy = [p for p in self.plans.values() if not any(s.name in self.unhealthy for s in p.lanes)]
+        if healthy:
+            current = self.controller.current if self.controller else None
+            target = next((p for p in healthy if p.name == current), healthy[0])
+            self.pending_switch = (target.name, f"lane {lane_name} failed: {self.unhealthy[lane_name]}")
+            return
+        for req in self.scheduler.remove_lane(lane_name):
+            self.entries[req.request_id].error = f"no healthy lane serves class {req.priority_class!r}"
+
+    def migrated(self, request: Request) -> None:
+        """A preemption victim's pages moved (by the driver's mover)."""
+        self.kv_moves += 1
+        self.entries[request.request_id].moved += 1
+
+    # -- plans ---------------------------------------------------------------------------
+    def request_switch(self, plan_name: str, reason: str) -> None:
+        if plan_name not in self.plans:
+            raise ValueError(f"unknown plan {plan_name!r}; known: {sorted(self.plans)}")
+        self.pending_switch = (plan_name, reason)
+
+    def tick(self, now: float) -> tuple[str, str] | None:
+        """Time advanced: the switch to carry out at the lanes' next step boundary, if any."""
+        if self.controller is not None and self.pending_switch is None:
+            self.pending_switch = self.controller.decide(self.load(), now)
+        return self.pending_switch
+
+    def begin_switch(self, plan_name: str) -> SwitchPlan:
+        """Every lane is at a step boundary: serve from `plan_name`'s lanes. Returns the moves the
+        driver carries out (then `move_done` / `move_failed` each) and the recomputed requests."""
+        return self.scheduler.switch_lanes(self._queues(plan_name))
+
+    def move_done(self, move: Move, nbytes: int, seconds: float) -> None:
+        """A switch's move took `seconds` for `nbytes` of KV: the cost model learns from it."""
+        self.kv_moves += 1
+        self.entries[move.request.request_id].moved += 1
+        if seconds > 0:
+            self.costs.move_bytes_per_s = _ema(self.costs.move_bytes_per_s, nbytes / seconds)
+
+    def move_failed(self, move: Move, plan: SwitchPlan) -> None:
+        self.scheduler.move_failed(move, plan.leaving[move.src])
+
+    def end_switch(self, plan_name: str, reason: str, plan: SwitchPlan, moved: int, moved_bytes: int,
+                   move_s: float, duration_s: float, now: float) -> PlanSwitch:
+        record = PlanSwitch(now, self.plan_name, plan_name, reason, duration_s, moved,
+                            len(plan.recomputed) + len(plan.moves) - moved, moved_bytes, move_s)
+        self.switches.append(record)
+        self.plan_name = plan_name
+        self.plan_history.append((now, plan_name))
+        self.pending_switch = None
+        if self.controller is not None:
+            self.controller.force(plan_name, now)
+        return record
+
+    def _queues(self, plan_name: str) -> list[LaneQueue]:
+        return [LaneQueue(s.name, s.classes, self.lanes[s.name].allocator, self.max_batch)
+                for s in self.plans[plan_name].lanes]
+
+    # -- figures -------------------------------------------------------------------------
+    def reset_stats(self, now: float) -> None:
+        self.stats_t0 = now
+        self.busy_s = {name: 0.0 for name in self.lanes}
+        self.steps = {name: 0 for name in self.lanes}
+        self.plan_history: list[tuple[float, str]] = [(now, self.plan_name)]
+
+    def load(self) -> Load:
+        waiting = {c: self.scheduler.waiting_count(c) for c in self.classes}
+        running = {c: 0 for c in self.classes}
+        for q in self.scheduler.lanes.values():
+            for r in q.running:
+                running[r.priority_class] += 1
+        return Load(waiting, running, self.slo_attainment(), dict(self.step_s))
+
+    def slo_attainment(self, window: int = 50) -> dict[str, float]:
+        """Per class, the fraction of its last `window` finished requests that met both targets."""
+        met: dict[str, list[bool]] = {}
+        for f in list(self.recent)[-window * len(self.classes):]:
+            if f.first_token_time is None:
+                continue
+            cls = self.classes[f.request.priority_class]
+            met.setdefault(cls.name, []).append(figures.meets_slo(f.latency, cls.ttft_target_s, cls.tpot_target_s))
+        return {c: figures.attainment(v[-window:]) for c, v in met.items()}
+
+    def class_stats(self) -> dict[str, dict]:
+        """Per class: TTFT/TPOT/e2e p50/p99 of the recent finished requests that got a token."""
+        lats: dict[str, list] = {}
+        for f in self.recent:
+            if f.first_token_time is not None:
+                lats.setdefault(f.request.priority_class, []).append(
+                    figures.latency(f.request.arrival, f.first_token_time, f.finish_time, len(f.output_ids)))
+        return {c: figures.latency_summary(v) | {"completed": len(v), "finished_total": self.completed.get(c, 0)}
+                for c, v in lats.items()}
+
+    def busy_fraction(self, now: float) -> float:
+        """Device-seconds inside steps over device-seconds elapsed since `reset_stats`, over the
+        devices of the whole plan set (a lane of TP n keeps n devices busy while it steps)."""
+        elapsed = now - self.stats_t0
+        devices = {d for lane in self.lanes.values() for d in lane.spec.devices}
+        busy = sum(s * self.lanes[name].spec.tp for name, s in self.busy_s.items())
+        return min(1.0, busy / (elapsed * len(devices))) if elapsed > 0 else 0.0
+
+
+def _ema(old: float, new: float, weight: float = 0.2) -> float:
+    return (1 - weight) * old + weight * new
