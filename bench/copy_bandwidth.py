@@ -8,7 +8,8 @@ per call (the host waits for every copy) and summarised by the median of `repeat
 - `jit_copy`: an XLA program that writes the source into a donated buffer (XLA cannot elide it:
   the output must live in the donated buffer, not in the source).
 - `jit_scale`: an XLA elementwise multiply (read + write), the probe this script used before;
-  kept for comparison, it read 3,276-3,433 GB/s on 2 GiB where torch's copy_ read 4,240 (H200).
+  kept for comparison: on one H200 it read 3,276-3,433 GB/s on 2 GiB and 3,917 on 8 GiB, where
+  torch's copy_ of 8 GiB read 4,240 (issue 23).
 The denominator is the highest median among the ways that ran. Buffers of at least 8 GiB on a
 GPU (smaller ones read low); on host devices a small buffer, since the figure means nothing there.
 """
