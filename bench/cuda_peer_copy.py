@@ -1,11 +1,11 @@
 """Device-to-device copies between GPUs issued straight to the CUDA driver (`cuMemcpyPeerAsync`
-through ctypes): an experiment for KV moves (bench/gpu_transfer.py, way "cuda"; bench/probes/).
-Measured in session 5 (BENCHMARKS.md): the copy alone runs at the link's speed, but a move's
+through ctypes): an experiment for KV moves (bench/gpu_transfer.py, way "cuda").
+Measured on 2x H200 (BENCHMARKS.md, "KV moves"): the copy alone runs at the link's speed, but a move's
 pipeline (gather, copy, scatter) was no faster than with `jax.device_put`, so the engine does
 not use it.
 
 The idea: `jax.device_put` between two GPUs starts its copy 0.5-0.7 ms after it is asked to, even
-when the source is ready (BENCHMARKS.md, sessions 3 and 4, traces of 537 MB moves); a compiled
+when the source is ready (BENCHMARKS.md, "KV moves", traces of 537 MB moves); a compiled
 `ppermute` was slower still. The copy engine itself moves a device pair's bytes at ~395 GB/s.
 Here the host waits for the source buffers, enqueues one copy per (source, destination) device
 pair on a stream of its own (so pairs run side by side), and waits for them, all in tens of

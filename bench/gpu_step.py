@@ -4,7 +4,9 @@ reference attention and the Pallas kernel, plus a kernel-level profile of one st
     PYTHONPATH=. python bench/gpu_step.py --preset llama-3.1-8b --out $OUT
 
 Floor of one step on one device = (weight bytes the step reads on that device + KV bytes of
-the context it attends to) / measured HBM bandwidth (a large on-device copy, read + write).
+the context it attends to) / the card's memory bandwidth, measured in the same run as the best
+device-to-device copy of an 8 GiB buffer (copy_bandwidth.py: driver copy, jitted copy, jitted
+multiply). `mbu` is against that copy, `mbu_spec` against the spec sheet where the card is known.
 The embedding table is not counted (a step reads B rows of it); the LM head is.
 """
 
@@ -27,21 +29,8 @@ from nitsum_jax.kv import kv_bytes_per_page
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
 from nitsum_jax.sampling import SamplingBatch
 
-from gpu_plans import fill_random  # bench/ is on sys.path when run as a script
-
-
-def hbm_bandwidth(device, gib: float = 2.0) -> float:
-    """Bytes/s of a large on-device elementwise pass (read + write), median of 20."""
-    n = int(gib * 2**30 / 2)
-    x = jax.device_put(jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16), device)
-    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    return 2 * x.nbytes / statistics.median(times)
+import copy_bandwidth  # bench/ is on sys.path when run as a script
+from gpu_plans import fill_random
 
 
 def decode_inputs(lane, batch, context, rng):
@@ -115,18 +104,27 @@ def main():
     ap.add_argument("--reference-batches", default="8,64")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--profile", default="1:32")
+    ap.add_argument("--copy-gib", type=float, default=None,
+                    help=f"copy buffer for the bandwidth figure (default {copy_bandwidth.GPU_GIB:g} GiB on a GPU, "
+                         f"{copy_bandwidth.HOST_GIB:g} on host devices)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = preset(args.preset)
     tps = [int(t) for t in args.tps.split(",")]
     plans = parse_plans("; ".join(f"t{t}: all=tp{t}@{'0' if t == 1 else f'0-{t - 1}'}" for t in tps))
-    bw = hbm_bandwidth(jax.devices()[0])
+    copies = copy_bandwidth.measure(jax.devices()[0], args.copy_gib)
+    bw, spec = copies["GBps"] * 1e9, copies["spec_GBps"]
+    for way, w in copies["ways"].items():
+        print(f"copy {copies['buffer_GiB']:g} GiB, {way:9s}: " + (
+            f"{w['GBps']:6.0f} GB/s median, {w['best_GBps']:6.0f} best, contents equal {w['equal']}"
+            if "GBps" in w else w["error"]), flush=True)
+    print(f"MBU denominator: {bw / 1e9:.0f} GB/s ({copies['best']}); spec sheet "
+          f"{f'{spec:.0f} GB/s' if spec else 'unknown for this card'}", flush=True)
     per_token = kv_bytes_per_page(cfg, 1)
-    print(f"HBM bandwidth (copy, read+write): {bw / 1e9:.0f} GB/s", flush=True)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
-               "context": args.context, "max_seq_len": args.max_seq_len, "hbm_GBps": bw / 1e9, "rows": [],
-               "profiles": {}}
+               "context": args.context, "max_seq_len": args.max_seq_len, "hbm_GBps": bw / 1e9,
+               "copy_bandwidth": copies, "rows": [], "profiles": {}}
     rng = np.random.default_rng(0)
     for impl in args.impls.split(","):
         # kernel: Pallas attention + our XLA step options; reference: plain-JAX attention, same
@@ -163,11 +161,14 @@ def main():
                 floor = (wbytes + kv) / bw
                 row = {"impl": impl, "tp": lane.spec.tp, "batch": b, "step_ms": t * 1e3, "spread_ms": spread * 1e3,
                        "weight_GB_per_device": wbytes / 1e9, "kv_GB_per_device": kv / 1e9,
-                       "floor_ms": floor * 1e3, "mbu": floor / t, "tokens_per_s": b / t,
+                       "floor_ms": floor * 1e3, "mbu": floor / t,
+                       "mbu_spec": (wbytes + kv) / (spec * 1e9) / t if spec else None, "tokens_per_s": b / t,
                        "tokens": tokens.tolist(), "logprobs": [round(float(x), 4) for x in logprobs]}
                 results["rows"].append(row)
+                mbu_spec = f"{row['mbu_spec']:.1%}" if spec else "-"
                 print(f"{impl:9s} tp{lane.spec.tp} b{b:3d}: {t * 1e3:7.2f} ms (spread {spread * 1e3:.2f}) "
-                      f"floor {floor * 1e3:6.2f} ms  MBU {floor / t:5.1%}  {b / t:8.0f} tok/s", flush=True)
+                      f"floor {floor * 1e3:6.2f} ms  MBU {floor / t:5.1%} (spec sheet: {mbu_spec})  "
+                      f"{b / t:8.0f} tok/s", flush=True)
         ptp, pb = (int(x) for x in args.profile.split(":"))
         lane = next((l for l in ps.lanes.values() if l.spec.tp == ptp), None)
         if lane is not None and pb in batches:

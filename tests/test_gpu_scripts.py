@@ -41,6 +41,27 @@ def test_gpu_step_times_and_compares_impls_on_the_same_inputs(tmp_path):
     for tp in (1, 2):
         assert rows[("oneshot", tp)]["vs_kernel"]["same_tokens"] == 1.0
         assert rows[("kernel", tp)]["step_ms"] > 0
+    # the MBU denominator: the best copy that ran (the driver copy needs a GPU: reported, not fatal),
+    # on a small buffer on host devices; contents checked after each copy
+    copies = out["copy_bandwidth"]
+    assert copies["buffer_GiB"] < 1 and copies["spec_GBps"] is None
+    assert "CUDA" in copies["ways"]["driver"]["error"]
+    assert copies["best"] in ("jit_copy", "jit_scale") and all(
+        copies["ways"][w]["equal"] is True for w in ("jit_copy", "jit_scale"))
+    assert out["hbm_GBps"] == copies["GBps"] == max(copies["ways"][w]["GBps"] for w in ("jit_copy", "jit_scale"))
+    assert rows[("kernel", 1)]["mbu_spec"] is None
+
+
+def test_copy_bandwidth_refuses_an_empty_buffer():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import copy_bandwidth
+        import jax
+
+        with pytest.raises(ValueError, match="0 GiB"):
+            copy_bandwidth.measure(jax.devices()[0], gib=0)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
 
 
 def test_gpu_moves_moves_every_kind_of_move_with_its_contents_intact(tmp_path):
