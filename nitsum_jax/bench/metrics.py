@@ -5,29 +5,27 @@ from __future__ import annotations
 import numpy as np
 
 from nitsum_jax.bench.backends import COMPLETED, FAILED, REJECTED
+from nitsum_jax.engine import stats as figures
+
+
+def _latency(record: dict) -> figures.Latency:
+    return figures.latency(record["sent_s"], record["first_token_s"], record["finish_s"], record["output_tokens"],
+                           record["status"] == COMPLETED)
 
 
 def request_latencies(record: dict) -> dict:
-    """TTFT, TPOT (mean gap between output tokens after the first) and end-to-end seconds of a
-    completed record, measured from when it was sent; None where not defined."""
-    sent, first, finish, n = record["sent_s"], record["first_token_s"], record["finish_s"], record["output_tokens"]
-    ttft = first - sent if first is not None else None
-    e2e = finish - sent if finish is not None and record["status"] == COMPLETED else None
-    tpot = (finish - first) / (n - 1) if first is not None and finish is not None and n > 1 else None
-    return {"ttft_s": ttft, "tpot_s": tpot, "e2e_s": e2e}
+    """TTFT, TPOT and end-to-end seconds of a record, measured from when it was sent; None where
+    not defined (the rules of `nitsum_jax.engine.stats`)."""
+    lat = _latency(record)
+    return {"ttft_s": lat.ttft_s, "tpot_s": lat.tpot_s, "e2e_s": lat.e2e_s}
 
 
 def meets_slo(record: dict, ttft_target_s: float, tpot_target_s: float) -> bool:
     """Completed within both targets of its class (a one-token answer has no TPOT to miss)."""
-    if record["status"] != COMPLETED:
-        return False
-    lat = request_latencies(record)
-    return (lat["ttft_s"] is not None and lat["ttft_s"] <= ttft_target_s
-            and (lat["tpot_s"] is None or lat["tpot_s"] <= tpot_target_s))
+    return figures.meets_slo(_latency(record), ttft_target_s, tpot_target_s, record["status"] == COMPLETED)
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
+_pct = figures.percentile
 
 
 def _counts(records: list[dict]) -> dict:

@@ -7,6 +7,7 @@ streams a request's tokens; `stats` holds the one implementation of the serving 
 
 from nitsum_jax.engine.core import EngineCore, Entry, Finished, PlanSwitch
 from nitsum_jax.engine.handle import RequestHandle
-from nitsum_jax.engine.runtime import Engine, Turnstile
+from nitsum_jax.engine.runtime import Engine
+from nitsum_jax.engine.turnstile import Turnstile
 
 __all__ = ["Engine", "EngineCore", "Entry", "Finished", "PlanSwitch", "RequestHandle", "Turnstile"]

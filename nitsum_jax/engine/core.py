@@ -96,8 +96,10 @@ class EngineCore:
         self.plan_name = initial_plan or plans[0].name
         self.costs = costs or CostModel()
         self.controller = controller
-        self.scheduler = Scheduler(classes, self._queues(self.plan_name), token_budget=token_budget,
-                                   prefill_chunk=prefill_chunk, costs=self.costs, mover=mover)
+        self.now = 0.0  # the time of the latest event: the scheduler's clock
+        self.scheduler = Scheduler(classes, self._queues(self.plan_name), clock=lambda: self.now,
+                                   token_budget=token_budget, prefill_chunk=prefill_chunk, costs=self.costs,
+                                   mover=mover)
         self.recompute_sample_tokens = recompute_sample_tokens
         self.entries: dict[str, Entry] = {}  # requests not finished yet
         self.recent: collections.deque[Finished] = collections.deque(maxlen=keep_finished)
@@ -115,6 +117,7 @@ class EngineCore:
         """Queue a validated prompt; raises ValueError (unknown class) or QueueFull."""
         if priority_class not in self.classes:
             raise ValueError(f"unknown priority class {priority_class!r}; known: {sorted(self.classes)}")
+        self.now = now
         if request_id in self.entries:
             raise ValueError(f"request id {request_id!r} is already in flight")
         req = Request(request_id, priority_class, len(prompt_ids), sampling.max_tokens, now,
@@ -146,18 +149,20 @@ class EngineCore:
     def in_plan(self, lane_name: str) -> bool:
         return lane_name in self.scheduler.lanes and lane_name not in self.unhealthy
 
-    def next_step(self, lane_name: str) -> list[Work]:
+    def next_step(self, lane_name: str, now: float) -> list[Work]:
         """The work of the lane's next step (empty: nothing to do). A scheduling error fails the
         lane's running requests rather than stranding them."""
+        self.now = now
         try:
             return self.scheduler.schedule(lane_name)
         except Exception as error:
             self.fail_running(lane_name, error)
             return []
 
-    def chain_step(self, lane_name: str, work: list[Work]) -> list[Work] | None:
+    def chain_step(self, lane_name: str, work: list[Work], now: float) -> list[Work] | None:
         """The decode step to dispatch after `work`, before its tokens are read (None: the next
         step needs the boundary; also while a switch is pending)."""
+        self.now = now
         if self.pending_switch is not None or not self.in_plan(lane_name):
             return None
         return self.scheduler.next_decode(lane_name, work)
@@ -166,6 +171,7 @@ class EngineCore:
                   now: float) -> list[tuple[Entry, int]]:
         """A lane's step finished in `seconds`: `results` are [(rows, tokens, logprobs)], one
         token and logprob per row (host values). Returns the (request, token) pairs to stream."""
+        self.now = now
         self.busy_s[lane_name] += seconds
         self.steps[lane_name] += 1
         tokens = sum(w.num_tokens for w in work)
@@ -241,6 +247,7 @@ class EngineCore:
 
     def tick(self, now: float) -> tuple[str, str] | None:
         """Time advanced: the switch to carry out at the lanes' next step boundary, if any."""
+        self.now = now
         if self.controller is not None and self.pending_switch is None:
             self.pending_switch = self.controller.decide(self.load(), now)
         return self.pending_switch
@@ -278,10 +285,20 @@ class EngineCore:
 
     # -- figures -------------------------------------------------------------------------
     def reset_stats(self, now: float) -> None:
-        self.stats_t0 = now
+        self.now = self.stats_t0 = now
         self.busy_s = {name: 0.0 for name in self.lanes}
         self.steps = {name: 0 for name in self.lanes}
         self.plan_history: list[tuple[float, str]] = [(now, self.plan_name)]
+
+    def lanes_info(self) -> list[dict]:
+        """Every lane of the plan set: name, device ids, TP degree, KV pages, health, whether in
+        the current plan, and its measured decode step time (None until measured)."""
+        current = {s.name for s in self.plans[self.plan_name].lanes}
+        return [{"name": name, "devices": [int(d) for d in lane.spec.devices], "tp": lane.spec.tp,
+                 "kv_pages_used": lane.allocator.num_used, "kv_pages_total": lane.allocator.num_pages,
+                 "healthy": name not in self.unhealthy, "in_plan": name in current,
+                 "decode_step_s": self.step_s.get(name)}
+                for name, lane in self.lanes.items()]
 
     def load(self) -> Load:
         waiting = {c: self.scheduler.waiting_count(c) for c in self.classes}

@@ -15,7 +15,6 @@ ran at 0.65-0.72x their solo rate from one dispatching thread and at 0.89-1.0x w
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -31,6 +30,7 @@ from nitsum_jax.config import LlamaConfig
 from nitsum_jax.engine.core import EngineCore, Finished, PlanSwitch
 from nitsum_jax.engine.dispatch import dispatch_work, host_results, run_rows
 from nitsum_jax.engine.handle import RequestHandle
+from nitsum_jax.engine.turnstile import Turnstile
 from nitsum_jax.kv import kv_bytes_per_page
 from nitsum_jax.model import Params
 from nitsum_jax.plans import BucketGrid, Lane, Plan, PlanSet
@@ -42,32 +42,6 @@ from nitsum_jax.sequence import Completion, validate_prompt
 from nitsum_jax.tokenizer import TextTokenizer
 
 _log = logging.getLogger(__name__)
-
-
-class Turnstile:
-    """A lock that lets waiting threads through in arrival order (threading.Lock is not fair)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._waiting: collections.deque[threading.Event] = collections.deque()
-        self._busy = False
-
-    def __enter__(self):
-        turn = threading.Event()
-        with self._lock:
-            if not self._busy:
-                self._busy = True
-                return self
-            self._waiting.append(turn)
-        turn.wait()
-        return self
-
-    def __exit__(self, *exc):
-        with self._lock:
-            if self._waiting:
-                self._waiting.popleft().set()  # handed over: stays busy
-            else:
-                self._busy = False
 
 
 class Engine:
@@ -93,8 +67,6 @@ class Engine:
         leaves it). `chain_steps`: at most this many decode steps dispatched ahead of their
         predecessor's tokens (`_timed_step`), for every lane; None: NITSUM_CHAIN_STEPS if set,
         else 64 for single-GPU lanes on accelerators and 0 for the rest (`self.chain_steps`)."""
-        from nitsum_jax.settings import settings
-
         self.classes = classes or default_classes()
         check_plan_classes(plans, self.classes)
         self.cfg, self.tokenizer, self.grid = cfg, tokenizer, grid
@@ -113,30 +85,13 @@ class Engine:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # lanes wait on it for work, switches for lanes
         self._in_step: set[str] = set()  # lanes whose step is on the device (their KV is theirs alone)
-        self.core.scheduler.can_receive = lambda name: name not in self._in_step
         # Host "devices" of a CPU-only machine are slices of the same cores: lanes there take turns
         # (in arrival order) instead of crowding each other out, which would let busy bulk lanes
         # starve an urgent lane of CPU time. Accelerator lanes step freely side by side.
         cpu_only = all(d.platform == "cpu" for d in self.plan_set.devices)
         self._step_turns = Turnstile() if cpu_only else contextlib.nullcontext()
-        if chain_steps is None:
-            chain_steps = settings().chain_steps
-        # Per lane. Default, as measured (BENCHMARKS.md, "Engine host path"): single-GPU lanes chain
-        # (a TP1 lane's step fell 5-21% on 2x H200); lanes over several GPUs do not (with chaining,
-        # TP4's step was 9% longer on 4x H200, TP2's 3-20%); host CPU devices do not (lanes take turns).
-        self.chain_steps = {name: chain_steps if chain_steps is not None
-                            else (64 if not cpu_only and lane.spec.tp == 1 else 0)
-                            for name, lane in self._lanes.items()}
-        self._restore_switch_s: float | None = None  # the interpreter's interval, put back by close()
-        if gil_switch_s == "settings":
-            gil_switch_s = settings().gil_switch_s
-        if not cpu_only and gil_switch_s is not None:
-            # A lane thread whose step just finished needs the GIL back to read its tokens and
-            # schedule the next step; while other lanes run Python it waits up to the interpreter's
-            # switch interval (5 ms by default: most of a decode step). A short interval bounds
-            # that wait. Process-wide, so it is a constructor argument (None: leave it).
-            self._restore_switch_s = sys.getswitchinterval()
-            sys.setswitchinterval(gil_switch_s)
+        self.chain_steps = _chain_steps(self._lanes, chain_steps, cpu_only)
+        self._restore_switch_s = _set_switch_interval(gil_switch_s, cpu_only)  # put back by close()
         self._switching = False
         self._stop = False
         self._ids = 0
@@ -155,38 +110,15 @@ class Engine:
 
         return build_engine(cls, **kwargs)
 
-    # -- what the core owns, read through the engine ----------------------------------------
-    @property
-    def scheduler(self):
-        return self.core.scheduler
-
-    @property
-    def controller(self) -> PlanController | None:
-        return self.core.controller
-
-    @property
-    def plan_name(self) -> str:
-        return self.core.plan_name
-
-    @property
-    def switches(self) -> list[PlanSwitch]:
-        return self.core.switches
-
-    @property
-    def plan_history(self) -> list[tuple[float, str]]:
-        return self.core.plan_history
-
-    @property
-    def unhealthy(self) -> dict[str, str]:
-        return self.core.unhealthy
-
-    @property
-    def kv_moves(self) -> int:
-        return self.core.kv_moves
-
-    @property
-    def costs(self) -> CostModel:
-        return self.core.costs
+    # What the core owns, read through the engine (read-only views).
+    scheduler = property(lambda self: self.core.scheduler)
+    controller = property(lambda self: self.core.controller)
+    plan_name = property(lambda self: self.core.plan_name, doc="the plan in force")
+    switches = property(lambda self: self.core.switches, doc="PlanSwitch records since start")
+    plan_history = property(lambda self: self.core.plan_history, doc="[(time, plan)] since reset_stats")
+    unhealthy = property(lambda self: self.core.unhealthy, doc="lane name -> the error that took it out")
+    kv_moves = property(lambda self: self.core.kv_moves)
+    costs = property(lambda self: self.core.costs, doc="the measured costs the core decides by")
 
     # -- public API ----------------------------------------------------------------------
     def submit(self, prompt: str | Seq[int], sampling: SamplingParams = SamplingParams(), *,
@@ -237,12 +169,7 @@ class Engine:
         """Every lane of the plan set: name, device ids, TP degree, KV pages, health, whether in
         the current plan, and its measured decode step time (None until measured)."""
         with self._lock:
-            current = {s.name for s in self.plan_set.plans[self.plan_name].lanes}
-            return [{"name": name, "devices": [int(d) for d in lane.spec.devices], "tp": lane.spec.tp,
-                     "kv_pages_used": lane.allocator.num_used, "kv_pages_total": lane.allocator.num_pages,
-                     "healthy": name not in self.unhealthy, "in_plan": name in current,
-                     "decode_step_s": self.core.step_s.get(name)}
-                    for name, lane in self._lanes.items()]
+            return self.core.lanes_info()
 
     def reset_stats(self) -> None:
         """Start the busy-time window (and the plan history) afresh, e.g. after a warm-up."""
@@ -338,7 +265,7 @@ class Engine:
                 if self._switching or not self.core.in_plan(name):
                     self._cond.wait(0.05)
                     continue
-                work = self.core.next_step(name)
+                work = self.core.next_step(name, time.monotonic())
                 self._flush_finished()
                 if not work:
                     self._cond.wait(0.005)
@@ -384,7 +311,7 @@ class Engine:
             for _ in range(self.chain_steps[name]):
                 with self._cond:
                     follow = None if (self._switching or self._stop or name in self._faults
-                                      or len(pending) != 1) else self.core.chain_step(name, work)
+                                      or len(pending) != 1) else self.core.chain_step(name, work, time.monotonic())
                 if follow is None:  # one decode group only: more rows than a batch do not chain
                     break
                 fed = [(follow, run_rows(lane, follow, seqs, lane.batch_for(len(follow)), 1, self._sampled,
@@ -434,3 +361,32 @@ class Engine:
             moved, moved_bytes, move_s = moved + 1, moved_bytes + nbytes, move_s + seconds
         self.core.end_switch(name, reason, plan, moved, moved_bytes, move_s, time.perf_counter() - t0,
                              time.monotonic())
+
+
+def _chain_steps(lanes: dict[str, Lane], chain_steps: int | None, cpu_only: bool) -> dict[str, int]:
+    """Decode steps each lane may dispatch ahead of its predecessor's tokens. Default, as measured
+    (BENCHMARKS.md, "Engine host path"): single-GPU lanes chain (a TP1 lane's step fell 5-21% on
+    2x H200); lanes over several GPUs do not (with chaining, TP4's step was 9% longer on 4x H200,
+    TP2's 3-20%); host CPU devices do not (lanes take turns there)."""
+    from nitsum_jax.settings import settings
+
+    if chain_steps is None:
+        chain_steps = settings().chain_steps
+    return {name: chain_steps if chain_steps is not None else (64 if not cpu_only and lane.spec.tp == 1 else 0)
+            for name, lane in lanes.items()}
+
+
+def _set_switch_interval(gil_switch_s: float | None | str, cpu_only: bool) -> float | None:
+    """A lane thread whose step just finished needs the GIL back to read its tokens and schedule
+    the next step; while other lanes run Python it waits up to the interpreter's switch interval
+    (5 ms by default: most of a decode step). A short interval bounds that wait. Process-wide, so
+    it is set here and put back by `close()`. Returns the interval to restore (None: unchanged)."""
+    from nitsum_jax.settings import settings
+
+    if gil_switch_s == "settings":
+        gil_switch_s = settings().gil_switch_s
+    if cpu_only or gil_switch_s is None:
+        return None
+    restore = sys.getswitchinterval()
+    sys.setswitchinterval(gil_switch_s)
+    return restore

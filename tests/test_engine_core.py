@@ -1,0 +1,184 @@
+"""The engine core's decisions with fake lanes and a fake clock, in milliseconds: no threads, no
+JAX. Switch (move or recompute by measured costs), lane failure, deadlines, N-tier ordering."""
+
+import dataclasses
+
+import pytest
+
+from nitsum_jax.engine.core import EngineCore
+from nitsum_jax.pages import PageAllocator
+from nitsum_jax.plans.spec import PlanError, check_plan_classes, parse_plans
+from nitsum_jax.sampling import SamplingParams
+from nitsum_jax.scheduler import PriorityClass
+from nitsum_jax.scheduler.controller import PlanController
+
+PAGE = 4
+
+
+@dataclasses.dataclass
+class FakeLane:
+    name: str
+    spec: object
+    allocator: PageAllocator
+
+
+def tiers(n):
+    names = ["realtime", "standard", "batch", "bulk"][:n]
+    return {name: PriorityClass(name, rank=i, ttft_target_s=0.5 * (i + 1), tpot_target_s=0.05 * (i + 1),
+                                aging_s=1.0) for i, name in enumerate(names)}
+
+
+def make_core(plan_text, classes, num_pages=32, max_batch=4, controller=None, **kw):
+    plans = parse_plans(plan_text)
+    lanes = {}
+    for plan in plans:
+        for spec in plan.lanes:
+            lanes.setdefault(spec.name, FakeLane(spec.name, spec, PageAllocator(num_pages, PAGE)))
+    return EngineCore(classes, plans, lanes, max_batch=max_batch, prefill_chunk=16, token_budget=64,
+                      controller=controller, **kw)
+
+
+def step(core, lane, now, token=7):
+    """Run the lane's next step with a fake device: every row that draws a token gets `token`."""
+    work = core.next_step(lane, now)
+    if not work:
+        return []
+    results = [(work, [token] * len(work), [-0.5] * len(work))]
+    core.step_done(lane, work, results, 0.01, now)
+    return work
+
+
+def submit(core, rid, cls, now, prompt=6, max_tokens=3, deadline_s=None):
+    ids = [1 + (hash(rid) + i) % 50 for i in range(prompt)]
+    return core.submit(rid, ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), 0, cls, now, deadline_s)
+
+
+def test_the_core_answers_the_same_events_with_the_same_decisions():
+    def trace():
+        core = make_core("one: all=tp1@0", tiers(3), max_batch=2)
+        log = []
+        for i in range(9):
+            submit(core, f"r{i}", ["batch", "standard", "realtime"][i % 3], now=i * 0.001)
+        for t in range(40):
+            log.append([(w.request.request_id, w.num_tokens) for w in step(core, "tp1@0", 0.01 + t * 0.01)])
+            log.append([e.request.request_id for e in core.take_finished(0.01 + t * 0.01)])
+        return log
+    assert trace() == trace()
+
+
+def test_under_contention_each_tier_is_admitted_in_rank_order():
+    core = make_core("one: all=tp1@0", tiers(4), max_batch=1)
+    for i, cls in enumerate(["bulk", "batch", "standard", "realtime"]):  # least urgent arrives first
+        submit(core, cls, cls, now=i * 0.001, max_tokens=1)
+    order = []
+    for t in range(12):
+        step(core, "tp1@0", 0.01 + t * 0.001)
+        order += [e.request.priority_class for e in core.take_finished(0.01 + t * 0.001)]
+    assert order == ["realtime", "standard", "batch", "bulk"]
+
+
+def test_the_least_urgent_tier_keeps_completing_under_sustained_urgent_load():
+    core = make_core("one: all=tp1@0", tiers(3), max_batch=1)
+    for i in range(3):
+        submit(core, f"bulk-{i}", "batch", now=0.0, max_tokens=2)
+    done, now = [], 0.0
+    for t in range(400):  # a new realtime request every step: more than the lane can serve
+        now = t * 0.05
+        submit(core, f"rt-{t}", "realtime", now=now, max_tokens=2)
+        step(core, "tp1@0", now)
+        done += [(now, e.request.priority_class) for e in core.take_finished(now)]
+    batch_done = [t for t, c in done if c == "batch"]
+    assert len(batch_done) == 3  # aging lets every bulk request through
+    assert batch_done[-1] <= 20.0 - 1.0  # within the run, not starved until the end
+    # The lowest tier's measured completion rate over the run is above a floor.
+    assert len(batch_done) / now >= 3 / 20.0
+
+
+def test_a_deadline_ends_a_waiting_request_and_a_running_one_frees_its_pages():
+    core = make_core("one: all=tp1@0", tiers(2), max_batch=1)
+    submit(core, "running", "realtime", now=0.0, max_tokens=50, deadline_s=0.05)
+    submit(core, "waiting", "standard", now=0.0, max_tokens=50, deadline_s=0.02)
+    step(core, "tp1@0", 0.01)
+    step(core, "tp1@0", 0.06)
+    reasons = {e.request.request_id: e.request.finish_reason for e in core.take_finished(0.06)}
+    assert reasons == {"running": "deadline", "waiting": "deadline"}
+    assert core.lanes["tp1@0"].allocator.num_used == 0
+
+
+def test_a_switch_moves_sequences_when_moving_is_cheaper_and_recomputes_them_otherwise():
+    for move_bytes_per_s, expect_moved in ((1e12, True), (1.0, False)):
+        core = make_core("a: all=tp1@0; b: all=tp1@1", tiers(2))
+        core.costs.move_bytes_per_s, core.costs.kv_bytes_per_token = move_bytes_per_s, 1024
+        submit(core, "r", "standard", now=0.0, max_tokens=20)
+        step(core, "tp1@0", 0.01)
+        step(core, "tp1@0", 0.02)
+        plan = core.begin_switch("b")
+        assert bool(plan.moves) == expect_moved and bool(plan.recomputed) == (not expect_moved)
+        if expect_moved:
+            assert plan.moves[0].src == "tp1@0" and plan.moves[0].dst == "tp1@1"
+        core.end_switch("b", "test", plan, len(plan.moves), 0, 0.0, 0.0, 0.03)
+        assert core.plan_name == "b" and core.switches[-1].recomputed == len(plan.recomputed)
+
+
+def test_a_failed_switch_move_is_recomputed_with_its_pages_back():
+    core = make_core("a: all=tp1@0; b: all=tp1@1", tiers(2))
+    core.costs.move_bytes_per_s, core.costs.kv_bytes_per_token = 1e12, 1024
+    submit(core, "r", "standard", now=0.0, max_tokens=20)
+    step(core, "tp1@0", 0.01)
+    plan = core.begin_switch("b")
+    [move] = plan.moves
+    core.move_failed(move, plan)
+    core.end_switch("b", "test", plan, 0, 0, 0.0, 0.0, 0.02)
+    assert core.switches[-1].recomputed == 1 and core.lanes["tp1@0"].allocator.num_used == 0
+    assert [r.request_id for r in core.scheduler.waiting] == ["r"]
+    step(core, "tp1@1", 0.03)  # recomputed from its prompt and output on the new lane
+    assert core.entries["r"].request.num_computed > 0
+
+
+def test_a_failed_lane_sends_its_requests_to_a_plan_without_it():
+    classes = tiers(2)
+    plans = "a: all=tp1@0, all=tp1@1; b: all=tp1@1"
+    core = make_core(plans, classes, controller=PlanController(parse_plans(plans), "a", classes=classes))
+    submit(core, "r", "standard", now=0.0, max_tokens=20)
+    step(core, "tp1@0", 0.01)
+    core.lane_failed("tp1@0", RuntimeError("device lost"))
+    assert core.pending_switch[0] == "b" and "tp1@0" in core.unhealthy
+    assert core.lanes["tp1@0"].allocator.num_used == 0 and [r.request_id for r in core.scheduler.waiting] == ["r"]
+    plan = core.begin_switch("b")
+    core.end_switch("b", core.pending_switch[1], plan, 0, 0, 0.0, 0.0, 0.02)
+    for t in range(30):
+        step(core, "tp1@1", 0.03 + t * 0.01)
+    [entry] = core.take_finished(0.5)
+    assert entry.request.finish_reason == "length" and entry.served_by[1] == "tp1@1"
+
+
+def test_a_lane_failure_with_no_plan_left_fails_the_requests_no_lane_serves():
+    core = make_core("a: realtime=tp1@0, standard=tp1@1", tiers(2))
+    submit(core, "rt", "realtime", now=0.0)
+    core.lane_failed("tp1@0", RuntimeError("device lost"))
+    [entry] = core.take_finished(0.01)
+    assert entry.request.finish_reason == "error" and "no healthy lane" in entry.error
+
+
+def test_three_tier_plan_switch_trace_reserves_a_lane_for_the_most_urgent_tier_present():
+    classes = tiers(3)
+    text = ("shared: all=tp1@0, all=tp1@1; rt: realtime=tp1@0, standard+batch=tp1@1; "
+            "std: standard=tp1@0, realtime+batch=tp1@1")
+    controller = PlanController(parse_plans(text), "shared", classes=classes, hold_s=0.0, min_dwell_s=0.0)
+    core = make_core(text, classes, controller=controller)
+    decisions = []
+    submit(core, "s", "standard", now=0.0)
+    core.tick(0.0)  # the candidate must win twice in a row (hysteresis), even with hold 0
+    decisions.append(core.tick(0.01)[0])
+    core.pending_switch = None
+    submit(core, "r", "realtime", now=0.1)
+    core.tick(0.1)
+    decisions.append(core.tick(0.11)[0])
+    assert decisions == ["std", "rt"]
+
+
+def test_plans_must_name_known_classes_and_serve_every_class():
+    with pytest.raises(PlanError, match="unknown class 'high'"):
+        check_plan_classes(parse_plans("a: high=tp1@0, all=tp1@1"), tiers(2))
+    with pytest.raises(PlanError, match="no lane for class 'standard'"):
+        check_plan_classes(parse_plans("a: realtime=tp1@0"), tiers(2))
