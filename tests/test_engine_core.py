@@ -182,3 +182,21 @@ def test_plans_must_name_known_classes_and_serve_every_class():
         check_plan_classes(parse_plans("a: high=tp1@0, all=tp1@1"), tiers(2))
     with pytest.raises(PlanError, match="no lane for class 'standard'"):
         check_plan_classes(parse_plans("a: realtime=tp1@0"), tiers(2))
+
+
+def test_an_urgent_lane_limits_its_prefill_tokens_to_keep_the_tpot_target_and_a_bulk_lane_does_not():
+    classes = tiers(2)  # realtime TPOT 0.05 s, standard 0.1 s
+    core = make_core("a: realtime=tp1@0, standard=tp1@1", classes, num_pages=64, tpot_budget=True)
+    for lane, cls in (("tp1@0", "realtime"), ("tp1@1", "standard")):
+        submit(core, f"{cls}-0", cls, now=0.0, prompt=8, max_tokens=30)
+        work = core.next_step(lane, 0.0)
+        core.step_done(lane, work, [(work, [7], [-0.5])], 0.05, 0.0)  # its prompt
+        work = core.next_step(lane, 0.06)
+        core.step_done(lane, work, [(work, [7], [-0.5])], 0.010, 0.06)  # a decode step: 10 ms
+        submit(core, f"{cls}-1", cls, now=0.07, prompt=60, max_tokens=5)
+        work = core.next_step(lane, 0.07)  # decode + a 16-token chunk: measured 10 ms + 16 x 1 ms
+        core.step_done(lane, work, [(work, [7] * len(work), [-0.5] * len(work))], 0.026, 0.08)
+    # realtime: (0.9 x 50 ms - 10 ms) / 1 ms = 35 prefill tokens a step; standard is not urgent.
+    assert core.scheduler.prefill_limit == {"tp1@0": 35}
+    work = core.next_step("tp1@0", 0.09)
+    assert sum(w.num_tokens for w in work if w.num_tokens > 1) <= 35

@@ -23,6 +23,7 @@ from nitsum_jax.plans.spec import LaneSpec, Plan
 from nitsum_jax.sampling import SamplingParams
 from nitsum_jax.scheduler import (CostModel, LaneQueue, Move, PriorityClass, Request, Scheduler, State, SwitchPlan,
                                   Work)
+from nitsum_jax.scheduler.classes import urgent_names
 from nitsum_jax.scheduler.controller import Load, PlanController
 from nitsum_jax.sequence import Sequence, append_token
 
@@ -86,21 +87,28 @@ class EngineCore:
                  initial_plan: str | None = None, token_budget: int | dict[str, int] = 512, prefill_chunk: int = 128,
                  max_batch: int = 8, costs: CostModel | None = None, controller: PlanController | None = None,
                  tokenizer=None, eos_token_ids: Seq[int] = (), keep_finished: int = 1000,
-                 mover: Callable[[Request, str, str], None] | None = None, recompute_sample_tokens: int = 0):
+                 mover: Callable[[Request, str, str], None] | None = None, recompute_sample_tokens: int = 0,
+                 tpot_budget: bool = False):
         """`lanes`: every lane of the plan set by name. `mover`: carries out a preemption victim's
         KV move at once (the driver's; None: victims are recomputed). `recompute_sample_tokens`:
-        a step with more new tokens than this is a sample of the recompute cost."""
+        a step with more new tokens than this is a sample of the recompute cost. `tpot_budget`:
+        a lane that serves an urgent tier limits the prefill tokens of its steps, from its measured
+        step costs, so that a step stays within that tier's TPOT target (`_learn_budget`); lanes of
+        relaxed tiers only keep `token_budget`."""
         self.classes, self.plans = classes, {p.name: p for p in plans}
         self.lanes, self.max_batch = lanes, max_batch
         self.tokenizer, self.eos_token_ids = tokenizer, tuple(eos_token_ids)
         self.plan_name = initial_plan or plans[0].name
         self.costs = costs or CostModel()
         self.controller = controller
+        self._urgent = urgent_names(classes) if len(classes) > 1 else set()
         self.now = 0.0  # the time of the latest event: the scheduler's clock
         self.scheduler = Scheduler(classes, self._queues(self.plan_name), clock=lambda: self.now,
                                    token_budget=token_budget, prefill_chunk=prefill_chunk, costs=self.costs,
                                    mover=mover)
         self.recompute_sample_tokens = recompute_sample_tokens
+        self.tpot_budget = tpot_budget
+        self.prefill_s_per_token: dict[str, float] = {}  # lane -> marginal seconds of a prefill token (EMA)
         self.entries: dict[str, Entry] = {}  # requests not finished yet
         self.recent: collections.deque[Finished] = collections.deque(maxlen=keep_finished)
         self.completed: dict[str, int] = {c: 0 for c in classes}  # requests finished since start
@@ -179,6 +187,8 @@ class EngineCore:
             self.step_s[lane_name] = _ema(self.step_s.get(lane_name, seconds), seconds)
         elif tokens > self.recompute_sample_tokens:  # prefill-heavy: a recompute cost sample
             self.costs.recompute_s_per_token = _ema(self.costs.recompute_s_per_token, seconds / tokens)
+        if self.tpot_budget:
+            self._learn_budget(lane_name, work, seconds)
         try:
             return self._emit(lane_name, results, now)
         except Exception as error:
@@ -205,6 +215,26 @@ class EngineCore:
                     finished[req.request_id] = entry.seq.finish_reason
         self.scheduler.complete(lane_name, work, finished=finished)
         return emitted
+
+    def _learn_budget(self, lane_name: str, work: list[Work], seconds: float) -> None:
+        """Step time ~ decode step + prefill tokens x marginal cost, both measured on this lane
+        (EMA). The lane's prefill limit is what keeps a step within the tightest TPOT target of
+        the urgent tiers it serves (90% of it, for the estimate's noise): at least one page's
+        worth of tokens so prompts still progress; no limit on a lane of relaxed tiers only."""
+        prefill = sum(w.num_tokens for w in work if w.num_tokens > 1)
+        decode_s = self.step_s.get(lane_name)
+        if prefill and decode_s is not None:
+            marginal = max(seconds - decode_s, 0.0) / prefill
+            self.prefill_s_per_token[lane_name] = _ema(self.prefill_s_per_token.get(lane_name, marginal), marginal)
+        targets = [c.tpot_target_s for c in self.classes.values() if c.name in self._urgent
+                   and any(q.serves(c.name) for q in [self.scheduler.lanes.get(lane_name)] if q is not None)]
+        per_token = self.prefill_s_per_token.get(lane_name)
+        if not targets or per_token is None or decode_s is None:
+            self.scheduler.prefill_limit.pop(lane_name, None)
+            return
+        allowed = (0.9 * min(targets) - decode_s) / max(per_token, 1e-12)
+        floor = self.lanes[lane_name].allocator.page_size
+        self.scheduler.prefill_limit[lane_name] = int(max(floor, min(allowed, self.scheduler.budget_for(lane_name))) + 1e-9)
 
     def fail_running(self, lane_name: str, error: Exception) -> None:
         """Finish the lane's running requests with an error (their pages go back); waiting ones stay."""

@@ -57,10 +57,13 @@ class Engine:
     def __init__(self, cfg: LlamaConfig, params: Params | None, plans: tuple[Plan, ...], *,
                  classes: dict[str, PriorityClass] | None = None, tokenizer: TextTokenizer | None = None,
                  num_pages: int = 256, page_size: int = 16, grid: BucketGrid = BucketGrid(),
-                 devices: list | None = None, token_budget: int | dict[str, int] = 512,
+                 devices: list | None = None, token_budget: int | dict[str, int] | str = 512,
                  initial_plan: str | None = None, controller: PlanController | None = None,
                  gil_switch_s: float | None | str = "settings", chain_steps: int | None = None):
         """`classes`: the tiers (default `high`/`low`); every lane must name known classes.
+        `token_budget`: new tokens a lane's step may carry (an int, {lane: int}, or "auto": 512, and
+        lanes serving urgent tiers limit their prefill tokens from measured step costs so a step
+        stays within the tier's TPOT target).
         `controller`: switch plans adaptively (None: stay on the plan unless `switch_plan`).
         `gil_switch_s`: on accelerators, the interpreter's thread switch interval while lanes run
         (`sys.setswitchinterval`, restored by `close()`; default from NITSUM_GIL_SWITCH_S; None
@@ -74,7 +77,8 @@ class Engine:
                                 grid=grid)
         self._lanes = {lane.name: lane for lane in self.plan_set.lanes.values()}
         self.core = EngineCore(self.classes, plans, self._lanes, initial_plan=initial_plan,
-                               token_budget=token_budget, prefill_chunk=max(grid.prefill_len),
+                               token_budget=512 if token_budget == "auto" else token_budget,
+                               tpot_budget=token_budget == "auto", prefill_chunk=max(grid.prefill_len),
                                max_batch=max(grid.decode_batch),
                                costs=CostModel(kv_bytes_per_token=kv_bytes_per_page(cfg, 1)), controller=controller,
                                tokenizer=tokenizer, eos_token_ids=cfg.eos_token_ids, mover=self._migrate,

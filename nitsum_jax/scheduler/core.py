@@ -42,6 +42,9 @@ class Scheduler(SwitchPlanning):
         self.prefill_chunk, self.max_preemptions = prefill_chunk, max_preemptions
         self.default_budget = token_budget if isinstance(token_budget, int) else 512
         self.lane_budget: dict[str, int] = {} if isinstance(token_budget, int) else dict(token_budget)
+        # Prefill tokens a lane's step may carry beside its decodes (absent: no limit beyond the
+        # budget); the engine core sets it from measured step costs so urgent tiers keep their TPOT.
+        self.prefill_limit: dict[str, int] = {}
         self.queues = WaitingQueues(classes)
         self.finished: list[Request] = []  # finished since the owner last took them (`take_finished`)
         self.preemption_log: list[tuple[float, str, str]] = []  # (time, victim, for whom)
@@ -91,11 +94,13 @@ class Scheduler(SwitchPlanning):
         work: list[Work] = []
         stalled: list[tuple[Request, int]] = []  # running requests with no page to grow into
         budget = self.budget_for(lane_name)
+        prefill_left = self.prefill_limit.get(lane_name, budget)
         # 1. Running decodes grow by one token; running prefills continue.
         for req in sorted(lane.running, key=self.urgency):
             if req not in lane.running:
                 continue  # preempted below for a more urgent running request
-            n = 1 if not req.in_prefill else min(self.prefill_chunk, req.total_len - req.num_computed, budget)
+            n = 1 if not req.in_prefill else min(self.prefill_chunk, req.total_len - req.num_computed, budget,
+                                                 prefill_left)
             if n <= 0:
                 continue
             if not self._reserve(lane, req, req.num_computed + n):
@@ -103,15 +108,16 @@ class Scheduler(SwitchPlanning):
                 continue
             work.append(Work(req, req.num_computed, n))
             budget -= n
+            prefill_left -= n if req.in_prefill else 0
         # 2. Admit waiting requests the lane serves, most urgent first.
         for req in self.queues.ordered(self.urgency, lane.serves):
-            if budget <= 0:
+            if budget <= 0 or prefill_left <= 0:
                 break
             if req.state is not State.WAITING:
                 continue  # taken meanwhile (a copy of the queues is iterated)
             if len(lane.running) >= lane.max_batch and not self._preempt_for(lane, req):
                 continue
-            n = min(self.prefill_chunk, req.total_len - req.num_computed, budget)
+            n = min(self.prefill_chunk, req.total_len - req.num_computed, budget, prefill_left)
             if not self._reserve(lane, req, req.num_computed + n):
                 continue
             self.queues.remove(req)
@@ -119,6 +125,7 @@ class Scheduler(SwitchPlanning):
             lane.running.append(req)
             work.append(Work(req, req.num_computed, n))
             budget -= n
+            prefill_left -= n
         # 3. Nothing could move: running requests each hold part of the lane and wait for each
         # other. The latest of the least urgent gives way so the most urgent stalled one grows.
         if not work:
