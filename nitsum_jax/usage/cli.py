@@ -71,33 +71,49 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
 
 
 def _flag(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "NO")
 
 
-def _print_table(records: list[dict], requests: bool) -> None:
+def _print(title: str, headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A rich table whose figures are never folded or cut (a narrow terminal wraps the headers)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for i, header in enumerate(headers):
+        table.add_column(header, min_width=max((len(row[i]) for row in rows), default=1), overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: as wide as the table needs, not 80 columns
+        wanted = console.measure(table, options=console.options.update_width(4096)).maximum
+        console.width = max(console.width, wanted)
+    console.print(table)
+
+
+def _print_table(records: list[dict], requests: bool) -> None:
     if requests:
-        table = Table("finished (UTC)", "request", "tenant", "tier", "api", "status", "prompt", "completion",
-                      "TTFT ms", "TPOT ms", "TTFT met", "TPOT met", title="requests")
-        for r in records:
-            finished = dt.datetime.fromtimestamp(r["finish_time"], dt.timezone.utc).isoformat(timespec="milliseconds")
-            table.add_row(finished, r["request_id"], r["tenant"], r["tier"], r["api"], r["status"],
-                          str(r["prompt_tokens"]), str(r["completion_tokens"]), _ms(r["ttft_s"]), _ms(r["tpot_s"]),
-                          _flag(r["ttft_met"]), _flag(r["tpot_met"]))
-    else:
-        table = Table("tenant", "tier", "requests", "prompt", "cached", "completion", "SLO met", "missed TTFT",
-                      "missed TPOT", "errors", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "e2e p50/p99 ms",
-                      title="usage per tenant and tier")
-        for g in records:
-            slo = "-" if g["slo_attainment"] is None else f"{g['slo_attainment']:.1%} of {g['judged']}"
-            table.add_row(g["tenant"], g["tier"], str(g["requests"]), str(g["prompt_tokens"]), str(g["cached_tokens"]),
-                          str(g["completion_tokens"]), slo, str(g["missed_ttft"]), str(g["missed_tpot"]),
-                          str(g["missed_error"]), *(f"{_ms(g[f'{k}_p50_s'])} / {_ms(g[f'{k}_p99_s'])}"
-                                                    for k in ("ttft", "tpot", "e2e")))
-    Console().print(table)
+        rows = [(dt.datetime.fromtimestamp(r["finish_time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                 r["request_id"], r["tenant"], r["tier"], r["api"], r["status"], str(r["prompt_tokens"]),
+                 str(r["completion_tokens"]), _ms(r["ttft_s"]), _ms(r["tpot_s"]), _flag(r["ttft_met"]),
+                 _flag(r["tpot_met"])) for r in records]
+        _print("requests", ("finished (UTC)", "request", "tenant", "tier", "api", "status", "prompt", "completion",
+                            "TTFT ms", "TPOT ms", "TTFT met", "TPOT met"), rows)
+        return
+    rows = [(g["tenant"], g["tier"], str(g["requests"]), f"{g['prompt_tokens']} ({g['cached_tokens']})",
+             str(g["completion_tokens"]),
+             "-" if g["slo_attainment"] is None else f"{g['slo_attainment']:.1%} of {g['judged']}",
+             f"{g['missed_ttft']}/{g['missed_tpot']}/{g['missed_error']}",
+             *(f"{_ms(g[f'{k}_p50_s'])} / {_ms(g[f'{k}_p99_s'])}" for k in ("ttft", "tpot", "e2e")))
+            for g in records]
+    _print("usage per tenant and tier", ("tenant", "tier", "requests", "prompt (cached)", "completion", "SLO met",
+                                         "missed TTFT/TPOT/error", "TTFT ms p50/p99", "TPOT ms p50/p99",
+                                         "e2e ms p50/p99"), rows)
