@@ -112,9 +112,11 @@ def row_from_handle(handle: "RequestHandle", tier: "PriorityClass", *, tenant: s
     `tier`: the request's PriorityClass (`engine.classes[handle.request.priority_class]`);
     `status`: the call's final gRPC code name or HTTP status; `wall_offset`: from `wall_offset()`.
     A call that ends before the engine finished the request (a client gone, `finish_time`
-    still None) is stamped now."""
+    still None; the request leaves at the engine's next step) is stamped now, its finish
+    reason "deadline" for a DEADLINE_EXCEEDED / 504 call, else "cancelled"."""
     request, seq = handle.request, handle.seq
     finish = handle.finish_time if handle.finish_time is not None else time.monotonic()
+    reason = request.finish_reason or ("deadline" if str(status) in ("DEADLINE_EXCEEDED", "504") else "cancelled")
     n = len(seq.output_ids)
     ttft, tpot = request_latency(request.arrival, handle.first_token_time, finish, n)
     ttft_met, tpot_met = slo_verdict(ttft, tpot, finish - request.arrival, tier)
@@ -125,9 +127,9 @@ def row_from_handle(handle: "RequestHandle", tier: "PriorityClass", *, tenant: s
         arrival_time=request.arrival + wall_offset,
         first_token_time=None if handle.first_token_time is None else handle.first_token_time + wall_offset,
         finish_time=finish + wall_offset, prompt_tokens=len(seq.prompt_ids), cached_tokens=cached_tokens,
-        completion_tokens=n, finish_reason=request.finish_reason, status=str(status), ttft_s=ttft, tpot_s=tpot,
+        completion_tokens=n, finish_reason=reason, status=str(status), ttft_s=ttft, tpot_s=tpot,
         ttft_target_s=tier.ttft_target_s, tpot_target_s=tier.tpot_target_s, ttft_met=ttft_met, tpot_met=tpot_met,
-        server_error=is_server_error(status, request.finish_reason))
+        server_error=is_server_error(status, reason))
 
 
 def refused_row(request_id: str, tier: "PriorityClass", *, tenant: str, api: str, status: str | int,
