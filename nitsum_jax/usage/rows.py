@@ -79,12 +79,14 @@ def wall_offset() -> float:
 
 def request_latency(arrival: float, first_token: float | None, finish: float,
                     completion_tokens: int) -> tuple[float | None, float | None]:
-    """(TTFT, TPOT) in seconds, as the engine's stats compute them: TTFT = first token - arrival;
+    """(TTFT, TPOT) in seconds: the engine's own figures (`nitsum_jax.engine.stats.latency`);
     TPOT = (finish - first token) / (n - 1) over n > 1 tokens, else None."""
-    if first_token is None:
-        return None, None
-    tpot = (finish - first_token) / (completion_tokens - 1) if completion_tokens > 1 else None
-    return first_token - arrival, tpot
+    # Imported here, not at the top: `nitsum_jax.engine` loads the runtime (JAX), which the report,
+    # the CLI and `load` never need; the server that makes rows has it loaded already.
+    from nitsum_jax.engine.stats import latency
+
+    figures = latency(arrival, first_token, finish, completion_tokens)
+    return figures.ttft_s, figures.tpot_s
 
 
 def slo_verdict(ttft_s: float | None, tpot_s: float | None, waited_s: float,
