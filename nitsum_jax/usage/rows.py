@@ -123,9 +123,10 @@ def row_from_handle(handle: "RequestHandle", tier: "PriorityClass", *, tenant: s
     ttft, tpot = request_latency(request.arrival, handle.first_token_time, finish, n)
     ttft_met, tpot_met = slo_verdict(ttft, tpot, finish - request.arrival, tier)
     plan, lane, tp = handle.served_by or (None, None, None)
+    moves = getattr(handle, "moved", None)  # KV moves between lanes; a handle that does not say: NULL
     return UsageRow(
         request_id=request.request_id, tenant=tenant, tier=tier.name, api=api, plan=plan, lane=lane, tp=tp,
-        moved=getattr(handle, "moved", None),  # the engine does not say yet: NULL, not a guess
+        moved=None if moves is None else moves > 0,
         arrival_time=request.arrival + wall_offset,
         first_token_time=None if handle.first_token_time is None else handle.first_token_time + wall_offset,
         finish_time=finish + wall_offset, prompt_tokens=len(seq.prompt_ids), cached_tokens=cached_tokens,
