@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nitsum_jax.bench.cli import register as register_bench  # bench (no JAX import)
 
     register_bench(sub)
+    from nitsum_jax.usage.cli import add_usage_parser  # usage (no JAX import)
+
+    add_usage_parser(sub)
     return parser
 
 
