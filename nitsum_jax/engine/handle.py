@@ -50,6 +50,11 @@ class RequestHandle:
         return self._entry.error
 
     @property
+    def moved(self) -> int:
+        """KV moves of the request between lanes (plan switches, preemptions)."""
+        return self._entry.moved
+
+    @property
     def done(self) -> bool:
         return self._done.is_set()
 
