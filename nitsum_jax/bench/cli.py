@@ -31,6 +31,18 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _budget(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--token-budget {text!r}: expected a whole number >= 1 or 'auto'")
+    return value
+
+
 def _configs(text: str) -> list[str]:
     names = [t for t in text.replace(",", " ").split() if t]
     bad = [n for n in names if n not in CONFIGS]
@@ -82,6 +94,10 @@ def register(subparsers) -> None:
     e.add_argument("--decode-batch", type=_ints, default=(8,), help="decode batch buckets (default: 8)")
     e.add_argument("--prefill-len", type=_ints, default=(32,), help="prefill chunk buckets (default: 32)")
     e.add_argument("--max-seq-len", type=int, default=128, help="longest prompt + output (default: 128)")
+    e.add_argument("--token-budget", type=_budget, default=512,
+                   help="new tokens a lane's step may carry: a number, or 'auto' (512, and lanes serving "
+                        "urgent tiers limit their prefill tokens from measured step costs to keep the tier's "
+                        "TPOT target) (default: %(default)s)")
     e.add_argument("--no-switch-probe", action="store_true",
                    help="skip timing plan switches and KV moves on each idle engine after its runs")
     e.add_argument("--target", default=None, help="host:port of a running nitsum-jax server, instead of "
@@ -133,7 +149,8 @@ def _bench(args) -> int:
                             api_key=args.api_key, drain_timeout_s=args.drain_timeout, out_dir=args.out,
                             console=console, progress=not args.no_progress,
                             sampled_fraction=args.sampled_fraction, temperature=args.temperature,
-                            switch_probe=not args.no_switch_probe)
+                            switch_probe=not args.no_switch_probe,
+                            engine_kwargs={"token_budget": args.token_budget})
     except (ValueError, RuntimeError) as error:
         print(f"nitsum-jax: error: {error}", file=sys.stderr)
         return 2
