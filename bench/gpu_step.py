@@ -135,9 +135,9 @@ def main():
         # options; xla_default: Pallas attention with XLA's default options (the earlier baseline).
         # oneshot: as kernel, plus XLA's own one-shot all-reduce kernel for the small all-reduces
         # of TP>1 decode (in place of NCCL).
-        knobs = dataclasses.replace(
-            settings(), attention="reference" if impl == "reference" else "auto", xla_options=impl != "xla_default",
-            xla_extra_options=(("xla_gpu_unsupported_use_all_reduce_one_shot_kernel", True),) if impl == "oneshot" else ())
+        one_shot = (("xla_gpu_unsupported_use_all_reduce_one_shot_kernel", True),) if impl == "oneshot" else ()
+        knobs = dataclasses.replace(settings(), attention="reference" if impl == "reference" else "auto",
+                                    xla_options=impl != "xla_default", xla_extra_options=one_shot)
         batches = [int(b) for b in (args.batches if impl in ("kernel", "oneshot") else args.reference_batches).split(",")]
         pages = max(batches) * -(-args.context // 16) + 64
         grid = BucketGrid(decode_batch=tuple(batches), prefill_len=(), max_seq_len=args.max_seq_len,

@@ -197,9 +197,10 @@ class Settings:
         secret=True)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
-        """Every variable of `environ` read and checked; an empty value counts as unset.
-        Raises SettingsError naming each bad variable, its value and what it accepts."""
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Every variable of `environ` (None: `os.environ`) read and checked; an empty value counts
+        as unset. Raises SettingsError naming each bad variable, its value and what it accepts."""
+        environ = os.environ if environ is None else environ
         values, errors = {}, []
         for f in dataclasses.fields(cls):
             name = variable(f.name)

@@ -171,8 +171,8 @@ def test_building_and_tracing_a_plan_set_reads_no_environment_variable_of_ours(t
     process = reload_settings()
     watched = WatchedEnviron(os.environ)
     monkeypatch.setattr(os, "environ", watched)
-    plan_set = PlanSet(tiny_cfg, tiny_params, parse_plans("one: all=tp1@0; two: all=tp2@0-1"), num_pages=8,
-                       page_size=8, grid=BucketGrid(decode_batch=(1,), prefill_len=(16,), max_seq_len=32))
+    plan_set = PlanSet(tiny_cfg, tiny_params, parse_plans("one: all=tp1@0"), num_pages=8, page_size=8,
+                       grid=BucketGrid(decode_batch=(1,), prefill_len=(), max_seq_len=32))
     assert watched.looked_up == []
     lane = plan_set.lanes[(0,)]
     assert plan_set.settings is process and lane.settings.attention == "reference"
@@ -190,7 +190,8 @@ def test_the_attention_argument_picks_the_implementation_the_trace_holds(tiny_cf
                      page_table=np.arange(4, dtype=np.int32)[None])
 
     def traced(attention):
-        return str(jax.make_jaxpr(lambda p, k, s: forward(p, k, s, tiny_cfg, attention=attention))(tiny_params, kv, step))
+        step_fn = lambda p, k, s: forward(p, k, s, tiny_cfg, attention=attention)  # noqa: E731
+        return str(jax.make_jaxpr(step_fn)(tiny_params, kv, step))
     assert "pallas_call" in traced("interpret")
     assert "pallas_call" not in traced("reference")
 
