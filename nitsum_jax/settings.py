@@ -190,7 +190,7 @@ class Settings:
     bench_profile: ProfileWindow | None = _knob(
         None, _profile_window, "DIR or DIR:START:SECONDS (default window 5:2)",
         "trace that window of each benchmark run with jax.profiler into DIR/<config>-<n> "
-        "(diagnostics: a traced run's figures are not benchmark figures)")
+        "(read as each run starts; diagnostics: a traced run's figures are not benchmark figures)")
     api_key: str | None = _knob(
         None, _bearer_key, "a key without spaces or control characters",
         "the bearer key the clients (nitsum-jax client, bench --target) send by default",
