@@ -13,6 +13,7 @@ The embedding table is not counted (a step reads B rows of it); the LM head is.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -28,6 +29,7 @@ from nitsum_jax.config import preset
 from nitsum_jax.kv import kv_bytes_per_page
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
 from nitsum_jax.sampling import SamplingBatch
+from nitsum_jax.settings import settings
 
 import copy_bandwidth  # bench/ is on sys.path when run as a script
 from gpu_plans import fill_random
@@ -131,18 +133,16 @@ def main():
         # options; xla_default: Pallas attention with XLA's default options (the earlier baseline).
         # oneshot: as kernel, plus XLA's own one-shot all-reduce kernel for the small all-reduces
         # of TP>1 decode (in place of NCCL).
-        os.environ["NITSUM_ATTENTION"] = {"kernel": "auto", "reference": "reference", "xla_default": "auto",
-                                          "oneshot": "auto"}[impl]
-        os.environ["NITSUM_XLA_OPTIONS"] = "off" if impl == "xla_default" else "on"
-        os.environ["NITSUM_XLA_EXTRA_OPTIONS"] = (
-            "xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" if impl == "oneshot" else "")
+        one_shot = (("xla_gpu_unsupported_use_all_reduce_one_shot_kernel", True),) if impl == "oneshot" else ()
+        knobs = dataclasses.replace(settings(), attention="reference" if impl == "reference" else "auto",
+                                    xla_options=impl != "xla_default", xla_extra_options=one_shot)
         batches = [int(b) for b in (args.batches if impl in ("kernel", "oneshot") else args.reference_batches).split(",")]
         pages = max(batches) * -(-args.context // 16) + 64
         grid = BucketGrid(decode_batch=tuple(batches), prefill_len=(), max_seq_len=args.max_seq_len,
                           min_move_pages=args.max_seq_len // 16)
         t0 = time.perf_counter()
         try:
-            ps = PlanSet(cfg, None, plans, num_pages=pages, page_size=16, grid=grid)
+            ps = PlanSet(cfg, None, plans, num_pages=pages, page_size=16, grid=grid, settings=knobs)
         except Exception as e:  # report and go on with the other impl
             print(f"{impl}: start-up failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
             results[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:4000]}"

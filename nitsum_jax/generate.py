@@ -18,6 +18,7 @@ from nitsum_jax.kv import PageAllocator, allocate_kv_cache
 from nitsum_jax.model import Params, StepInput
 from nitsum_jax.sampling import SamplingBatch, SamplingParams
 from nitsum_jax.sequence import Completion, RequestError, Sequence, append_token, validate_prompt
+from nitsum_jax.settings import settings
 from nitsum_jax.steps import step_sample
 from nitsum_jax.tokenizer import TextTokenizer
 
@@ -43,6 +44,7 @@ class LocalRunner:
         self.kv = allocate_kv_cache(cfg, num_pages, page_size)
         self.max_batch, self.prefill_chunk = pow2_bucket(max_batch, 1 << 30), prefill_chunk
         self.pages_per_seq = pow2_bucket(-(-max_seq_len // page_size), 1 << 30)
+        self.attention = settings().attention  # chosen now: tracing a step reads no environment
 
     def batch_for(self, n: int) -> int:
         return pow2_bucket(n, self.max_batch)
@@ -52,7 +54,8 @@ class LocalRunner:
 
     def step(self, tokens, start_pos, num_new, page_table, sampling):
         step = StepInput(tokens=tokens, start_pos=start_pos, num_new=num_new, page_table=page_table)
-        next_tokens, logprobs, self.kv = step_sample(self.params, self.kv, step, sampling, self.cfg)
+        next_tokens, logprobs, self.kv = step_sample(self.params, self.kv, step, sampling, self.cfg,
+                                                     attention=self.attention)
         return jax.device_get((next_tokens, logprobs))
 
 

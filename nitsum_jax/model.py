@@ -12,7 +12,6 @@ K kv heads, G query heads per kv head, H head dim, F ffn dim, V vocab, S cache p
 from __future__ import annotations
 
 import dataclasses
-import os
 import math
 from typing import Callable
 
@@ -239,12 +238,6 @@ class StepInput:
     page_table: jax.Array  # [B, pages_per_seq] int32, page ids of each sequence
 
 
-def attention_impl() -> str:
-    """Paged-attention implementation for steps traced from now on: NITSUM_ATTENTION=auto (the
-    Pallas kernel on GPU, the plain-JAX reference elsewhere), kernel, interpret or reference."""
-    return os.environ.get("NITSUM_ATTENTION", "auto")
-
-
 def embed_tokens(params: Params, tokens: jax.Array, layout: ChunkLayout) -> jax.Array:
     """tokens: [B, T] -> [B, T, D] in model dim order."""
     pieces = [jnp.take(c.embed, tokens, axis=0) for c in params.chunks]  # R x [B, T, D/R]
@@ -262,10 +255,12 @@ def _own(h: jax.Array, tag: int) -> jax.Array:
 
 
 def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
-            layout: ChunkLayout = UNSPLIT) -> tuple[jax.Array, KVCache]:
+            layout: ChunkLayout = UNSPLIT, attention: str = "auto") -> tuple[jax.Array, KVCache]:
     """Run the new tokens of every sequence through the model, appending their K/V to the pages.
 
     One function covers prefill, chunked prefill (start_pos > 0, T > 1) and decode (T == 1).
+    `attention`: the paged-attention implementation (`kernels.paged_attention`'s `impl`), chosen
+    by whoever builds the step program (`Settings.attention`), so tracing reads no environment.
     Returns the final-norm hidden states [B, T, D] and the updated cache.
     """
     B, T = step.tokens.shape
@@ -289,7 +284,7 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
                 k_slots[r], v_slots[r] = write_kv_pages(k_slots[r], v_slots[r], layer_idx, k, v, positions,
                                                         valid, step.page_table)
                 attn = paged_attention(q, k_slots[r], v_slots[r], layer_idx, positions, step.page_table,
-                                       impl=attention_impl())
+                                       impl=attention)
                 out = out + jnp.einsum("BTNH,NHD->BTD", attn, w.wo)
             x = x + out
         with jax.named_scope("mlp"):

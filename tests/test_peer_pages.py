@@ -13,6 +13,7 @@ import pytest
 
 from nitsum_jax.kernels import cuda, peer_pages
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
+from nitsum_jax.settings import Settings
 from test_plans import PAGE_SIZE, reference, walk_moves  # noqa: F401  (reference: a fixture)
 
 PLANS = "big: all=tp4@0-3; mix: high=tp2@0-1, low=tp1@2, low=tp1@3; pair: low=tp2@0-1, low=tp2@2-3"
@@ -204,10 +205,9 @@ def test_kernel_source_compiles_with_nvrtc(arch, ppb, threads):
 @pytest.mark.parametrize("name, value, message", [
     ("NITSUM_MOVE_DIRECT_MODE", "sideways", "expected one of"), ("NITSUM_MOVE_ENGINE_RUNS", "four", "whole number"),
     ("NITSUM_MOVE_ENGINE_RUNS", "-1", "whole number"), ("NITSUM_MOVE_WAIT", "sleep", "expected spin or block")])
-def test_bad_transport_settings_are_refused_by_name(monkeypatch, name, value, message):
-    monkeypatch.setenv(name, value)
+def test_bad_transport_settings_are_refused_by_name(name, value, message):
     with pytest.raises(ValueError, match=f"{name}={value!r}.*{message}"):
-        peer_pages.PeerPageMover(jax.devices())  # refused before any CUDA call
+        peer_pages.PeerPageMover(jax.devices(), settings=Settings.from_env({name: value}))  # before any CUDA call
 
 
 def test_nvrtc_errors_carry_the_compiler_log():

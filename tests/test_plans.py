@@ -10,6 +10,7 @@ from nitsum_jax.generate import Generator
 from nitsum_jax.plans import BucketGrid, PlanError, PlanSet, default_plans, parse_plans, read_plans
 from nitsum_jax.plans.spec import load_plans_toml
 from nitsum_jax.sampling import SamplingParams
+from nitsum_jax.settings import Settings
 
 GRID = BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=64)
 PAGE_SIZE = 8
@@ -143,12 +144,13 @@ def walk_moves(cfg, plan_set, route, want):
     route[-1].allocator.free(seq.seq_id)
 
 
-def test_moves_with_page_copy_kernels_in_pieces_keep_tokens_and_nll(tiny_cfg, tiny_params, reference, monkeypatch):
+def test_moves_with_page_copy_kernels_in_pieces_keep_tokens_and_nll(tiny_cfg, tiny_params, reference):
     """The GPU path of a move (Pallas page copies, here in interpret mode), sent in pieces."""
-    monkeypatch.setenv("NITSUM_MOVE_COPY", "interpret")
+    interpret = Settings.from_env({"NITSUM_MOVE_COPY": "interpret"})
     plans = parse_plans("big: all=tp4@0-3; mix: high=tp2@0-1, low=tp1@2, low=tp1@3; pair: low=tp2@0-1, low=tp2@2-3")
     ps = PlanSet(tiny_cfg, tiny_params, plans, num_pages=24, page_size=PAGE_SIZE, move_pieces=2,
-                 grid=BucketGrid(decode_batch=(1,), prefill_len=(16,), max_seq_len=64, min_move_pages=2))
+                 grid=BucketGrid(decode_batch=(1,), prefill_len=(16,), max_seq_len=64, min_move_pages=2),
+                 settings=interpret)
     lanes = ps.lanes
     assert {lane.move_copy for lane in lanes.values()} == {"interpret"}
     route = [lanes[(0, 1, 2, 3)], lanes[(0, 1)], lanes[(0, 1, 2, 3)], lanes[(2,)], lanes[(0, 1)], lanes[(2, 3)],

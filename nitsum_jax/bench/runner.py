@@ -9,6 +9,7 @@ from typing import Callable
 
 from nitsum_jax.bench.backends import FAILED, Backend, make_record
 from nitsum_jax.bench.workload import Workload
+from nitsum_jax.settings import Settings
 
 
 def run_workload(backend: Backend, workload: Workload, *, drain_timeout_s: float = 120.0, poll_s: float = 0.01,
@@ -97,10 +98,10 @@ _profiled: dict[str, int] = {}
 
 
 def _profile_window(config: str) -> _ProfileWindow | None:
-    spec = os.environ.get("NITSUM_BENCH_PROFILE")
-    if not spec:
+    # Read as each run starts, not from the process's settings: a run is the benchmark's own
+    # start-up, and a notebook may profile one run of several.
+    window = Settings.from_env().bench_profile
+    if window is None:
         return None
-    out_dir, *window = spec.split(":")
-    start_s, length_s = (float(x) for x in window) if window else (5.0, 2.0)
     n = _profiled[config] = _profiled.get(config, 0) + 1
-    return _ProfileWindow(os.path.join(out_dir, f"{config}-{n}"), start_s, length_s)
+    return _ProfileWindow(os.path.join(window.out_dir, f"{config}-{n}"), window.start_s, window.length_s)

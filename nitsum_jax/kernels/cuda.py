@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+from nitsum_jax.settings import settings
+
 CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704
 CU_STREAM_NON_BLOCKING = 1
 CUDA_ERROR_NOT_READY = 600
@@ -74,9 +76,7 @@ def check(lib, result: int, what: str, ok=(0,)) -> None:
 def _nvrtc_candidates() -> list[str]:
     """libnvrtc from the environment (NITSUM_NVRTC), the pip wheels of NVIDIA's CUDA packages
     (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib), then the system's loader path and CUDA install."""
-    names = []
-    if os.environ.get("NITSUM_NVRTC"):
-        names.append(os.environ["NITSUM_NVRTC"])
+    names = [settings().nvrtc] if settings().nvrtc else []
     for base in sys.path:
         for pattern in ("nvidia/cu*/lib/libnvrtc.so*", "nvidia/cuda_nvrtc/lib/libnvrtc.so*"):
             names += sorted(p for p in glob.glob(os.path.join(base, pattern)) if "builtins" not in p)

@@ -28,7 +28,6 @@ caller's references for the whole call.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import typing
 import weakref
@@ -37,6 +36,7 @@ import jax
 import numpy as np
 
 from nitsum_jax.kernels.cuda import Contexts, CudaError, check, compile_cubin
+from nitsum_jax.settings import Settings, settings as process_settings
 
 MAX_ARRAYS = 16  # (source, destination) cache arrays one launch copies between
 MAX_PAGES = 448  # pages per launch: the page lists travel in the kernel's parameters (4 KB)
@@ -50,7 +50,7 @@ MODES = ("push", "pull", "split")
 # (cuMemcpy2DAsync) per array pair and run, on ENGINE_STREAMS streams a GPU; the kernel takes the
 # rest. Device time of a TP1 -> TP1 move on 4x H200 (session 8, run B): copy engine 0.370 / 1.391
 # ms against the kernel's 0.384 / 1.481 at 1024 / 4096 tokens. NITSUM_MOVE_ENGINE_RUNS=0: never.
-ENGINE_RUNS = 4
+ENGINE_RUNS = Settings().move_engine_runs  # the default of NITSUM_MOVE_ENGINE_RUNS
 ENGINE_STREAMS = 1
 CU_MEMORYTYPE_DEVICE = 2
 
@@ -130,21 +130,21 @@ class PeerPageMover:
     """Compiles `copy_pages` once (NVRTC) and loads it on every GPU of `devices` at start-up."""
 
     def __init__(self, devices: list, mode: str | None = None, pages_per_block: int = PAGES_PER_BLOCK,
-                 threads: int = THREADS, engine_runs: int | None = None, engine_streams: int = ENGINE_STREAMS):
-        self.mode = mode or os.environ.get("NITSUM_MOVE_DIRECT_MODE", "push")
+                 threads: int = THREADS, engine_runs: int | None = None, engine_streams: int = ENGINE_STREAMS,
+                 settings: Settings | None = None):
+        """`mode` and `engine_runs` None: NITSUM_MOVE_DIRECT_MODE and NITSUM_MOVE_ENGINE_RUNS, from
+        `settings` (None: the process's, read once); NITSUM_MOVE_WAIT likewise. Checked before any
+        CUDA call."""
+        settings = settings or process_settings()
+        self.mode = mode or settings.move_direct_mode
         if self.mode not in MODES:
-            raise ValueError(f"NITSUM_MOVE_DIRECT_MODE={self.mode!r}; expected one of {MODES}")
+            raise ValueError(f"direct move mode {self.mode!r}; expected one of {MODES}")
         self.pages_per_block, self.threads = pages_per_block, threads
-        if engine_runs is None:
-            value = os.environ.get("NITSUM_MOVE_ENGINE_RUNS", str(ENGINE_RUNS))
-            if not value.isdigit():
-                raise ValueError(f"NITSUM_MOVE_ENGINE_RUNS={value!r}; expected a whole number (0: never the copy engines)")
-            engine_runs = int(value)
+        engine_runs = settings.move_engine_runs if engine_runs is None else engine_runs
+        if engine_runs < 0:
+            raise ValueError(f"engine_runs={engine_runs}; expected a whole number (0: never the copy engines)")
         self.engine_runs, self.engine_streams = engine_runs, engine_streams
-        wait = os.environ.get("NITSUM_MOVE_WAIT", "spin")
-        if wait not in ("spin", "block"):
-            raise ValueError(f"NITSUM_MOVE_WAIT={wait!r}; expected spin or block")
-        self.spin = wait == "spin"  # poll the streams, else block in cuStreamSynchronize
+        self.spin = settings.move_wait == "spin"  # poll the streams, else block in cuStreamSynchronize
         self.cu = Contexts(devices)
         lib = self.cu.lib
         self.fn: dict[int, ctypes.c_void_p] = {}

@@ -4,7 +4,6 @@ allocator, and its steps compiled ahead of time for a fixed grid of shapes."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 
 import jax
@@ -19,6 +18,7 @@ from nitsum_jax.kv import PageAllocator, kv_bytes_per_page
 from nitsum_jax.model import ChunkLayout, Params, StepInput
 from nitsum_jax.plans.spec import LaneSpec
 from nitsum_jax.sampling import SamplingBatch, SamplingParams, draws, sample_rows
+from nitsum_jax.settings import Settings, settings as process_settings
 from nitsum_jax.steps import greedy_step
 
 
@@ -55,37 +55,21 @@ def _pick(grid: tuple[int, ...], n: int, what: str) -> int:
 GPU_STEP_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True}
 
 
-def step_compiler_options(devices: list) -> dict:
+def step_compiler_options(devices: list, settings: Settings) -> dict:
     """Per-compile XLA options of the model steps. NITSUM_XLA_EXTRA_OPTIONS="name=value,..." adds
     options for experiments (bench/gpu_step.py); values true/false/integers are typed."""
-    if os.environ.get("NITSUM_XLA_OPTIONS", "on") == "off" or devices[0].platform != "gpu":
+    if not settings.xla_options or devices[0].platform != "gpu":
         return {}
-    options: dict = dict(GPU_STEP_OPTIONS)
-    for item in filter(None, os.environ.get("NITSUM_XLA_EXTRA_OPTIONS", "").split(",")):
-        name, _, value = (part.strip() for part in item.partition("="))
-        options[name] = _typed(value)
-    return options
+    return {**GPU_STEP_OPTIONS, **dict(settings.xla_extra_options)}
 
 
-def _typed(value: str):
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    try:
-        return int(value)
-    except ValueError:
-        return value
-
-
-def move_copy_impl(devices: list) -> str:
+def move_copy_impl(devices: list, settings: Settings) -> str:
     """How KV-move programs copy pages: "kernel" (Pallas page copies, GPU), "xla" (XLA gather /
     scatter of 4-byte words, CPU) or "interpret" (the kernels in Pallas interpret mode: tests).
     NITSUM_MOVE_COPY overrides the choice made from the platform."""
-    impl = os.environ.get("NITSUM_MOVE_COPY", "auto")
-    if impl == "auto":
+    if settings.move_copy == "auto":
         return "kernel" if devices[0].platform == "gpu" else "xla"
-    if impl not in ("kernel", "xla", "interpret"):
-        raise ValueError(f"NITSUM_MOVE_COPY={impl!r}; expected auto, kernel, xla or interpret")
-    return impl
+    return settings.move_copy
 
 
 def pow2_upto(n: int, start: int = 1) -> tuple[int, ...]:
@@ -98,8 +82,11 @@ def pow2_upto(n: int, start: int = 1) -> tuple[int, ...]:
 
 class Lane:
     def __init__(self, name: str, spec: LaneSpec, cfg: LlamaConfig, layout: ChunkLayout, mesh: Mesh,
-                 params: Params, num_pages: int, page_size: int, grid: BucketGrid):
+                 params: Params, num_pages: int, page_size: int, grid: BucketGrid, settings: Settings | None = None):
+        """`settings`: the NITSUM_* knobs the lane is built with (None: the process's, `settings()`);
+        its programs keep them, so no step reads the environment while it is traced."""
         self.name, self.spec, self.cfg, self.layout, self.mesh = name, spec, cfg, layout, mesh
+        self.settings = settings or process_settings()
         self.params = params
         self.grid = grid
         self.page_size = page_size
@@ -125,7 +112,7 @@ class Lane:
         self._scatters: dict[int, object] = {}
         self._packed_gathers: dict[tuple, object] = {}  # (pages, groups) -> program
         self._packed_scatters: dict[tuple, object] = {}  # (pages, placement, sources, per_buffer) -> program
-        self.move_copy = move_copy_impl(self.devices)
+        self.move_copy = move_copy_impl(self.devices, self.settings)
         if self.move_copy != "xla" and not all(page_copy.supported(self.kv_shape, n) for n in self.move_sizes()):
             self.move_copy = "xla"
 
@@ -136,7 +123,7 @@ class Lane:
     def compile(self) -> int:
         """Compile and run once every step of the grid and every KV-move program; returns count."""
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv)
-        step_fn = jax.jit(greedy_step, static_argnames=("cfg", "layout"), donate_argnames=("kv",),
+        step_fn = jax.jit(greedy_step, static_argnames=("cfg", "layout", "attention"), donate_argnames=("kv",),
                           out_shardings=(self.replicated, self.replicated, self.replicated,
                                          jax.tree.map(lambda a: a.sharding, self.kv)))
         shapes = [(b, 1) for b in self.grid.decode_batch] + [(1, t) for t in self.grid.prefill_len]
@@ -144,8 +131,9 @@ class Lane:
             step = StepInput(tokens=self._abstract((b, t), jnp.int32), start_pos=self._abstract((b,), jnp.int32),
                              num_new=self._abstract((b,), jnp.int32),
                              page_table=self._abstract((b, self.pages_per_seq), jnp.int32))
-            self._steps[(b, t)] = step_fn.lower(self.params, kv_abs, step, cfg=self.cfg,
-                                                layout=self.layout).compile(step_compiler_options(self.devices))
+            self._steps[(b, t)] = step_fn.lower(self.params, kv_abs, step, cfg=self.cfg, layout=self.layout,
+                                                attention=self.settings.attention).compile(
+                step_compiler_options(self.devices, self.settings))
         # Rows that sample (temperature > 0) are drawn from the step's logits by a second program,
         # enqueued only for batches that have such rows (`dispatch`).
         for b in sorted({b for b, _ in shapes}):

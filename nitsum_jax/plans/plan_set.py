@@ -4,7 +4,6 @@ compiles nothing and creates no communicators."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -20,6 +19,7 @@ from nitsum_jax.plans.memory import MemoryBudget, memory_report
 from nitsum_jax.plans.moves import MoveRoute, plan_route
 from nitsum_jax.plans.spec import LaneSpec, Plan, validate_plans
 from nitsum_jax.plans.weights import WeightStore
+from nitsum_jax.settings import Settings, settings as process_settings
 
 
 def lane_name(spec: LaneSpec) -> str:
@@ -30,7 +30,7 @@ class PlanSet:
     def __init__(self, cfg: LlamaConfig, params: Params | None, plans: tuple[Plan, ...], *,
                  devices: list | None = None, num_pages: int = 256, page_size: int = 16,
                  grid: BucketGrid = BucketGrid(), random_seed: int = 0, move_pieces: int | None = None,
-                 move_transport: str | None = None):
+                 move_transport: str | None = None, settings: Settings | None = None):
         """`params` is the unsplit model; None draws random weights on the devices (benchmarks).
         `move_pieces`: a KV move is sent in up to this many pieces of pages, so that the copy
         of one piece may overlap the transfer of the next (default: NITSUM_MOVE_PIECES, else 1:
@@ -38,12 +38,14 @@ class PlanSet:
         gather before sending it: NITSUM_MOVE_SYNC=0/1, else `_sync_for` decides per move.
         `move_transport` (default NITSUM_MOVE_TRANSPORT, else "auto"): "direct" copies pages
         GPU to GPU in one pass, by the copy engines or a kernel (kernels/peer_pages.py), "packed" gathers, sends and
-        scatters (moves.py); "auto" takes direct on GPUs where its kernel builds, else packed."""
+        scatters (moves.py); "auto" takes direct on GPUs where its kernel builds, else packed.
+        `settings`: the NITSUM_* knobs of this plan set, its lanes and its KV mover (None: the
+        process's, read once: `nitsum_jax.settings.settings()`)."""
         self.cfg, self.plans = cfg, {p.name: p for p in plans}
         self.devices = list(devices or jax.devices())
-        self.move_pieces = max(1, int(move_pieces or os.environ.get("NITSUM_MOVE_PIECES", 1)))
-        sync = os.environ.get("NITSUM_MOVE_SYNC")  # None: chosen per move (_sync_for)
-        self.move_sync: bool | None = None if sync is None else sync == "1"
+        self.settings = settings = settings or process_settings()
+        self.move_pieces = max(1, int(move_pieces or settings.move_pieces))
+        self.move_sync: bool | None = settings.move_sync  # None: chosen per move (_sync_for)
         validate_plans(plans, len(self.devices), cfg)
         t0 = time.perf_counter()
         self.layouts = assign_chunks(plans, cfg)
@@ -61,7 +63,7 @@ class PlanSet:
                 mesh = Mesh(np.array([self.devices[d] for d in spec.devices]), ("tp",))
                 lane_params = self.weights.lane_params(spec.devices, self.layouts[spec.devices], mesh)
                 lane = Lane(lane_name(spec), spec, cfg, self.layouts[spec.devices], mesh, lane_params,
-                            num_pages, page_size, grid)
+                            num_pages, page_size, grid, settings)
                 self.num_programs += lane.compile()
                 self.lanes[spec.devices] = lane
         # Packed KV-move programs for every ordered pair of lanes, compiled now like the steps.
@@ -76,7 +78,7 @@ class PlanSet:
                                                                     route.per_buffer)
         self.direct_pairs: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()  # lane pairs moved by the kernel
         self.move_transport, self.move_transport_note = self._build_transport(
-            move_transport or os.environ.get("NITSUM_MOVE_TRANSPORT", "auto"))
+            move_transport or settings.move_transport)
         self.budget = MemoryBudget(num_pages, page_size, max(grid.decode_batch), max(grid.prefill_len, default=1))
         self.startup_seconds = time.perf_counter() - t0
 
@@ -92,7 +94,7 @@ class PlanSet:
                 raise ValueError("the direct KV-move transport needs GPUs")
             return "packed", f"no GPU ({self.devices[0].platform})"
         try:
-            self.peer_mover = peer_pages.PeerPageMover(self.devices)
+            self.peer_mover = peer_pages.PeerPageMover(self.devices, settings=self.settings)
         except (peer_pages.CudaError, OSError) as e:
             if wanted == "direct":
                 raise
