@@ -10,6 +10,7 @@ import os
 import sys
 
 from nitsum_jax.bench.api import CONFIGS, DEFAULTS
+from nitsum_jax.settings import settings as _settings
 
 HOST_DEVICES = 8  # on a machine without an accelerator and without --devices
 
@@ -102,7 +103,7 @@ def register(subparsers) -> None:
                    help="skip timing plan switches and KV moves on each idle engine after its runs")
     e.add_argument("--target", default=None, help="host:port of a running nitsum-jax server, instead of "
                                                   "in-process engines")
-    e.add_argument("--api-key", default=os.environ.get("NITSUM_API_KEY"), help="API key for --target")
+    e.add_argument("--api-key", default=None, help="API key for --target (default: $NITSUM_API_KEY)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="bench-out", help="folder for results.json, report.md, plots "
                                                       "(default: %(default)s)")
@@ -146,7 +147,7 @@ def _bench(args) -> int:
                             checkpoint=args.checkpoint, plans=args.plans, static_plan=args.static_plan,
                             num_devices=args.devices, grid=grid,
                             num_pages=args.num_pages, page_size=args.page_size, target=args.target,
-                            api_key=args.api_key, drain_timeout_s=args.drain_timeout, out_dir=args.out,
+                            api_key=args.api_key or _settings().api_key, drain_timeout_s=args.drain_timeout, out_dir=args.out,
                             console=console, progress=not args.no_progress,
                             sampled_fraction=args.sampled_fraction, temperature=args.temperature,
                             switch_probe=not args.no_switch_probe,

@@ -39,6 +39,7 @@ from nitsum_jax.sampling import SamplingParams
 from nitsum_jax.scheduler import CostModel, PriorityClass, Request, Work, default_classes
 from nitsum_jax.scheduler.controller import PlanController
 from nitsum_jax.sequence import Completion, validate_prompt
+from nitsum_jax.settings import settings
 from nitsum_jax.tokenizer import TextTokenizer
 
 _log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Engine:
         check_plan_classes(plans, self.classes)
         self.cfg, self.tokenizer, self.grid = cfg, tokenizer, grid
         self.plan_set = PlanSet(cfg, params, plans, devices=devices, num_pages=num_pages, page_size=page_size,
-                                grid=grid)
+                                grid=grid, settings=settings())
         self._lanes = {lane.name: lane for lane in self.plan_set.lanes.values()}
         self.core = EngineCore(self.classes, plans, self._lanes, initial_plan=initial_plan,
                                token_budget=512 if token_budget == "auto" else token_budget,
@@ -372,8 +373,6 @@ def _chain_steps(lanes: dict[str, Lane], chain_steps: int | None, cpu_only: bool
     (BENCHMARKS.md, "Engine host path"): single-GPU lanes chain (a TP1 lane's step fell 5-21% on
     2x H200); lanes over several GPUs do not (with chaining, TP4's step was 9% longer on 4x H200,
     TP2's 3-20%); host CPU devices do not (lanes take turns there)."""
-    from nitsum_jax.settings import settings
-
     if chain_steps is None:
         chain_steps = settings().chain_steps
     return {name: chain_steps if chain_steps is not None else (64 if not cpu_only and lane.spec.tp == 1 else 0)
@@ -385,8 +384,6 @@ def _set_switch_interval(gil_switch_s: float | None | str, cpu_only: bool) -> fl
     the next step; while other lanes run Python it waits up to the interpreter's switch interval
     (5 ms by default: most of a decode step). A short interval bounds that wait. Process-wide, so
     it is set here and put back by `close()`. Returns the interval to restore (None: unchanged)."""
-    from nitsum_jax.settings import settings
-
     if gil_switch_s == "settings":
         gil_switch_s = settings().gil_switch_s
     if cpu_only or gil_switch_s is None:
