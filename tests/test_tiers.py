@@ -1,6 +1,8 @@
 """Any number of priority tiers, from configuration: a classes file, three and four tiers served
 end to end on 8 host devices with exact tokens, and a plan switch with three tiers."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -72,6 +74,13 @@ def prompts(n, seed=0):
     return [[256] + [int(t) for t in rng.integers(0, 256, size=int(rng.integers(3, 14)))] for _ in range(n)]
 
 
+def wait_for(condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def solo_tokens(cfg, params, prompt, sampling):
     solo = Generator(cfg, params, page_size=8, max_batch=1, prefill_chunk=16, max_seq_len=64)
     return solo.generate([prompt], sampling)[0].token_ids
@@ -92,10 +101,10 @@ def test_every_tier_gets_its_solo_tokens_across_plan_switches(tiny_cfg, tiny_par
         handles = []
         for i, (prompt, tier) in enumerate(items):
             handles.append(eng.submit(prompt, sampling, priority_class=tier))
-            if i == num_tiers:
-                eng.switch_plan("mixed", reason="test")
-            if i == 2 * num_tiers:
-                eng.switch_plan("burst", reason="test")
+            if i in (num_tiers, 2 * num_tiers):  # mid-run, with sequences on their lanes
+                target = "mixed" if i == num_tiers else "burst"
+                eng.switch_plan(target, reason="test")
+                wait_for(lambda: eng.plan_name == target)
         results = [h.result(timeout=300) for h in handles]
         for (prompt, _), got in zip(items, results):
             assert got.token_ids == solo_tokens(tiny_cfg, tiny_params, prompt, sampling)
