@@ -30,8 +30,11 @@ class Handle(Protocol):
 
 class EngineAPI(Protocol):
     classes: dict[str, PriorityClass]  # the tiers, by name
-    tokenizer: object | None
+    tokenizer: object | None  # .encode(text), .decode(ids); None: token ids only
+    cfg: object  # .vocab_size, .eos_token_ids
+    grid: object  # .max_seq_len: the longest prompt + output a request may ask for
     plan_name: str  # the plan in force
+    plan_names: list[str]  # every plan of the set
 
     def submit(self, prompt: str | Seq[int], sampling: SamplingParams = ..., *, priority_class: str = ...,
                deadline_s: float | None = None, request_id: str | None = None) -> Handle: ...

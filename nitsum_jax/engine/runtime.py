@@ -124,6 +124,7 @@ class Engine:
     unhealthy = property(lambda self: self.core.unhealthy, doc="lane name -> the error that took it out")
     kv_moves = property(lambda self: self.core.kv_moves)
     costs = property(lambda self: self.core.costs, doc="the measured costs the core decides by")
+    plan_names = property(lambda self: list(self.core.plans), doc="the plans of the set, in order")
 
     # -- public API ----------------------------------------------------------------------
     def submit(self, prompt: str | Seq[int], sampling: SamplingParams = SamplingParams(), *,
