@@ -84,7 +84,8 @@ def register(subparsers) -> None:
     e.add_argument("--max-seq-len", type=int, default=128, help="longest prompt + output (default: 128)")
     e.add_argument("--no-switch-probe", action="store_true",
                    help="skip timing plan switches and KV moves on each idle engine after its runs")
-    e.add_argument("--target", default=None, help="host:port of a running nitsum-jax server, instead of "
+    e.add_argument("--target", default=None, help="host:port of a running nitsum-jax gRPC server, or http://host:port "
+                                                  "of an OpenAI-compatible one (nitsum-jax, vLLM, ...), instead of "
                                                   "in-process engines")
     e.add_argument("--api-key", default=os.environ.get("NITSUM_API_KEY"), help="API key for --target")
     o = p.add_argument_group("output")

@@ -26,6 +26,9 @@ from nitsum_jax.server.http.shapes import ChatShape, CompletionShape
 
 
 
+TIER_HEADER = "x-nitsum-tier"
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` is answered 413 before it is parsed, by its
     Content-Length, or as it streams in when chunked (FastAPI's handler for HTTPException answers
@@ -84,10 +87,11 @@ def create_app(admission: Admission, *, max_body_bytes: int = DEFAULT_MAX_BODY_B
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         answer = Answer(call, engine, shape, logprobs=wants_logprobs(body), include_usage=include_usage,
                         on_end=lambda handle, code: slo.observe(engine, handle, code, targets))
+        tier = {TIER_HEADER: call.priority_class}  # the tier the request was admitted under
         if body.stream:
             return StreamingResponse(answer.events(request), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await answer.body(request))
+                                     headers={"Cache-Control": "no-cache", **tier})
+        return JSONResponse(await answer.body(request), headers=tier)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
