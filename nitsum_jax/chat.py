@@ -70,39 +70,20 @@ class ChatTemplate:
     def from_tokenizer_config(cls, path: str | Path) -> "ChatTemplate | None":
         """The template of a `tokenizer_config.json` (its "default" one when it names several); None
         when the file has no `chat_template`."""
-        path = Path(path)
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ChatTemplateError(f"{path}: not valid JSON ({e})") from None
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if template is None:
-            return None
-        if not isinstance(template, str):
-            raise ChatTemplateError(f"{path}: chat_template must be a string or a list of named templates with a "
-                                    f"'default', got {type(template).__name__}")
-        tokens = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        return cls(template, special_tokens={k: v for k, v in tokens.items() if v is not None}, origin=str(path))
-
-    @classmethod
-    def from_file(cls, path: str | Path, special_tokens: dict[str, str] | None = None) -> "ChatTemplate":
-        """A template file (`--chat-template FILE`): the Jinja source itself."""
-        path = Path(path)
-        return cls(path.read_text(), special_tokens=special_tokens, origin=str(path))
+        template, special_tokens = _read_tokenizer_config(Path(path))
+        return None if template is None else cls(template, special_tokens=special_tokens, origin=str(path))
 
     @classmethod
     def for_checkpoint(cls, checkpoint: str | Path | None, template_file: str | Path | None = None
                        ) -> "ChatTemplate | None":
-        """`template_file` if given (with the checkpoint's special tokens), else the checkpoint's own
-        template; None when neither exists."""
+        """`template_file` (`--chat-template FILE`, the Jinja source itself) if given, else the
+        checkpoint's own template; either way with the checkpoint's special tokens. None when
+        neither exists."""
         config = Path(checkpoint) / TOKENIZER_CONFIG_FILE if checkpoint is not None else None
-        own = cls.from_tokenizer_config(config) if config is not None and config.is_file() else None
+        template, special_tokens = _read_tokenizer_config(config) if config and config.is_file() else (None, {})
         if template_file is not None:
-            return cls.from_file(template_file, own.special_tokens if own else None)
-        return own
+            return cls(Path(template_file).read_text(), special_tokens=special_tokens, origin=str(template_file))
+        return None if template is None else cls(template, special_tokens=special_tokens, origin=str(config))
 
     def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` ([{"role": ..., "content": ...}, ...])."""
@@ -111,3 +92,19 @@ class ChatTemplate:
                                          **self.special_tokens)
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"chat template ({self.origin}) refused these messages: {e}") from None
+
+
+def _read_tokenizer_config(path: Path) -> tuple[str | None, dict[str, str]]:
+    """(chat template or None, special tokens) of a tokenizer_config.json."""
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ChatTemplateError(f"{path}: not valid JSON ({e})") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}, ...]
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ChatTemplateError(f"{path}: chat_template must be a string or a list of named templates with a "
+                                f"'default', got {type(template).__name__}")
+    tokens = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return template, {k: v for k, v in tokens.items() if v is not None}

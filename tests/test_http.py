@@ -409,6 +409,19 @@ def test_a_running_request_shows_in_the_gateway_gauges(base_url, servers, engine
     wait_pages_idle(engine)
 
 
+def test_bench_measures_the_http_server_like_the_grpc_one(base_url, tmp_path):
+    from nitsum_jax.bench import run_bench
+
+    results = run_bench(configs=("static",), rates=(20.0,), num_requests=8, prompt_len="4-16", output_len="4-12",
+                        seed=5, target=base_url, api_key=KEYS["gold"], out_dir=tmp_path, progress=False)
+    records = results["requests"]
+    assert results["counts"]["server"] == {"sent": 8, "completed": 8, "rejected": 0, "failed": 0}
+    assert all(r["output_tokens"] == r["max_tokens"] for r in records)  # ignore_eos: the workload's lengths
+    assert all(r["first_token_s"] is not None and r["finish_s"] >= r["first_token_s"] for r in records)
+    assert {r["priority_class"] for r in records} <= {"high", "low"}
+    assert (tmp_path / "report.md").stat().st_size > 0
+
+
 def test_health_is_503_while_the_engine_starts(tiny_cfg):
     release = threading.Event()
 
