@@ -130,7 +130,7 @@ def _serve(args) -> int:
     server.start()
     if http is not None:
         print(f"nitsum-jax serve: OpenAI-compatible HTTP on {args.http_host or args.host}:{http.port}", flush=True)
-    print(f"nitsum-jax serve: listening on {args.host}:{server.port}"
+    print(f"nitsum-jax serve: {'gRPC off' if server.port is None else f'listening on {args.host}:{server.port}'}"
           f"{' (TLS)' if tls else ''}, health NOT_SERVING until the engine is warm"
           + (f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
 

@@ -18,7 +18,7 @@ from typing import AsyncIterator
 from starlette.requests import Request
 
 from nitsum_jax.server.http.errors import ApiError
-from nitsum_jax.server.http.shapes import SSE_DONE, Shape, sse
+from nitsum_jax.server.http.shapes import SSE_DONE, Shape, sse, usage
 from nitsum_jax.server.service import TextStream
 
 _DONE_TIMEOUT_S = 30.0  # the engine marks a request done right after its last token
@@ -87,11 +87,13 @@ def failure(handle, n: int, max_tokens: int) -> ApiError:
 class Answer:
     """One admitted request's response, streamed (`events`) or whole (`body`)."""
 
-    def __init__(self, call, engine, shape: Shape, *, logprobs: bool, include_usage: bool = False, on_end=None):
-        """`on_end(handle, code)`: called once the request is settled (the SLO record)."""
+    def __init__(self, call, engine, shape: Shape, *, logprobs: bool, include_usage: bool = False,
+                 continuous_usage: bool = False, on_end=None):
+        """`continuous_usage`: every chunk carries the usage so far; `on_end(handle, code)`: called
+        once the request is settled (the SLO record)."""
         self.call, self.engine, self.shape, self.on_end = call, engine, shape, on_end
         self.handle = call.handle
-        self.logprobs, self.include_usage = logprobs, include_usage
+        self.logprobs, self.include_usage, self.continuous_usage = logprobs, include_usage, continuous_usage
         self.text = TextStream(engine.tokenizer, self.handle.seq.params.stop)
         self.generated: list[int] = []
 
@@ -134,10 +136,15 @@ class Answer:
                             yield event
                         break
                     delta, logprobs = item
-                    if delta or logprobs:
-                        yield sse(self.shape.chunk(delta, None, logprobs))
+                    if delta or logprobs or self.continuous_usage:
+                        yield sse(self._with_usage(self.shape.chunk(delta, None, logprobs), len(self.generated)))
         finally:
             self._end(code)
+
+    def _with_usage(self, chunk: dict, completion_tokens: int) -> dict:
+        if self.continuous_usage:
+            chunk["usage"] = usage(len(self.handle.seq.prompt_ids), completion_tokens)
+        return chunk
 
     def _closing(self, end: _End) -> tuple[list[str], str]:
         """The last events of a stream and the status the request is counted under."""
@@ -145,7 +152,8 @@ class Answer:
             error = failure(self.handle, len(self.generated), self.handle.seq.params.max_tokens)
             return [error.sse(), SSE_DONE], error.code
         done = end.completion
-        events = [sse(self.shape.chunk(self.text.rest(done.text), done.finish_reason, None))]
+        events = [sse(self._with_usage(self.shape.chunk(self.text.rest(done.text), done.finish_reason, None),
+                                       len(done.token_ids)))]
         if self.include_usage:
             events.append(sse(self.shape.usage_chunk(done.prompt_tokens, len(done.token_ids))))
         return events + [SSE_DONE], "OK"

@@ -84,8 +84,10 @@ def create_app(admission: Admission, *, max_body_bytes: int = DEFAULT_MAX_BODY_B
         headers = {k.lower(): v for k, v in request.headers.items()}
         call, targets = admission.admit(body, headers)
         engine = admission.gate.engine
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        answer = Answer(call, engine, shape, logprobs=wants_logprobs(body), include_usage=include_usage,
+        options = body.stream_options
+        answer = Answer(call, engine, shape, logprobs=wants_logprobs(body),
+                        include_usage=options is not None and options.include_usage,
+                        continuous_usage=options is not None and options.continuous_usage_stats,
                         on_end=lambda handle, code: slo.observe(engine, handle, code, targets))
         tier = {TIER_HEADER: call.priority_class}  # the tier the request was admitted under
         if body.stream:

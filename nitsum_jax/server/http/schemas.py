@@ -24,6 +24,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk (GuideLLM counts tokens by it)
 
 
 class _Generation(_Strict):
