@@ -64,7 +64,8 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"{origin}: chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+            raise ChatTemplateError(f"{origin}: chat template is not valid Jinja (line {e.lineno}: "
+                                    f"{e.message})") from None
 
     @classmethod
     def from_tokenizer_config(cls, path: str | Path) -> "ChatTemplate | None":

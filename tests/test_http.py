@@ -164,6 +164,18 @@ def test_streamed_completion_joins_to_the_whole_one_and_ends_with_usage(base_url
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_continuous_usage_puts_the_count_so_far_in_every_chunk(base_url):
+    body = {"prompt": prompt(11, n=8), "max_tokens": 10, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {KEYS['gold']}"}) as reply:
+        events = [json.loads(line[6:]) for line in reply.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    assert counts == sorted(counts) and counts[-1] == 10 and len(counts) >= 2
+    assert all(e["usage"]["prompt_tokens"] == 8 for e in events)
+
+
 def test_greedy_tokens_over_http_equal_the_grpc_ones(base_url, servers):
     ids = prompt(4, n=12)
     with NitsumClient(f"127.0.0.1:{servers[0].port}", api_key=KEYS["gold"]) as grpc_client:

@@ -125,9 +125,8 @@ class Answer:
         chunk when asked for, then `[DONE]`; an error event instead of the finish if the request failed."""
         code = "CANCELLED"  # unless the stream reaches its end: the client went away or the server stopped
         try:
-            opening = self.shape.chunk("", None, None, first=True)
-            if "delta" in opening["choices"][0]:
-                yield sse(opening)
+            if self.shape.opens_with_role:
+                yield sse(self.shape.chunk("", None, None, first=True))
             async with contextlib.aclosing(self._run(request)) as items:
                 async for item in items:
                     if isinstance(item, _End):

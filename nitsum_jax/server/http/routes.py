@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nitsum_jax.server.engine_view import lanes_info
 from nitsum_jax.server.http.admission import Admission, wants_logprobs
 from nitsum_jax.server.http.errors import ApiError, from_validation
 from nitsum_jax.server.http.flags import DEFAULT_MAX_BODY_BYTES
@@ -127,8 +128,6 @@ def serving_state(gate) -> tuple[bool, str]:
     engine = gate.engine
     if engine is None:
         return False, "starting: the engine is still compiling its plans"
-    from nitsum_jax.server.engine_view import lanes_info
-
     if not any(lane.get("healthy", True) and lane.get("in_plan", True) for lane in lanes_info(engine)):
         return False, "no healthy lane in the current plan"
     return True, "serving"

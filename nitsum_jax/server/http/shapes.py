@@ -27,6 +27,7 @@ class Shape:
     """The envelope of one request's response: id, created, model, object names."""
 
     object = chunk_object = prefix = ""
+    opens_with_role = False  # a stream's first chunk carries the role alone (chat)
 
     def __init__(self, model: str):
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
@@ -80,6 +81,7 @@ class CompletionShape(Shape):
 class ChatShape(Shape):
     object, chunk_object = "chat.completion", "chat.completion.chunk"
     prefix = "chatcmpl"
+    opens_with_role = True
 
     def choice(self, text, finish_reason, logprobs) -> dict:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
