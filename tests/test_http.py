@@ -434,6 +434,20 @@ def test_bench_measures_the_http_server_like_the_grpc_one(base_url, tmp_path):
     assert (tmp_path / "report.md").stat().st_size > 0
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--no-grpc"], ["--no-grpc needs --http-port"]),
+    (["--http-port", "0", "--objective", "realtime=urgent"], ["--objective 'realtime=urgent'", "['high', 'low']"]),
+    (["--http-port", "0", "--chat-template", "/no/such/template.jinja"], ["/no/such/template.jinja"]),
+])
+def test_serve_refuses_bad_http_flags_before_building_an_engine(argv, words, capsys):
+    from nitsum_jax.cli import main
+
+    assert main(["serve", "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+
+
 def test_health_is_503_while_the_engine_starts(tiny_cfg):
     release = threading.Event()
 
