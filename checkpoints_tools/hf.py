@@ -7,6 +7,7 @@ tensor is read, checked, transposed into place and dropped, so the model is neve
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -110,6 +111,7 @@ def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = 
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
     tokenizer_json = _check_tokenizer(src, cfg)
+    tokenizer_config = _check_tokenizer_config(src)
     files = tensor_files(src)
     np_dtype = NP_DTYPES[cfg.dtype]
     arrays = map_decls(lambda d: np.empty(d.shape, np_dtype), declare(cfg))
@@ -139,4 +141,21 @@ def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = 
         for h in handles.values():
             h.__exit__(None, None, None)
     write_checkpoint(dst, cfg, arrays, tokenizer_json=tokenizer_json)
+    if tokenizer_config is not None:
+        shutil.copyfile(tokenizer_config, dst / tokenizer_config.name)
     return cfg
+
+
+def _check_tokenizer_config(src: Path) -> Path | None:
+    """tokenizer_config.json (its chat_template and special tokens: nitsum_jax/chat.py) if the
+    source has one; a template that does not compile fails the conversion before any weight is read."""
+    from nitsum_jax.chat import TOKENIZER_CONFIG_FILE, ChatTemplate, ChatTemplateError
+
+    path = Path(src) / TOKENIZER_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        ChatTemplate.from_tokenizer_config(path)
+    except ChatTemplateError as e:
+        raise CheckpointError(str(e)) from None
+    return path

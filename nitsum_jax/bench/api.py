@@ -135,11 +135,11 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
 
 def _open_backend(name, console, *, target, api_key, preset, checkpoint, plans, static_plan, num_devices,
                   engine_kwargs):
-    from nitsum_jax.bench.backends import EngineBackend, GrpcBackend
+    from nitsum_jax.bench.backends import EngineBackend, open_target
 
     t0 = time.perf_counter()
     if target:
-        return GrpcBackend(target, name, api_key=api_key), time.perf_counter() - t0
+        return open_target(target, name, api_key=api_key), time.perf_counter() - t0
     with console.status(f"building the {name} engine (loading weights, compiling every lane of its plans)"):
         backend = EngineBackend.build(name, adaptive=name == "adaptive", preset=preset, checkpoint=checkpoint,
                                       plans=plans, static_plan=static_plan, num_devices=num_devices,

@@ -1,4 +1,5 @@
-"""What a bench drives: a small backend contract, an in-process engine and a gRPC server.
+"""What a bench drives: a small backend contract, an in-process engine, a gRPC server and an
+OpenAI-compatible HTTP server (nitsum-jax's own, or any other: vLLM, SGLang, ...).
 
 A backend accepts a `BenchRequest` without blocking and returns a `Pending` the runner polls;
 a finished `Pending` yields a plain record of the request (times relative to the run start,
@@ -278,5 +279,114 @@ def _stream_via_client(client, request: BenchRequest, t0: float) -> dict:
         status = REJECTED if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED else FAILED
         return make_record(request, t0, sent=sent, first_token=first, finish=time.monotonic(), output_tokens=tokens,
                            status=status, error=str(error))
+    return make_record(request, t0, sent=sent, first_token=first, finish=time.monotonic(), output_tokens=tokens,
+                       status=COMPLETED, finish_reason=reason)
+
+
+# -- a running OpenAI-compatible server over HTTP -----------------------------------------
+def open_target(target: str, name: str, *, api_key: str | None = None) -> "GrpcBackend | HttpBackend":
+    """`http://host:port` (or https): an OpenAI-compatible server; `host:port`: a nitsum-jax gRPC server."""
+    if target.startswith(("http://", "https://")):
+        return HttpBackend(target, name, api_key=api_key)
+    return GrpcBackend(target, name, api_key=api_key)
+
+
+class HttpBackend:
+    """An OpenAI-compatible server at `target` (http://host:port, with or without /v1), measured like
+    the gRPC target: each request streams /v1/completions on a thread pool; TTFT is the first chunk
+    with text, the output length the server's `usage`. The request's class goes in the
+    `x-nitsum-priority` header (other servers ignore it) and `ignore_eos` in the body (a vLLM
+    extension nitsum-jax shares), so outputs have the workload's lengths."""
+
+    def __init__(self, target: str, name: str, *, api_key: str | None = None, max_in_flight: int = 256,
+                 ready_timeout_s: float = 120.0):
+        import httpx
+
+        self.target, self.name = target, name
+        base = target.rstrip("/")
+        base = base[:-3] if base.endswith("/v1") else base
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=f"{base}/v1", headers=headers,
+                                   timeout=httpx.Timeout(None, connect=10.0),
+                                   limits=httpx.Limits(max_connections=max_in_flight,
+                                                       max_keepalive_connections=max_in_flight))
+        self.model = self._wait_model(ready_timeout_s)
+        self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="bench-http")
+
+    def _wait_model(self, timeout_s: float) -> str:
+        """The served model's id, once /v1/models answers (the server is warm)."""
+        import httpx
+
+        give_up = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < give_up:
+            try:
+                reply = self.client.get("/models")
+                if reply.status_code == 200 and reply.json().get("data"):
+                    return reply.json()["data"][0]["id"]
+                last = f"HTTP {reply.status_code}: {reply.text[:200]}"
+            except httpx.HTTPError as error:
+                last = str(error)
+            time.sleep(0.5)
+        self.client.close()
+        raise RuntimeError(f"no OpenAI-compatible server ready at {self.target} (waited {timeout_s:g} s; "
+                           f"GET /v1/models: {last})")
+
+    def begin(self) -> None:
+        pass
+
+    def submit(self, request: BenchRequest, t0: float) -> Pending:
+        return _FuturePending(self._pool.submit(self._stream, request, t0))
+
+    def _stream(self, request: BenchRequest, t0: float) -> dict:
+        return stream_completion(self.client, self.model, request, t0)
+
+    def window_stats(self) -> dict:
+        """An OpenAI-compatible server shows no busy or plan figures."""
+        return {"device_busy_fraction": None, "plan_switches": [], "kv_moves": None, "preemptions": None,
+                "plan_history": []}
+
+    def info(self) -> dict:
+        return {"kind": "http", "target": self.target, "server": {"model": self.model}}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.client.close()
+
+
+def stream_completion(client, model: str, request: BenchRequest, t0: float) -> dict:
+    """One streamed /v1/completions request to its end, as a record."""
+    import json
+
+    import httpx
+
+    body = {"model": model, "prompt": request.prompt_input(), "max_tokens": request.output_len, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True,
+            "temperature": 0.0, **request.sampling_kwargs()}
+    sent = time.monotonic()
+    first, tokens, reason = None, 0, None
+    fail = lambda status, error: make_record(request, t0, sent=sent, first_token=first,  # noqa: E731
+                                             finish=time.monotonic(), output_tokens=tokens, status=status,
+                                             error=error)
+    try:
+        with client.stream("POST", "/completions", json=body,
+                           headers={"x-nitsum-priority": request.priority_class}) as reply:
+            if reply.status_code != 200:
+                text = reply.read().decode(errors="replace")[:300]
+                return fail(REJECTED if reply.status_code == 429 else FAILED, f"HTTP {reply.status_code}: {text}")
+            for line in reply.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return fail(FAILED, f"stream error: {event['error'].get('message')}")
+                for choice in event.get("choices", ()):
+                    if choice.get("text") and first is None:
+                        first = time.monotonic()
+                    reason = choice.get("finish_reason") or reason
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    except httpx.HTTPError as error:
+        return fail(FAILED, f"{type(error).__name__}: {error}")
     return make_record(request, t0, sent=sent, first_token=first, finish=time.monotonic(), output_tokens=tokens,
                        status=COMPLETED, finish_reason=reason)

@@ -101,7 +101,8 @@ def register(subparsers) -> None:
                         "TPOT target) (default: %(default)s)")
     e.add_argument("--no-switch-probe", action="store_true",
                    help="skip timing plan switches and KV moves on each idle engine after its runs")
-    e.add_argument("--target", default=None, help="host:port of a running nitsum-jax server, instead of "
+    e.add_argument("--target", default=None, help="host:port of a running nitsum-jax gRPC server, or http://host:port "
+                                                  "of an OpenAI-compatible one (nitsum-jax, vLLM, ...), instead of "
                                                   "in-process engines")
     e.add_argument("--api-key", default=None, help="API key for --target (default: $NITSUM_API_KEY)")
     o = p.add_argument_group("output")

@@ -50,11 +50,11 @@ def workers_for(classes: dict, running: int = 64) -> int:
 
 
 class NitsumServer:
-    def __init__(self, build_engine: Callable[[], object], *, host: str = "[::]", port: int = 50051,
+    def __init__(self, build_engine: Callable[[], object], *, host: str = "[::]", port: int | None = 50051,
                  tenants: Tenants | None = None, default_class: str = "low", model_name: str = "",
                  metrics_port: int | None = None, tls: tuple[bytes, bytes] | None = None, max_workers: int = 64):
         """`build_engine()` makes the engine (called on a start-up thread); `tls` = (cert PEM, key PEM);
-        `port` 0 and `metrics_port` 0 pick free ports. `max_workers` bounds the calls served at once
+        `port` 0 and `metrics_port` 0 pick free ports (`port` None: no gRPC). `max_workers` bounds the calls served at once
         (each holds a thread while it waits or streams): size it with `workers_for(classes)`, since a
         call beyond it is refused RESOURCE_EXHAUSTED whatever its class."""
         self._build_engine = build_engine
@@ -73,13 +73,16 @@ class NitsumServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         address = f"{host}:{port}"
-        if tls is None:
+        if port is None:  # gRPC off: another API (HTTP) serves this engine
+            self.port = None
+        elif tls is None:
             self.port = self.server.add_insecure_port(address)
         else:
             cert, key = tls
             self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        self.stop_hooks: list[Callable[[], None]] = []  # other APIs on this gate, stopped by drain()
         self._metrics_port_asked = metrics_port
         self.metrics_port: int | None = None
         self.ready = threading.Event()
@@ -115,7 +118,7 @@ class NitsumServer:
                 return
             self.gate.engine = engine
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on port %d (plan %s)", self.port, engine.plan_name)
+        log.info("serving on port %s (plan %s)", self.port, engine.plan_name)
         self.ready.set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -143,6 +146,8 @@ class NitsumServer:
                 for handle in left:
                     handle.cancel()  # they end with CANCELLED at the next step, pages freed
                 self.gate.wait_idle(10.0)
+            for stop in self.stop_hooks:
+                stop()
             self.server.stop(grace=1.0).wait()
             self.metrics.close()
             if self.gate.engine is not None:

@@ -46,6 +46,9 @@ def register(sub) -> None:
     p.add_argument("--max-workers", type=int, default=None,
                    help="gRPC threads, the most calls served at once (default: enough for every class queue's "
                         "bound plus 64 running; calls beyond it are refused RESOURCE_EXHAUSTED)")
+    from nitsum_jax.server.http.flags import add_http_args
+
+    add_http_args(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("client", help="call a nitsum-jax server (Generate, or --info / --health)")
@@ -81,6 +84,7 @@ def _serve(args) -> int:
 
     from nitsum_jax.scheduler import default_classes
     from nitsum_jax.server.app import NitsumServer, workers_for
+    from nitsum_jax.server.http.flags import check_http_args
     from nitsum_jax.server.tenants import Tenants, TenantsFileError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -89,13 +93,14 @@ def _serve(args) -> int:
         if args.default_class not in classes:
             raise TenantsFileError(f"--default-class {args.default_class!r} is not a class; known: {sorted(classes)}")
         tenants = Tenants.load(args.api_keys, known_classes=classes) if args.api_keys else None
+        check_http_args(args, classes)
         if (args.tls_cert is None) != (args.tls_key is None):
             raise TenantsFileError("--tls-cert and --tls-key go together")
         tls = None
         if args.tls_cert:
             with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
                 tls = (cert.read(), key.read())
-    except (TenantsFileError, OSError) as e:
+    except (TenantsFileError, OSError, ValueError) as e:
         print(f"nitsum-jax: error: {e}", file=sys.stderr)
         return 2
 
@@ -110,11 +115,22 @@ def _serve(args) -> int:
                             num_pages=args.num_pages, page_size=args.page_size, initial_plan=args.initial_plan,
                             **({"dtype": args.dtype} if args.dtype else {}), **extra)
 
-    server = NitsumServer(build_engine, host=args.host, port=args.port, tenants=tenants,
-                          default_class=args.default_class, model_name=args.checkpoint or f"preset:{args.preset}",
+    model_name = args.checkpoint or f"preset:{args.preset}"
+    server = NitsumServer(build_engine, host=args.host, port=None if args.no_grpc else args.port, tenants=tenants,
+                          default_class=args.default_class, model_name=model_name,
                           metrics_port=args.metrics_port, tls=tls,
-                          max_workers=args.max_workers or workers_for(classes)).start()
-    print(f"nitsum-jax serve: listening on {args.host}:{server.port}"
+                          max_workers=args.max_workers or workers_for(classes))
+    try:
+        from nitsum_jax.server.http.server import start_http
+
+        http = start_http(server, args, classes, model_name)  # before the engine builds: bind errors first
+    except (OSError, ValueError) as e:
+        print(f"nitsum-jax: error: {e}", file=sys.stderr)
+        return 2
+    server.start()
+    if http is not None:
+        print(f"nitsum-jax serve: OpenAI-compatible HTTP on {args.http_host or args.host}:{http.port}", flush=True)
+    print(f"nitsum-jax serve: {'gRPC off' if server.port is None else f'listening on {args.host}:{server.port}'}"
           f"{' (TLS)' if tls else ''}, health NOT_SERVING until the engine is warm"
           + (f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
 

@@ -31,11 +31,12 @@ class TenantsFileError(ValueError):
 
 
 class AccessError(Exception):
-    """A request is refused; `code` is a grpc.StatusCode name."""
+    """A request is refused; `code` is a grpc.StatusCode name; `retry_after_s`, when set, is how
+    long until a retry could pass (HTTP's Retry-After)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
         super().__init__(message)
-        self.code = code
+        self.code, self.retry_after_s = code, retry_after_s
 
 
 @dataclasses.dataclass
@@ -90,7 +91,8 @@ class Tenant:
         if wait_s is not None:
             raise AccessError("RESOURCE_EXHAUSTED",
                               f"tenant {self.name!r} is over its rate: request needs {tokens} tokens (prompt + "
-                              f"max_tokens), tokens_per_minute limit {self.tokens_per_minute}; retry in {wait_s:.1f}s")
+                              f"max_tokens), tokens_per_minute limit {self.tokens_per_minute}; retry in {wait_s:.1f}s",
+                              retry_after_s=wait_s)
 
     def refund(self, tokens: int) -> None:
         """Give back what a request reserved but did not use (max_tokens it did not generate)."""
