@@ -322,11 +322,13 @@ class EngineCore:
 
     def lanes_info(self) -> list[dict]:
         """Every lane of the plan set: name, device ids, TP degree, KV pages, health, whether in
-        the current plan, and its measured decode step time (None until measured)."""
-        current = {s.name for s in self.plans[self.plan_name].lanes}
+        the current plan (and the classes it serves there), and its measured decode step time
+        (None until measured)."""
+        current = {s.name: s.classes for s in self.plans[self.plan_name].lanes}
         return [{"name": name, "devices": [int(d) for d in lane.spec.devices], "tp": lane.spec.tp,
                  "kv_pages_used": lane.allocator.num_used, "kv_pages_total": lane.allocator.num_pages,
                  "healthy": name not in self.unhealthy, "in_plan": name in current,
+                 "serves": list(current.get(name, ())),  # the classes it serves in the current plan
                  "decode_step_s": self.step_s.get(name)}
                 for name, lane in self.lanes.items()]
 

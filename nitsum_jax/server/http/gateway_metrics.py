@@ -24,9 +24,9 @@ from prometheus_client.registry import Collector
 from nitsum_jax.server.engine_view import lanes_info
 
 
-def _tier_lanes(engine, tier: str) -> set[str]:
-    plan = engine.plan_set.plans[engine.plan_name]
-    return {engine.plan_set.lanes[spec.devices].name for spec in plan.lanes if spec.serves(tier)}
+def _tier_lanes(lanes: list[dict], tier: str) -> set[str]:
+    """The lanes of the current plan that serve `tier` (`lanes_info`'s `serves`)."""
+    return {lane["name"] for lane in lanes if tier in lane.get("serves", ()) or "all" in lane.get("serves", ())}
 
 
 def kv_usage(engine, lanes: list[dict], names: set[str] | None = None) -> float:
@@ -66,7 +66,7 @@ class GatewayCollector(Collector):
         for tier in sorted(engine.classes, key=lambda t: engine.classes[t].rank):
             by_tier["nitsum_num_requests_waiting"].add_metric([tier], waiting.get(tier, 0))
             by_tier["nitsum_num_requests_running"].add_metric([tier], running[tier])
-            by_tier["nitsum_kv_cache_usage_perc"].add_metric([tier], kv_usage(engine, lanes, _tier_lanes(engine, tier)))
+            by_tier["nitsum_kv_cache_usage_perc"].add_metric([tier], kv_usage(engine, lanes, _tier_lanes(lanes, tier)))
         yield from by_tier.values()
 
 
