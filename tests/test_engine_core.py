@@ -200,3 +200,16 @@ def test_an_urgent_lane_limits_its_prefill_tokens_to_keep_the_tpot_target_and_a_
     assert core.scheduler.prefill_limit == {"tp1@0": 35}
     work = core.next_step("tp1@0", 0.09)
     assert sum(w.num_tokens for w in work if w.num_tokens > 1) <= 35
+
+
+def test_a_stricter_per_request_target_judges_its_slo_attainment():
+    core = make_core("one: all=tp1@0", tiers(2))  # realtime: TTFT 0.5 s
+    sampling = SamplingParams(max_tokens=1, ignore_eos=True)
+    core.submit("lax", [1, 2, 3], sampling, 0, "realtime", 0.0)
+    core.submit("strict", [1, 2, 3], sampling, 0, "realtime", 0.0, slo_targets=(0.1, None))
+    core.submit("looser", [1, 2, 3], sampling, 0, "realtime", 0.0, slo_targets=(9.0, None))  # never looser
+    assert core.entries["looser"].request.ttft_target_s == 0.5
+    for t in range(6):
+        step(core, "tp1@0", 0.3)  # first tokens 0.3 s after arrival: within 0.5, past 0.1
+    core.take_finished(0.3)
+    assert core.slo_attainment()["realtime"] == 2 / 3

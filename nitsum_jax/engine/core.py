@@ -121,15 +121,21 @@ class EngineCore:
 
     # -- requests ------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, seed: int,
-               priority_class: str, now: float, deadline_s: float | None = None) -> Entry:
-        """Queue a validated prompt; raises ValueError (unknown class) or QueueFull."""
+               priority_class: str, now: float, deadline_s: float | None = None,
+               slo_targets: tuple[float | None, float | None] = (None, None)) -> Entry:
+        """Queue a validated prompt; raises ValueError (unknown class) or QueueFull. `slo_targets`:
+        (TTFT, TPOT) seconds for this request where stricter than its class's (None: the class's);
+        its SLO attainment, which the plan controller reads, is judged by them."""
         if priority_class not in self.classes:
             raise ValueError(f"unknown priority class {priority_class!r}; known: {sorted(self.classes)}")
         self.now = now
         if request_id in self.entries:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        cls = self.classes[priority_class]
+        ttft, tpot = (None if t is None else min(t, c) for t, c in zip(slo_targets, (cls.ttft_target_s,
+                                                                                  cls.tpot_target_s)))
         req = Request(request_id, priority_class, len(prompt_ids), sampling.max_tokens, now,
-                      None if deadline_s is None else now + deadline_s)
+                      None if deadline_s is None else now + deadline_s, ttft_target_s=ttft, tpot_target_s=tpot)
         entry = Entry(req, Sequence(request_id, prompt_ids, sampling, seed))
         self.scheduler.submit(req)
         self.entries[request_id] = entry
@@ -346,8 +352,9 @@ class EngineCore:
         for f in list(self.recent)[-window * len(self.classes):]:
             if f.first_token_time is None:
                 continue
-            cls = self.classes[f.request.priority_class]
-            met.setdefault(cls.name, []).append(figures.meets_slo(f.latency, cls.ttft_target_s, cls.tpot_target_s))
+            cls, req = self.classes[f.request.priority_class], f.request
+            met.setdefault(cls.name, []).append(figures.meets_slo(
+                f.latency, req.ttft_target_s or cls.ttft_target_s, req.tpot_target_s or cls.tpot_target_s))
         return {c: figures.attainment(v[-window:]) for c, v in met.items()}
 
     def class_stats(self) -> dict[str, dict]:

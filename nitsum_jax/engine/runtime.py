@@ -129,9 +129,11 @@ class Engine:
     # -- public API ----------------------------------------------------------------------
     def submit(self, prompt: str | Seq[int], sampling: SamplingParams = SamplingParams(), *,
                priority_class: str = "low", deadline_s: float | None = None,
-               request_id: str | None = None) -> RequestHandle:
+               request_id: str | None = None,
+               slo_targets: tuple[float | None, float | None] = (None, None)) -> RequestHandle:
         """Queue a prompt (text or token ids) under `priority_class`; returns at once. `deadline_s`:
-        seconds from now after which the request ends with finish_reason "deadline". Raises
+        seconds from now after which the request ends with finish_reason "deadline". `slo_targets`:
+        (TTFT, TPOT) seconds where stricter than the class's (a gateway's SLO headers). Raises
         ValueError (unknown class) or a RequestError/SamplingError naming the bad value."""
         if priority_class not in self.classes:
             raise ValueError(f"unknown priority class {priority_class!r}; known: {sorted(self.classes)}")
@@ -141,7 +143,8 @@ class Engine:
         with self._lock:
             self._ids += 1
             rid = request_id or f"req-{self._ids}"
-            entry = self.core.submit(rid, ids, sampling, seed, priority_class, time.monotonic(), deadline_s)
+            entry = self.core.submit(rid, ids, sampling, seed, priority_class, time.monotonic(), deadline_s,
+                                     slo_targets)
             handle = RequestHandle(entry, self._cancel)
             self._handles[rid] = handle
         self._wake()

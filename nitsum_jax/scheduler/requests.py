@@ -27,6 +27,9 @@ class Request:
     max_tokens: int
     arrival: float
     deadline: float | None = None  # absolute clock time
+    # Per-request SLO targets stricter than the class's (a gateway's SLO headers); None: the class's.
+    ttft_target_s: float | None = None
+    tpot_target_s: float | None = None
     state: State = State.WAITING
     lane: str | None = None
     num_computed: int = 0  # tokens whose K/V are in the lane's pages

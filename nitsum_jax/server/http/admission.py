@@ -61,7 +61,8 @@ class Admission:
                 call.reserved = len(ids) + sampling.max_tokens
             try:
                 call.handle = engine.submit(ids, sampling, priority_class=call.priority_class,
-                                            request_id=f"http-{next(self._ids)}")
+                                            request_id=f"http-{next(self._ids)}",
+                                            slo_targets=(slo.get("ttft"), slo.get("tpot")))
             except QueueFull as e:
                 raise ApiError("RESOURCE_EXHAUSTED", str(e), error_code="queue_full",
                                retry_after_s=QUEUE_FULL_RETRY_S) from None
