@@ -183,7 +183,6 @@ class Admission(grpc.ServerInterceptor):
             return make(streaming, handler.request_deserializer, handler.response_serializer)
 
         def first_message(requests, context):
-            start(context)
             token = self.watchdog.arm(context)
             try:
                 return next(requests)
@@ -193,12 +192,17 @@ class Admission(grpc.ServerInterceptor):
                 self.watchdog.disarm(token)
 
         if handler.response_streaming:
-            def unary_stream(requests, context):
+            def responses(requests, context):
                 yield from handler.unary_stream(first_message(requests, context), context)
+
+            def unary_stream(requests, context):
+                start(context)  # now, not when grpc first advances the generator
+                return responses(requests, context)
             return grpc.stream_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
                                                          handler.response_serializer)
 
         def unary_unary(requests, context):
+            start(context)
             return handler.unary_unary(first_message(requests, context), context)
         return grpc.stream_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
                                                     handler.response_serializer)

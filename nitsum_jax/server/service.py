@@ -202,7 +202,7 @@ class ServingService(pb_grpc.ServingServicer):
             ids = prompt_ids(request, engine)
             validate_prompt(ids, sampling, engine.cfg.vocab_size, engine.grid.max_seq_len)
             if call.tenant is not None:
-                call.reserved = request_cost(len(ids), sampling)
+                call.reserved, call.max_tokens = request_cost(len(ids), sampling), sampling.max_tokens
                 call.tenant.charge(call.reserved)
             remaining = context.time_remaining()
             try:
@@ -287,7 +287,8 @@ class _Call:
         self.service, self.priority_class = service, priority_class
         self.tenant = None
         self.handle = None
-        self.reserved = 0
+        self.reserved = 0  # tokens charged to the tenant
+        self.max_tokens = 0  # of them, the tokens to generate: what is not generated is refunded
         self._settled = False
         self._lock = threading.Lock()
 
@@ -340,7 +341,7 @@ class _Call:
                             tpot_s=(end - first) / (n - 1) if first is not None and n > 1 else None,
                             e2e_s=end - h.request.arrival if code == "OK" else None)
             if self.tenant is not None:
-                self.tenant.refund(self.reserved - len(h.seq.prompt_ids) - n)
+                self.tenant.refund(self.max_tokens - n)
         elif self.tenant is not None:
             self.tenant.refund(self.reserved)
         metrics.requests.labels(self.class_label, code).inc()
