@@ -219,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     _set_host_devices(args.devices)
     setup_logging(args.verbose)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
     except BrokenPipeError:
         # The reader went away (`nitsum-jax plans --json | head`): stop quietly, as `cat` does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
