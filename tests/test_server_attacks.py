@@ -67,7 +67,7 @@ def client(srv, tenant="gold"):
     return NitsumClient(f"127.0.0.1:{srv.port}", api_key=KEYS[tenant] if tenant else None)
 
 
-def high_latency(srv, n=3) -> float:
+def high_latency(srv, n=5) -> float:
     """Median seconds of a gold `high` request of 16 tokens (ignore_eos is not in the API, so a
     prompt that runs 16 tokens is used), over `n` in a row."""
     times = []
@@ -128,15 +128,29 @@ def wait_for(predicate, timeout=30.0):
 def test_stalled_calls_without_a_key_are_refused_at_once_and_gold_high_health_and_info_answer(server):
     baseline = high_latency(server)
     stalled = StalledCalls(server, 3 * WORKERS, metadata=[("x-nitsum-priority", "high")])
+    more, done = [], threading.Event()
+
+    def flood():  # more of them while high is measured: 8 batches of 24
+        for _ in range(8):
+            if not done.is_set():
+                more.append(StalledCalls(server, WORKERS, metadata=[]))
     try:
         codes = stalled.wait_done(len(stalled.calls))
         assert codes == [grpc.StatusCode.UNAUTHENTICATED] * len(codes)  # none waited for its message
+        flooder = threading.Thread(target=flood)
+        flooder.start()
         attacked = high_latency(server)
         with client(server) as c:
             assert c.health() == "SERVING" and c.server_info()["current_plan"] == "mixed"
+        done.set()
+        flooder.join(60)
+        for batch in more:
+            assert set(batch.wait_done(len(batch.calls))) == {grpc.StatusCode.UNAUTHENTICATED}
     finally:
         stalled.close()
-    record("stalled calls without a key (72)", baseline, attacked)
+        for batch in more:
+            batch.close()
+    record(f"stalled calls without a key ({len(stalled.calls) + WORKERS * len(more)})", baseline, attacked)
 
 
 def test_a_tenant_stalling_calls_is_held_to_its_budget_cut_off_and_others_are_served(server):
@@ -246,8 +260,12 @@ def _high_latency_beside_low_load(srv, **low_kwargs) -> float:
 def test_high_keeps_its_latency_beside_low_requests_with_the_largest_stop_rules(server):
     # The control is the same low load without stop rules: on a CPU-only machine any low load
     # slows high (the lanes share the cores); what the stop rules add is the gap between the two.
-    stop = [chr(0x4e00 + i) * MAX_STOP_STRING_CHARS for i in range(MAX_STOP_STRINGS)]  # never generated
-    stop_ids = [263 - i for i in range(200)]  # 200 of the 264 ids: a few end a request early
+    # Stop rules that never match, so that both loads make exactly the same (greedy) tokens.
+    stop = [chr(0x4e00 + i) * MAX_STOP_STRING_CHARS for i in range(MAX_STOP_STRINGS)]  # not byte-level text
+    with client(server) as c:
+        made = set(c.generate(prompt_token_ids=prompt(9), priority="low", max_tokens=40).token_ids)
+    unused = [t for t in range(256) if t not in made]
+    stop_ids = (unused * MAX_STOP_TOKEN_IDS)[:MAX_STOP_TOKEN_IDS]
     baseline = high_latency(server)
     plain = _high_latency_beside_low_load(server)
     attacked = _high_latency_beside_low_load(server, stop=stop, stop_token_ids=stop_ids)
