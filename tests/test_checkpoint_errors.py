@@ -374,6 +374,7 @@ def test_cli_init_makes_a_checkpoint_that_inspect_reads(tmp_path):
 
     assert made.returncode == 0, made.stderr
     assert "seed 3" in made.stdout
+    assert "drawing random weights of preset tiny" in made.stderr and f"wrote {dst} in" in made.stderr  # progress
     assert shown.returncode == 0, shown.stderr
     info = json.loads(shown.stdout)
     assert info["parameters"] == param_count(preset("tiny"))

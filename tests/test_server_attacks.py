@@ -309,14 +309,15 @@ def test_a_scrape_flood_reads_the_engine_once_per_snapshot_and_high_keeps_its_la
                                  "2000"], stdout=subprocess.PIPE, text=True)
     try:
         assert scrapers.stdout.readline().strip() == "scraping"
-        t0, before = time.monotonic(), collector.snapshots
+        t0, before, renders = time.monotonic(), collector.snapshots, server.metrics.page.renders
         attacked = high_latency(server)
         elapsed = time.monotonic() - t0
-        reads = collector.snapshots - before
+        reads, renders = collector.snapshots - before, server.metrics.page.renders - renders
     finally:
         scrapers.kill()
         scrapers.wait(30)
     assert reads <= elapsed / collector._snapshot_s + 2  # one engine read per snapshot period (+ the edges)
+    assert 0 < renders <= elapsed / server.metrics.page.max_age_s + 2  # one page per PAGE_S, not one per scrape
     record("8-thread /metrics scrape flood", baseline, attacked)
 
 

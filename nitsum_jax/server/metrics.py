@@ -13,11 +13,13 @@ Names follow Prometheus' rules (`promtool check metrics`): counters end in `_tot
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -26,6 +28,7 @@ from nitsum_jax.server.engine_view import lanes_info
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 TPOT_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)
 SNAPSHOT_S = 1.0  # engine state is at most this old on a scrape
+PAGE_S = 0.1  # the rendered page is at most this old: a scrape flood renders it 10 times a second
 ALL_TENANTS = "all"  # the tenant label value while tenant names are off
 
 
@@ -80,6 +83,34 @@ class EngineCollector(Collector):
                                     "Device-seconds inside steps over device-seconds elapsed", value=float(busy))
 
 
+class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # a client that stalls mid-request cannot hold the (single) serving thread longer
+
+    def log_message(self, *args) -> None:  # no line per scrape on stderr
+        pass
+
+
+class MetricsPage:
+    """/metrics as a WSGI app: the page rendered at most once per `max_age_s` and served from one
+    thread, so a scrape flood costs one renderer and one socket at a time, not one thread each."""
+
+    def __init__(self, registry: CollectorRegistry, max_age_s: float = PAGE_S):
+        self.registry, self.max_age_s = registry, max_age_s
+        self._page, self._at = b"", float("-inf")
+        self.renders = 0
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: /metrics only\n"]
+        now = time.monotonic()
+        if now - self._at >= self.max_age_s:
+            self._page, self._at = generate_latest(self.registry), now
+            self.renders += 1
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+        return [self._page]
+
+
 class ServerMetrics:
     def __init__(self, engine: Callable[[], object | None], *, tenant_labels: bool = False):
         self.tenant_labels = tenant_labels
@@ -114,8 +145,13 @@ class ServerMetrics:
             self.e2e.labels(priority_class).observe(e2e_s)
 
     def serve(self, port: int, addr: str) -> int:
-        """Serve /metrics over HTTP; returns the bound port (0 picks a free one)."""
-        self._http, _ = start_http_server(port, addr=addr, registry=self.registry)
+        """Serve /metrics over HTTP on `addr`; returns the bound port (0 picks a free one)."""
+        class Server(WSGIServer):
+            address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+        self.page = MetricsPage(self.registry)
+        self._http = make_server(addr, port, self.page, server_class=Server, handler_class=_QuietHandler)
+        threading.Thread(target=self._http.serve_forever, name="nitsum-metrics", daemon=True).start()
         return self._http.server_port
 
     def close(self) -> None:
