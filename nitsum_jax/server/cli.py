@@ -88,30 +88,12 @@ def register(sub) -> None:
     p.set_defaults(func=_api_key)
 
 
-def _serve(args) -> int:
+def _engine_builder(args, classes):
+    """The `build_engine` of `NitsumServer` for `serve`'s arguments: logs what it loads and
+    compiles, and that it is still at it (compiling every plan can take minutes)."""
     import logging
-    import signal
-    import threading
-
-    from nitsum_jax.scheduler import default_classes
-    from nitsum_jax.server.app import NitsumServer, workers_for
-    from nitsum_jax.server.tenants import Tenants, TenantsFileError
 
     log = logging.getLogger("nitsum_jax.serve")
-    classes = default_classes()
-    try:
-        if args.default_class not in classes:
-            raise TenantsFileError(f"--default-class {args.default_class!r} is not a class; known: {sorted(classes)}")
-        tenants = Tenants.load(args.api_keys, known_classes=classes) if args.api_keys else None
-        if (args.tls_cert is None) != (args.tls_key is None):
-            raise TenantsFileError("--tls-cert and --tls-key go together")
-        tls = None
-        if args.tls_cert:
-            with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
-                tls = (cert.read(), key.read())
-    except (TenantsFileError, OSError) as e:
-        print(f"nitsum-jax: error: {e}", file=sys.stderr)
-        return 2
 
     def build_engine():
         from nitsum_jax.engine import Engine
@@ -131,7 +113,33 @@ def _serve(args) -> int:
                  "static" if args.static or len(plans) == 1 else "adaptive (the plan controller switches by load)")
         return engine
 
-    server = NitsumServer(build_engine, host=args.host, port=args.port, tenants=tenants,
+    return build_engine
+
+
+def _serve(args) -> int:
+    import signal
+    import threading
+
+    from nitsum_jax.scheduler import default_classes
+    from nitsum_jax.server.app import NitsumServer, workers_for
+    from nitsum_jax.server.tenants import Tenants, TenantsFileError
+
+    classes = default_classes()
+    try:
+        if args.default_class not in classes:
+            raise TenantsFileError(f"--default-class {args.default_class!r} is not a class; known: {sorted(classes)}")
+        tenants = Tenants.load(args.api_keys, known_classes=classes) if args.api_keys else None
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise TenantsFileError("--tls-cert and --tls-key go together")
+        tls = None
+        if args.tls_cert:
+            with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
+                tls = (cert.read(), key.read())
+    except (TenantsFileError, OSError) as e:
+        print(f"nitsum-jax: error: {e}", file=sys.stderr)
+        return 2
+
+    server = NitsumServer(_engine_builder(args, classes), host=args.host, port=args.port, tenants=tenants,
                           default_class=args.default_class, model_name=args.checkpoint or f"preset:{args.preset}",
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                           tenant_labels=args.metrics_tenants, tls=tls, message_timeout_s=args.message_timeout_s,
