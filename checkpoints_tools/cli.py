@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from pathlib import Path
+
+from nitsum_jax.cli import HelpFormatter, setup_logging
+
+log = logging.getLogger("checkpoints_tools")
 
 
 def _convert(args) -> int:
     from checkpoints_tools.hf import convert_hf
 
-    cfg = convert_hf(Path(args.src), Path(args.dst), dtype=args.dtype, progress=not args.quiet)
+    cfg = convert_hf(Path(args.src), Path(args.dst), dtype=args.dtype, progress=not args.quiet,
+                     allow_unused=args.allow_unused)
     print(f"wrote {args.dst}: {cfg.num_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}, {cfg.dtype}")
     return 0
 
@@ -27,7 +34,10 @@ def _init(args) -> int:
     cfg = preset(args.preset)
     if args.dtype:
         cfg = cfg.replace(dtype={"bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype))
-    params = init_params(cfg, jax.random.key(args.seed))
+    t0 = time.monotonic()
+    log.info("drawing random weights of preset %s (%s, seed %d)", args.preset, cfg.dtype, args.seed)
+    params = jax.block_until_ready(init_params(cfg, jax.random.key(args.seed)))
+    log.info("drew the weights in %.1fs", time.monotonic() - t0)
     tokenizer = TextTokenizer.byte_level() if args.preset == "tiny" else None
     write_checkpoint(Path(args.dst), cfg, params, tokenizer=tokenizer)
     print(f"wrote {args.dst}: preset {args.preset}, seed {args.seed}, {cfg.dtype}, random weights")
@@ -54,30 +64,38 @@ def _inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nitsum-ckpt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nitsum-ckpt", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="also show JAX and Orbax messages")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert-hf", help="Hugging Face Llama folder -> nitsum-jax (Orbax) checkpoint")
+
+    def command(name, help):
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+    p = command("convert-hf", "Hugging Face Llama folder -> nitsum-jax (Orbax) checkpoint")
     p.add_argument("src", help="folder with config.json, *.safetensors (+ index) and tokenizer.json")
     p.add_argument("dst", help="new folder to write (must not exist or be empty)")
     p.add_argument("--dtype", choices=["bf16", "bfloat16", "fp32", "float32"], default=None,
-                   help="store weights in this dtype (default: the source config's)")
+                   help="store weights in this dtype (None: the source config's)")
+    p.add_argument("--allow-unused", action="store_true",
+                   help="convert even if the source has tensors the model does not use (named in a warning)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert)
-    p = sub.add_parser("init", help="a checkpoint of random weights for a preset")
-    p.add_argument("--preset", required=True)
-    p.add_argument("dst")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["bf16", "bfloat16", "fp32", "float32"], default=None)
+    p = command("init", "a checkpoint of random weights for a preset")
+    p.add_argument("--preset", required=True, help="model shape (nitsum_jax.config presets, e.g. tiny, llama-3.2-1b)")
+    p.add_argument("dst", help="new folder to write (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--dtype", choices=["bf16", "bfloat16", "fp32", "float32"], default=None,
+                   help="weights dtype (None: the preset's)")
     p.set_defaults(func=_init)
-    p = sub.add_parser("inspect", help="config, parameter count, bytes and dtypes of a checkpoint")
-    p.add_argument("dir")
-    p.add_argument("--json", action="store_true")
+    p = command("inspect", "config, parameter count, bytes and dtypes of a checkpoint")
+    p.add_argument("dir", help="a nitsum-jax checkpoint folder")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
     from checkpoints_tools.store import CheckpointError
     from nitsum_jax.config import ConfigError
 

@@ -7,6 +7,7 @@ tensor is read, checked, transposed into place and dropped, so the model is neve
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,25 @@ from nitsum_jax.model import declare, map_decls
 from nitsum_jax.tokenizer import TOKENIZER_FILE
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# Tensors a Hugging Face folder may carry that the model derives itself (older transformers saved them).
+DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
+log = logging.getLogger("checkpoints_tools")
+
+
+def _open(f: Path):
+    """`safe_open`, a damaged file being a `CheckpointError` naming it (safetensors raises its own
+    SafetensorError, or OSError on a short read)."""
+    try:
+        return safe_open(f, framework="numpy")
+    except Exception as e:  # noqa: BLE001 - safetensors_rust.SafetensorError is not importable by name
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+def _read(handle, f: Path, name: str) -> np.ndarray:
+    try:
+        return handle.get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - as in `_open`: a truncated or damaged file
+        raise CheckpointError(f"{f}: tensor {name!r} cannot be read ({e})") from None
 
 
 def read_hf_config(src: Path) -> LlamaConfig:
@@ -55,7 +75,7 @@ def tensor_files(src: Path) -> dict[str, Path]:
         raise CheckpointError(f"{src}: no *.safetensors files (and no model.safetensors.index.json)")
     files: dict[str, Path] = {}
     for f in shards:
-        with safe_open(f, framework="numpy") as handle:
+        with _open(f) as handle:
             for name in handle.keys():
                 files[name] = f
     return files
@@ -98,8 +118,18 @@ def _check_tokenizer(src: Path, cfg: LlamaConfig) -> Path | None:
     return path
 
 
-def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = True) -> LlamaConfig:
-    """Convert a Hugging Face Llama folder at `src` into a new checkpoint folder `dst`."""
+def unused_tensors(files: dict[str, Path], layout: list, cfg: LlamaConfig) -> list[str]:
+    """Tensors of the source that the conversion would leave out, by name (derived buffers aside).
+    An `lm_head.weight` in a folder whose config ties the embeddings is one: the converted model
+    would use `embed_tokens` instead of it."""
+    used = {name for name, *_ in layout}
+    return sorted(n for n in files if n not in used and not n.endswith(DERIVED_SUFFIXES))
+
+
+def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
+               allow_unused: bool = False) -> LlamaConfig:
+    """Convert a Hugging Face Llama folder at `src` into a new checkpoint folder `dst`. Tensors the
+    model does not use are refused by name, or with `allow_unused` left out with a warning."""
     src = Path(src)
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -116,6 +146,14 @@ def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = 
     np_dtype = NP_DTYPES[cfg.dtype]
     arrays = map_decls(lambda d: np.empty(d.shape, np_dtype), declare(cfg))
     layout = list(_hf_layout(cfg))
+    unused = unused_tensors(files, layout, cfg)
+    if unused:
+        tied = " (config.json ties the embeddings: tie_word_embeddings)" if cfg.tie_embeddings else ""
+        message = (f"{src}: {len(unused)} tensors the model does not use{tied}: "
+                   f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
+        if not allow_unused:
+            raise CheckpointError(f"{message}; pass --allow-unused to convert without them")
+        log.warning("%s; left out", message)
     handles: dict[Path, object] = {}
     try:
         for name, ours, layer, hf_shape, to_ours in tqdm(layout, desc="convert", unit="tensor",
@@ -125,8 +163,8 @@ def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = 
                                       f"({sorted({f.name for f in files.values()})})")
             f = files[name]
             if f not in handles:
-                handles[f] = safe_open(f, framework="numpy").__enter__()
-            tensor = handles[f].get_tensor(name)
+                handles[f] = _open(f).__enter__()
+            tensor = _read(handles[f], f, name)
             if tuple(tensor.shape) != hf_shape:
                 raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
                                       f"{hf_shape} from config.json")

@@ -8,7 +8,9 @@ import contextlib
 import json
 import os
 import shutil
+import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +21,8 @@ import orbax.checkpoint as ocp
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.model import Params, abstract_params, declare, map_decls, param_count
 from nitsum_jax.tokenizer import TOKENIZER_FILE, TextTokenizer
+
+log = logging.getLogger("checkpoints_tools")
 
 CONFIG_FILE = "nitsum_config.json"
 PARAMS_DIR = "params"
@@ -38,6 +42,10 @@ def atomic_dir(dst: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         yield tmp
+        # mkdtemp makes it drwx------ (private while partial); the finished folder gets the usual mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if dst.exists():
             dst.rmdir()
         os.replace(tmp, dst)
@@ -55,9 +63,12 @@ def write_checkpoint(dst: Path, cfg: LlamaConfig, params: Params, tokenizer_json
             shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
         elif tokenizer is not None:
             tokenizer.save(tmp)
+        t0 = time.monotonic()
+        log.info("writing %d parameters to %s", param_count(cfg), dst)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
+        log.info("wrote %s in %.1fs", dst, time.monotonic() - t0)
     return Path(dst)
 
 
@@ -115,7 +126,11 @@ def load_params(directory: Path, cfg: LlamaConfig, shardings: Params | None = No
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = map_decls(lambda _: device, declare(cfg))
     target = abstract_params(cfg, shardings)
-    return ocp.StandardCheckpointer().restore(Path(directory).absolute() / PARAMS_DIR, target)
+    t0 = time.monotonic()
+    log.info("loading %d parameters (%s) from %s", param_count(cfg), cfg.dtype, directory)
+    params = ocp.StandardCheckpointer().restore(Path(directory).absolute() / PARAMS_DIR, target)
+    log.info("loaded %s in %.1fs", directory, time.monotonic() - t0)
+    return params
 
 
 def load_tokenizer(directory: Path, cfg: LlamaConfig) -> TextTokenizer | None:

@@ -7,6 +7,7 @@ gets the same tokens whatever else shares its batch, lane or plan.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -16,6 +17,11 @@ from flax import struct
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM)
+# Bounds of a request's stop rules: each generated token is checked against them (under the
+# engine's lock), so their size bounds the per-token work and the memory a finished request keeps.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 128
+MAX_STOP_TOKEN_IDS = 256
 
 
 class SamplingError(ValueError):
@@ -35,6 +41,16 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
+    @functools.cached_property
+    def stop_id_set(self) -> frozenset[int]:
+        """`stop_token_ids` as a set: an O(1) check per generated token."""
+        return frozenset(self.stop_token_ids)
+
+    @functools.cached_property
+    def longest_stop(self) -> int:
+        """Characters of the longest stop string (0 without any)."""
+        return max((len(s) for s in self.stop), default=0)
+
     @property
     def greedy(self) -> bool:
         """Takes the argmax (temperatures this small would overflow logits / t)."""
@@ -52,11 +68,19 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not (0 <= self.seed < 2**32):
             raise SamplingError(f"seed must be in [0, 2**32), got {self.seed}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingError(f"stop_token_ids has {len(self.stop_token_ids)} entries, more than the limit "
+                                f"{MAX_STOP_TOKEN_IDS}")
         for t in self.stop_token_ids:
             if not (0 <= t < vocab_size):
                 raise SamplingError(f"stop_token_ids entry {t} is outside the vocabulary [0, {vocab_size})")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingError(f"stop has {len(self.stop)} strings, more than the limit {MAX_STOP_STRINGS}")
         if any(not s for s in self.stop):
             raise SamplingError("stop strings must be non-empty")
+        if self.longest_stop > MAX_STOP_STRING_CHARS:
+            raise SamplingError(f"a stop string has {self.longest_stop} characters, more than the limit "
+                                f"{MAX_STOP_STRING_CHARS}")
 
 
 @struct.dataclass

@@ -88,15 +88,17 @@ def append_token(seq: Sequence, token: int, tokenizer: TextTokenizer | None, eos
         if seq._decoder is None:
             seq._decoder = tokenizer.stream()
         piece = seq._decoder.add(token)
+        # Only the new piece and the characters before it that a stop string could span are
+        # searched: bounded work per token (the stop rules are bounded by `SamplingParams.validate`).
         if piece and p.stop:
-            tail = seq._decoder.tail(len(piece) + max(len(stop) for stop in p.stop) - 1)
+            tail = seq._decoder.tail(len(piece) + p.longest_stop - 1)
             if any(stop in tail for stop in p.stop):
                 full = tokenizer.decode(seq.output_ids)
                 cuts = [at for at in (full.find(stop) for stop in p.stop) if at >= 0]
                 seq.final_text = full[:min(cuts)] if cuts else full
                 seq.finish_reason = "stop"
                 return
-    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):
+    if token in p.stop_id_set or (not p.ignore_eos and token in eos_token_ids):
         seq.finish_reason = "stop"
     elif len(seq.output_ids) >= p.max_tokens:
         seq.finish_reason = "length"

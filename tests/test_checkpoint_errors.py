@@ -374,8 +374,54 @@ def test_cli_init_makes_a_checkpoint_that_inspect_reads(tmp_path):
 
     assert made.returncode == 0, made.stderr
     assert "seed 3" in made.stdout
+    assert "drawing random weights of preset tiny" in made.stderr and f"wrote {dst} in" in made.stderr  # progress
     assert shown.returncode == 0, shown.stderr
     info = json.loads(shown.stdout)
     assert info["parameters"] == param_count(preset("tiny"))
     assert info["config"] == preset("tiny").to_dict()
     assert info["tokenizer"] is True
+
+
+def test_cli_convert_of_a_damaged_safetensors_file_is_one_error_line_naming_it(src, dst):
+    shard = src / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])  # cut short: the header says more than is there
+
+    result = cli("convert-hf", src, dst, "--quiet")
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("nitsum-ckpt: error:") and len(result.stderr.strip().splitlines()) == 1
+    assert str(shard) in result.stderr and "safetensors" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_written(dst)
+
+
+def test_unused_tensors_are_refused_by_name_or_left_out_with_a_warning(src, dst, caplog):
+    shard = src / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.extra_proj.weight"] = np.zeros((2, 2), np.float32)
+    save_file(tensors, shard)
+
+    error = convert_error(src, dst)
+    assert "model.layers.0.mlp.extra_proj.weight" in error
+    assert "--allow-unused" in error
+    assert_nothing_written(dst)
+    with caplog.at_level("WARNING", logger="checkpoints_tools"):
+        convert_hf(src, dst, progress=False, allow_unused=True)
+    assert "model.layers.0.mlp.extra_proj.weight" in caplog.text and "left out" in caplog.text
+
+
+def test_an_lm_head_in_a_tied_checkpoint_is_named(src, dst):
+    edit_json(src / "config.json", tie_word_embeddings=True)
+
+    error = convert_error(src, dst)
+
+    assert "lm_head.weight" in error and "tie_word_embeddings" in error
+
+
+def test_a_converted_folder_gets_the_usual_mode_not_private(converted):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(converted[0].stat().st_mode) == 0o777 & ~umask

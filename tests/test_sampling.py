@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from nitsum_jax.config import preset
-from nitsum_jax.sampling import SamplingBatch, SamplingError, SamplingParams, sample
+from nitsum_jax.sampling import (MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingBatch,
+                                 SamplingError, SamplingParams, sample)
 from nitsum_jax.sequence import RequestError, Sequence, append_token, validate_prompt
 from nitsum_jax.tokenizer import TextTokenizer
 
@@ -191,7 +192,42 @@ def test_validate_accepts_the_edges_of_each_range():
     SamplingParams(temperature=100.0, top_k=0, top_p=1e-6, seed=2**32 - 1).validate(VOCAB)
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("stop_token_ids", (1,) * (MAX_STOP_TOKEN_IDS + 1), [f"{MAX_STOP_TOKEN_IDS + 1} entries",
+                                                         f"limit {MAX_STOP_TOKEN_IDS}"]),
+    ("stop", ("ab",) * (MAX_STOP_STRINGS + 1), [f"{MAX_STOP_STRINGS + 1} strings", f"limit {MAX_STOP_STRINGS}"]),
+    ("stop", ("a" * (MAX_STOP_STRING_CHARS + 1),), [f"{MAX_STOP_STRING_CHARS + 1} characters",
+                                                    f"limit {MAX_STOP_STRING_CHARS}"]),
+])
+def test_stop_rules_are_bounded_in_count_and_length(field, value, words):
+    with pytest.raises(SamplingError) as info:
+        SamplingParams(**{field: value}).validate(VOCAB)
+    assert field.split("_")[0] in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
+    edge = {"stop_token_ids": (1,) * MAX_STOP_TOKEN_IDS, "stop": ("b" * MAX_STOP_STRING_CHARS,) * MAX_STOP_STRINGS}
+    SamplingParams(**{field: edge[field]}).validate(VOCAB)
+
+
 # --- append_token: stop rules --------------------------------------------------------------
+
+class CountingTuple(tuple):
+    """A tuple that counts how often it is searched or walked."""
+
+    walks = 0
+
+    def __contains__(self, item):
+        CountingTuple.walks += 1
+        return super().__contains__(item)
+
+    def __iter__(self):
+        CountingTuple.walks += 1
+        return super().__iter__()
+
+
+def test_stop_token_ids_are_not_searched_once_per_token(tok):
+    CountingTuple.walks = 0
+    seq = make_seq(max_tokens=50, stop_token_ids=CountingTuple(range(100, 100 + MAX_STOP_TOKEN_IDS - 100)))
+    assert feed(seq, [ord("a")] * 40 + [150], tok) == 41 and seq.finish_reason == "stop"
+    assert CountingTuple.walks <= 1  # once, into a set: per token a set lookup, not a walk of the list
 
 @pytest.fixture(scope="module")
 def tok():

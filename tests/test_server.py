@@ -57,7 +57,8 @@ tokens_per_minute = 40
                       tokenizer=TextTokenizer.byte_level(), num_pages=32, page_size=8, grid=GRID)
 
     srv = NitsumServer(build_engine, host="127.0.0.1", port=0, tenants=Tenants.load(keys_file, classes()),
-                       default_class="low", model_name="preset:tiny", metrics_port=0).start()
+                       default_class="low", model_name="preset:tiny", metrics_port=0,
+                       tenant_labels=True).start()
     assert srv.wait_ready(timeout=600)
     yield srv
     srv.drain(grace_s=10)
@@ -258,7 +259,7 @@ def test_metrics_page_has_per_class_and_per_tenant_series(server):
                    'nitsum_prompt_tokens_total{class="high",tenant="gold"} ',
                    'nitsum_completion_tokens_total{class="low",tenant="basic"} ',
                    'nitsum_queue_size{class="high"}', 'nitsum_queue_size{class="low"}',
-                   'nitsum_kv_pages_used{lane=', 'nitsum_kv_pages_total{lane=', 'nitsum_plan_switches_total ',
+                   'nitsum_kv_pages_used{lane=', 'nitsum_kv_pages_capacity{lane=', 'nitsum_plan_switches_total ',
                    'nitsum_preemptions_total ', 'nitsum_kv_moves_total ', 'nitsum_current_plan{plan="mixed"} 1.0',
                    'nitsum_requests_total{class="low",code="OK"}']:
         assert series in page, series

@@ -131,6 +131,10 @@ def test_serve_over_tls_drains_on_sigterm(tmp_path):
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
         assert "draining" in out and "stopped" in out
+        log = "".join(seen) + out  # progress between "listening" and SERVING, in one format, no third-party noise
+        assert re.search(r"INFO nitsum_jax\.serve: building the engine: random weights of tiny", log), log
+        assert "INFO nitsum_jax.serve: engine warm: plans solo, static" in log
+        assert not re.search(r"INFO (absl|orbax)|Unable to initialize backend", log), log
     finally:
         if proc.poll() is None:
             proc.kill()

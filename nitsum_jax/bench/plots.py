@@ -20,7 +20,7 @@ def _headline_records(results: dict, config: str) -> list[dict]:
 
 def plot_latency_cdf(ax, results: dict, metric: str = "ttft") -> None:
     """Empirical CDF of `metric` ("ttft", "tpot" or "e2e") per class and configuration, at the
-    headline rate; dotted verticals mark each class's target."""
+    headline rate; grey verticals mark each class's target (in the legend, in the class's line style)."""
     for i, config in enumerate(results["configs"]):
         records = _headline_records(results, config)
         for cls in sorted({r["priority_class"] for r in records}):
@@ -31,7 +31,9 @@ def plot_latency_cdf(ax, results: dict, metric: str = "ttft") -> None:
                         linestyle=_STYLES.get(cls, ":"), label=f"{config} / {cls}")
     if metric in ("ttft", "tpot"):
         for cls, target in results.get("slo", {}).items():
-            ax.axvline(target[f"{metric}_target_s"], color="grey", linestyle=":", linewidth=1)
+            value = target[f"{metric}_target_s"]
+            ax.axvline(value, color="grey", linestyle=_STYLES.get(cls, ":"), linewidth=1,
+                       label=f"{cls} {metric.upper()} target {value:g} s")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only
     ax.set_xlabel(f"{metric.upper()} (s)")
@@ -42,7 +44,8 @@ def plot_latency_cdf(ax, results: dict, metric: str = "ttft") -> None:
 
 
 def plot_rate_sweep(ax, results: dict) -> None:
-    """Throughput (solid) and SLO goodput (dashed), requests/s, against the offered rate."""
+    """Throughput (solid) and SLO goodput (dashed), requests/s, against the offered rate. The y axis
+    starts at 0: matplotlib's auto-zoom would make a 0.4% gap between two points look large."""
     for i, (config, summary) in enumerate(results["configs"].items()):
         runs = sorted(summary["by_rate"], key=lambda run: run["rate_rps"])
         rates = [run["rate_rps"] for run in runs]
@@ -50,8 +53,10 @@ def plot_rate_sweep(ax, results: dict) -> None:
         ax.plot(rates, [run["goodput_rps"] for run in runs], "s--", color=f"C{i}", label=f"{config} goodput")
     ax.set_xlabel("offered rate (requests/s)")
     ax.set_ylabel("requests/s")
+    ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
+    ax.set_title("throughput and SLO goodput against the offered rate")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="lower right")
 
 
 def plot_plan_timeline(ax, results: dict) -> None:
@@ -76,7 +81,9 @@ def plot_plan_timeline(ax, results: dict) -> None:
     ax.set_xlabel("time since start of run (s)")
     ax.set_ylabel("plan")
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper right")
+    ax.set_title("plan in force over the headline run")
+    # Beside the axes, not on them: inside, the legend covered the plan lines.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def save_plots(results: dict, out_dir: str | Path) -> list[str]:

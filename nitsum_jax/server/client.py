@@ -113,7 +113,11 @@ class NitsumClient:
 
     def generate(self, prompt: str | None = None, **kwargs) -> GenerateResult:
         """Run a call to the end; raises `GenerateError` on a non-OK status."""
-        call = self.stream(prompt, **kwargs)
+        return self.collect(self.stream(prompt, **kwargs))
+
+    @staticmethod
+    def collect(call: GenerateCall) -> GenerateResult:
+        """Run a started call to the end; raises `GenerateError` on a non-OK status."""
         ids, text, times, reason, prompt_tokens, served = [], [], [], "", 0, None
         for event in call:
             ids += event.token_ids
@@ -137,11 +141,15 @@ class NitsumClient:
                           for lane in info.lanes]}
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
-        """"SERVING" / "NOT_SERVING" from grpc.health.v1."""
+        """"SERVING" / "NOT_SERVING" from grpc.health.v1; raises `GenerateError` if the server cannot
+        be reached (UNAVAILABLE) or does not answer in time."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                               timeout=timeout)
+        try:
+            reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                   timeout=timeout)
+        except grpc.RpcError as e:
+            raise GenerateError(e.code(), e.details()) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def wait_serving(self, timeout: float = 300.0) -> None:
@@ -151,7 +159,7 @@ class NitsumClient:
             try:
                 if self.health() == "SERVING":
                     return
-            except grpc.RpcError:
+            except GenerateError:
                 pass  # not listening yet
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not SERVING after {timeout}s")

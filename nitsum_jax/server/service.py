@@ -1,7 +1,8 @@
 """The `nitsum.v1.Serving` service: one Generate call = one engine request, streamed back.
 
 A call passes, in order: the gate (UNAVAILABLE before the engine is warm and while draining),
-the key (UNAUTHENTICATED), the priority class from `x-nitsum-priority` (INVALID_ARGUMENT if
+the admission interceptor (duplicate headers, the key, concurrency budgets: `admission.py`),
+the key again (UNAUTHENTICATED), the priority class from `x-nitsum-priority` (INVALID_ARGUMENT if
 unknown, PERMISSION_DENIED if the tenant may not claim it), the request's own checks
 (INVALID_ARGUMENT naming field, value and limit), the tenant's rate and the class queue
 (RESOURCE_EXHAUSTED). The client's deadline becomes the scheduler's deadline; a client cancel
@@ -10,7 +11,8 @@ or disconnect cancels the engine request, which leaves at the next step and free
 The stream: one message per generated token (`token_ids`, the `text` it adds, `served_by`),
 then a last message with `finish_reason` ("stop" or "length"), `usage` and any text held back
 (text that could still turn out to be part of a stop string). A request that ends otherwise
-ends with a status: DEADLINE_EXCEEDED, CANCELLED or INTERNAL.
+ends with a status: DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (cut off by a drain whose grace
+period ran out: retry elsewhere) or INTERNAL.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ PRIORITY_METADATA = "x-nitsum-priority"
 DEFAULT_MAX_TOKENS = 16  # when the request leaves sampling.max_tokens at 0 (unset in proto3)
 _NO_DEADLINE_S = 1e7  # grpc reports a far-future deadline when the client set none
 UNKNOWN_CLASS_LABEL = "unknown"  # metrics label of a call naming no known class (labels stay bounded)
+MAX_REQUEST_ID_CHARS = 128
 
 
 class UndecodableRequest:
@@ -68,6 +71,7 @@ class Gate:
         self.in_flight = 0
         self.idle = threading.Condition()
         self.handles: set = set()  # engine requests of calls in flight (cancelled when a drain times out)
+        self.cut_off: set = set()  # those a drain cancelled: their calls end UNAVAILABLE, not CANCELLED
 
     def enter(self):
         with self.idle:
@@ -82,7 +86,14 @@ class Gate:
         with self.idle:
             self.in_flight -= 1
             self.handles.discard(handle)
+            self.cut_off.discard(handle)
             self.idle.notify_all()
+
+    def cut_off_all(self) -> list:
+        """Mark every request in flight as cut off by the drain and return their handles."""
+        with self.idle:
+            self.cut_off |= self.handles
+            return list(self.handles)
 
     def wait_idle(self, timeout: float) -> bool:
         with self.idle:
@@ -93,6 +104,17 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS, temperature=s.temperature,
                           top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
                           stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
+
+
+def request_cost(prompt_len: int, sampling: SamplingParams) -> int:
+    """Tokens a request is charged against its tenant's rate: prompt, max_tokens, and its stop
+    rules (each is checked at every generated token: one token per stop id and per character)."""
+    return prompt_len + sampling.max_tokens + len(sampling.stop_token_ids) + sum(len(s) for s in sampling.stop)
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise RequestError(f"request_id has {len(request_id)} characters, more than the limit {MAX_REQUEST_ID_CHARS}")
 
 
 def prompt_ids(request: pb.GenerateRequest, engine) -> list[int]:
@@ -147,6 +169,11 @@ class ServingService(pb_grpc.ServingServicer):
         self.default_class, self.model_name = default_class, model_name
         self._ids = itertools.count(1)
 
+    def refused(self, priority_class: str | None, code: str) -> None:
+        """Count a Generate call refused before it reached the service (by the admission interceptor)."""
+        call = _Call(self, priority_class or self.default_class)
+        self.metrics.requests.labels(call.class_label, code).inc()
+
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         metadata = dict(context.invocation_metadata())
         call = _Call(self, metadata.get(PRIORITY_METADATA) or self.default_class)
@@ -169,15 +196,17 @@ class ServingService(pb_grpc.ServingServicer):
                 raise RequestError(f"{PRIORITY_METADATA} {call.priority_class!r} is not a priority class; "
                                    f"known: {sorted(engine.classes)}")
             self.tenants.authorize(call.tenant, call.priority_class)
+            check_request_id(request.request_id)
             sampling = sampling_from_proto(request.sampling)
+            sampling.validate(engine.cfg.vocab_size)  # bounded stop rules before any text is tokenized
             ids = prompt_ids(request, engine)
             validate_prompt(ids, sampling, engine.cfg.vocab_size, engine.grid.max_seq_len)
             if call.tenant is not None:
-                call.tenant.charge(len(ids) + sampling.max_tokens)
-                call.reserved = len(ids) + sampling.max_tokens
+                call.reserved, call.max_tokens = request_cost(len(ids), sampling), sampling.max_tokens
+                call.tenant.charge(call.reserved)
             remaining = context.time_remaining()
             try:
-                call.handle = engine.submit(
+                handle = None if call.settled else engine.submit(
                     ids, sampling, priority_class=call.priority_class,
                     deadline_s=remaining if remaining is not None and remaining < _NO_DEADLINE_S else None,
                     request_id=f"{request.request_id}@{next(self._ids)}" if request.request_id else None)
@@ -189,8 +218,8 @@ class ServingService(pb_grpc.ServingServicer):
         except (RequestError, SamplingError, ValueError) as e:
             call.settle("INVALID_ARGUMENT")
             _abort(context, "INVALID_ARGUMENT", str(e))
-        with self.gate.idle:
-            self.gate.handles.add(call.handle)
+        if not call.attach(handle):
+            return  # the call ended (client cancel, deadline) while it was being admitted
         code, message = yield from self._stream(engine, call, sampling)
         if code != "OK":
             _abort(context, code, message)
@@ -217,7 +246,10 @@ class ServingService(pb_grpc.ServingServicer):
         if reason == "deadline":
             code, message = "DEADLINE_EXCEEDED", (f"deadline passed after {n} of max_tokens {sampling.max_tokens} "
                                                   f"tokens; request stopped and its KV pages freed")
-        elif reason == "cancelled":  # the client's own cancel, or the server's (a drain that ran out of time)
+        elif reason == "cancelled" and handle in self.gate.cut_off:
+            code, message = "UNAVAILABLE", (f"server shutting down: its drain grace period ran out after {n} "
+                                            f"tokens of this request; retry on another replica")
+        elif reason == "cancelled":  # the client's own cancel
             code, message = "CANCELLED", f"request cancelled after {n} tokens"
         else:
             code, message = "INTERNAL", f"request failed after {n} tokens: {handle.error or reason}"
@@ -255,9 +287,28 @@ class _Call:
         self.service, self.priority_class = service, priority_class
         self.tenant = None
         self.handle = None
-        self.reserved = 0
+        self.reserved = 0  # tokens charged to the tenant
+        self.max_tokens = 0  # of them, the tokens to generate: what is not generated is refunded
         self._settled = False
         self._lock = threading.Lock()
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def attach(self, handle) -> bool:
+        """Record the engine request of this call; False (and the request cancelled) if the call
+        has already ended: a call cancelled in the instant after it was sent leaves nothing behind."""
+        if handle is None:
+            return False
+        with self._lock:
+            if not self._settled:
+                self.handle = handle
+                with self.service.gate.idle:
+                    self.service.gate.handles.add(handle)
+                return True
+        handle.cancel()
+        return False
 
     @property
     def class_label(self) -> str:
@@ -290,7 +341,7 @@ class _Call:
                             tpot_s=(end - first) / (n - 1) if first is not None and n > 1 else None,
                             e2e_s=end - h.request.arrival if code == "OK" else None)
             if self.tenant is not None:
-                self.tenant.refund(self.reserved - len(h.seq.prompt_ids) - n)
+                self.tenant.refund(self.max_tokens - n)
         elif self.tenant is not None:
             self.tenant.refund(self.reserved)
         metrics.requests.labels(self.class_label, code).inc()

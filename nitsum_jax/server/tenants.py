@@ -6,7 +6,8 @@ The keys file (`--api-keys FILE`, TOML):
     name = "acme"
     key_sha256 = "9f86d081..."      # hex SHA-256 of the bearer key: `printf %s KEY | sha256sum`
     classes = ["high", "low"]       # the priority classes it may claim
-    tokens_per_minute = 60000       # optional: prompt + completion tokens
+    tokens_per_minute = 60000       # optional: prompt + max_tokens + stop rules, per minute
+    max_concurrent_calls = 32       # optional: its calls in flight (default: half the server's)
 
 Clients send `authorization: Bearer <key>`. No grpc here: errors carry the status name the
 service turns into a gRPC status.
@@ -75,6 +76,7 @@ class Tenant:
     key_sha256: str
     classes: tuple[str, ...]
     tokens_per_minute: int | None = None
+    max_concurrent_calls: int | None = None
     bucket: TokenBucket | None = dataclasses.field(default=None, repr=False)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
@@ -84,15 +86,15 @@ class Tenant:
             return
         if tokens > self.tokens_per_minute:
             raise AccessError("RESOURCE_EXHAUSTED",
-                              f"request needs {tokens} tokens (prompt + max_tokens), more than tenant {self.name!r}'s "
-                              f"tokens_per_minute limit {self.tokens_per_minute}")
+                              f"request needs {tokens} tokens (prompt + max_tokens + stop rules), more than "
+                              f"tenant {self.name!r}'s tokens_per_minute limit {self.tokens_per_minute}")
         with self.lock:
             wait_s = self.bucket.take(tokens)
         if wait_s is not None:
             raise AccessError("RESOURCE_EXHAUSTED",
                               f"tenant {self.name!r} is over its rate: request needs {tokens} tokens (prompt + "
-                              f"max_tokens), tokens_per_minute limit {self.tokens_per_minute}; retry in {wait_s:.1f}s",
-                              retry_after_s=wait_s)
+                              f"max_tokens + stop rules), tokens_per_minute limit {self.tokens_per_minute}; "
+                              f"retry in {wait_s:.1f}s", retry_after_s=wait_s)
 
     def refund(self, tokens: int) -> None:
         """Give back what a request reserved but did not use (max_tokens it did not generate)."""
@@ -145,12 +147,13 @@ class Tenants:
             if not classes or (known is not None and not set(classes) <= known):
                 raise TenantsFileError(f"{where}: classes {list(classes)} must be a non-empty subset of "
                                        f"{sorted(known) if known is not None else 'the server classes'}")
-            tpm = entry.get("tokens_per_minute")
-            if tpm is not None and (not isinstance(tpm, int) or tpm < 1):
-                raise TenantsFileError(f"{where}: tokens_per_minute must be an integer >= 1, got {tpm!r}")
+            tpm, calls = entry.get("tokens_per_minute"), entry.get("max_concurrent_calls")
+            for field, value in (("tokens_per_minute", tpm), ("max_concurrent_calls", calls)):
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                    raise TenantsFileError(f"{where}: {field} must be an integer >= 1, got {value!r}")
             if any(t.key_sha256 == digest for t in tenants) or any(t.name == entry["name"] for t in tenants):
                 raise TenantsFileError(f"{where}: duplicate name or key_sha256")
-            tenants.append(Tenant(entry["name"], digest, classes, tpm,
+            tenants.append(Tenant(entry["name"], digest, classes, tpm, calls,
                                   TokenBucket(tpm, clock) if tpm is not None else None))
         return cls(tenants)
 
