@@ -28,6 +28,7 @@ from nitsum_jax.server._proto import serving_pb2 as pb
 from nitsum_jax.server.metrics import ServerMetrics
 from nitsum_jax.server.service import Gate, ServingService, lenient_deserializer
 from nitsum_jax.server.tenants import Tenants
+from nitsum_jax.usage import UsageLedger
 
 log = logging.getLogger("nitsum_jax.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Serving"].full_name  # "nitsum.v1.Serving"
@@ -96,21 +97,24 @@ class NitsumServer:
     def __init__(self, build_engine: Callable[[], object], *, host: str = "[::]", port: int | None = 50051,
                  tenants: Tenants | None = None, default_class: str = "low", model_name: str = "",
                  metrics_port: int | None = None, metrics_host: str | None = None, tenant_labels: bool = False,
-                 tls: tuple[bytes, bytes] | None = None, max_workers: int = 64, message_timeout_s: float = 10.0):
+                 tls: tuple[bytes, bytes] | None = None, max_workers: int = 64, message_timeout_s: float = 10.0,
+                 usage_db: str | None = None):
         """`build_engine()` makes the engine (called on a start-up thread); `tls` = (cert PEM, key PEM);
         `port` 0 and `metrics_port` 0 pick free ports (`port` None: no gRPC). `max_workers` bounds the calls served at once
         (each holds a thread while it waits or streams): size it with `workers_for(classes)`, since a
         call beyond it is refused RESOURCE_EXHAUSTED whatever its class; `SERVICE_SLOTS` more serve health
         and reflection. `/metrics` listens on `metrics_host` (default: `host`); `tenant_labels` puts
         tenant names on the token counters (off: they are summed per class). A call that sends no request
-        message within `message_timeout_s` of its headers is cancelled."""
+        message within `message_timeout_s` of its headers is cancelled. `usage_db`: the usage ledger
+        file (docs/usage-ledger.md); raises LedgerError if it is not one."""
         self._build_engine = build_engine
         self.tenants = tenants or Tenants.open()
         self.gate = Gate()
         self.metrics = ServerMetrics(lambda: self.gate.engine, tenant_labels=tenant_labels)
+        self.usage = UsageLedger(usage_db, registry=self.metrics.registry) if usage_db else None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         service = ServingService(self.gate, self.tenants, self.metrics, default_class=default_class,
-                                 model_name=model_name)
+                                 model_name=model_name, usage=self.usage)
         self.admission = Admission(self.tenants, SERVICE_NAME, serving_slots=max_workers,
                                    service_slots=SERVICE_SLOTS, message_timeout_s=message_timeout_s,
                                    refused=service.refused)
@@ -200,6 +204,8 @@ class NitsumServer:
             for stop in self.stop_hooks:
                 stop()
             self.server.stop(grace=1.0).wait()
+            if self.usage is not None:
+                self.usage.close()  # after the last call settled: every row written
             self.metrics.close()
             if self.gate.engine is not None:
                 self.gate.engine.close()

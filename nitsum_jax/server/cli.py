@@ -48,6 +48,8 @@ def register(sub) -> None:
                    help="label token counters with tenant names (anyone reading /metrics then sees them)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: TLS)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--usage-db", default=None, help="usage ledger (SQLite): one row per request, for billing and "
+                                                    "SLA reports (`nitsum-jax usage`); created 0600")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long calls in flight may finish")
     p.add_argument("--message-timeout-s", type=float, default=10.0,
                    help="a call that sends no request message this long after its headers is cancelled")
@@ -132,6 +134,7 @@ def _serve(args) -> int:
     from nitsum_jax.server.app import NitsumServer, workers_for
     from nitsum_jax.server.http.flags import check_http_args
     from nitsum_jax.server.tenants import Tenants, TenantsFileError
+    from nitsum_jax.usage import LedgerError
 
     try:
         classes = load_classes(args.classes) if args.classes else default_classes()
@@ -152,11 +155,16 @@ def _serve(args) -> int:
         return 2
 
     model_name = args.checkpoint or f"preset:{args.preset}"
-    server = NitsumServer(_engine_builder(args, classes), host=args.host, port=None if args.no_grpc else args.port,
-                          tenants=tenants, default_class=args.default_class, model_name=model_name,
-                          metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-                          tenant_labels=args.metrics_tenants, tls=tls, message_timeout_s=args.message_timeout_s,
-                          max_workers=args.max_workers or workers_for(classes))
+    try:
+        server = NitsumServer(_engine_builder(args, classes), host=args.host,
+                              port=None if args.no_grpc else args.port, tenants=tenants,
+                              default_class=args.default_class, model_name=model_name, metrics_port=args.metrics_port,
+                              metrics_host=args.metrics_host, tenant_labels=args.metrics_tenants, tls=tls,
+                              message_timeout_s=args.message_timeout_s,
+                              max_workers=args.max_workers or workers_for(classes), usage_db=args.usage_db)
+    except LedgerError as e:
+        print(f"nitsum-jax: error: {e}", file=sys.stderr)
+        return 2
     try:
         from nitsum_jax.server.http.server import start_http
 

@@ -32,6 +32,7 @@ from nitsum_jax.server._proto import serving_pb2_grpc as pb_grpc
 from nitsum_jax.server.engine_view import lanes_info, served_by
 from nitsum_jax.server.metrics import ServerMetrics
 from nitsum_jax.server.tenants import ANONYMOUS, AccessError, Tenants
+from nitsum_jax.usage import UsageLedger, refused_row, row_from_handle
 
 PRIORITY_METADATA = "x-nitsum-priority"
 DEFAULT_MAX_TOKENS = 16  # when the request leaves sampling.max_tokens at 0 (unset in proto3)
@@ -164,9 +165,11 @@ def _abort(context: grpc.ServicerContext, code: str, message: str):
 
 class ServingService(pb_grpc.ServingServicer):
     def __init__(self, gate: Gate, tenants: Tenants, metrics: ServerMetrics, *, default_class: str = "low",
-                 model_name: str = ""):
+                 model_name: str = "", usage: UsageLedger | None = None):
+        """`usage`: the ledger that gets one row per call (None: no ledger)."""
         self.gate, self.tenants, self.metrics = gate, tenants, metrics
         self.default_class, self.model_name = default_class, model_name
+        self.usage = usage
         self._ids = itertools.count(1)
 
     def refused(self, priority_class: str | None, code: str) -> None:
@@ -177,6 +180,7 @@ class ServingService(pb_grpc.ServingServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         metadata = dict(context.invocation_metadata())
         call = _Call(self, metadata.get(PRIORITY_METADATA) or self.default_class)
+        call.request_id = getattr(request, "request_id", "")
         if isinstance(request, UndecodableRequest):
             self.metrics.requests.labels(call.class_label, "INVALID_ARGUMENT").inc()
             _abort(context, "INVALID_ARGUMENT", str(request))
@@ -192,6 +196,7 @@ class ServingService(pb_grpc.ServingServicer):
             call.terminated(context)
         try:
             call.tenant = self.tenants.authenticate(metadata.get("authorization"))
+            call.authenticated = True
             if call.priority_class not in engine.classes:
                 raise RequestError(f"{PRIORITY_METADATA} {call.priority_class!r} is not a priority class; "
                                    f"known: {sorted(engine.classes)}")
@@ -283,12 +288,17 @@ class _Call:
     """One Generate call's bookkeeping, settled exactly once: metrics, the tenant's unused
     tokens refunded, and the gate told the call is over."""
 
-    def __init__(self, service: ServingService, priority_class: str):
-        self.service, self.priority_class = service, priority_class
+    def __init__(self, service: ServingService, priority_class: str, api: str = "grpc"):
+        """`service`: what admitted the call (the gRPC service or the HTTP admission); `api`: its
+        API as the usage ledger records it."""
+        self.service, self.priority_class, self.api = service, priority_class, api
         self.tenant = None
         self.handle = None
         self.reserved = 0  # tokens charged to the tenant
         self.max_tokens = 0  # of them, the tokens to generate: what is not generated is refunded
+        self.arrival = time.monotonic()
+        self.authenticated = False  # a refused call is recorded only once its tenant is known
+        self.request_id = ""
         self._settled = False
         self._lock = threading.Lock()
 
@@ -346,7 +356,26 @@ class _Call:
             self.tenant.refund(self.reserved)
         metrics.requests.labels(self.class_label, code).inc()
         metrics.in_flight.dec()
+        self._record_usage(code)
         self.service.gate.leave(h)
+
+    def _record_usage(self, code: str) -> None:
+        """The call's ledger row: every call that reached the engine, and calls refused after
+        authentication that named a known tier (queue full, rate, a malformed request)."""
+        ledger, engine = self.service.usage, self.service.gate.engine
+        if ledger is None or engine is None or self.priority_class not in engine.classes:
+            return
+        tier, tenant = engine.classes[self.priority_class], self.tenant.name if self.tenant else ANONYMOUS
+        if self.handle is not None:
+            row = row_from_handle(self.handle, tier, tenant=tenant, api=self.api, status=code,
+                                  wall_offset=ledger.wall_offset)
+        elif self.authenticated:
+            row = refused_row(f"{self.request_id or 'call'}@refused-{next(self.service._ids)}", tier,
+                              tenant=tenant, api=self.api, status=code, arrival=self.arrival,
+                              wall_offset=ledger.wall_offset)
+        else:
+            return
+        ledger.record(row)
 
 
 def _served_by(engine, handle) -> pb.ServedBy | None:

@@ -31,15 +31,16 @@ class Admission:
     `default_class`) are the server's own, shared with the gRPC service."""
 
     def __init__(self, gate: Gate, tenants, metrics, *, default_class: str, model_name: str,
-                 chat_template: ChatTemplate | None, objectives: Mapping[str, str]):
-        self.gate, self.tenants, self.metrics = gate, tenants, metrics
+                 chat_template: ChatTemplate | None, objectives: Mapping[str, str], usage=None):
+        """`usage`: the usage ledger that gets a row per request (the server's; None: none)."""
+        self.gate, self.tenants, self.metrics, self.usage = gate, tenants, metrics, usage
         self.default_class, self.model_name = default_class, model_name
         self.chat_template, self.objectives = chat_template, dict(objectives)
         self._ids = itertools.count(1)
 
     def admit(self, body: CompletionRequest | ChatCompletionRequest, headers: Mapping[str, str]) -> tuple[_Call, dict]:
         """Submit the request; (its call, with `handle` set; its SLO targets). Raises ApiError."""
-        call = _Call(self, self.default_class)
+        call = _Call(self, self.default_class, api="http")
         try:
             engine = self.gate.enter()
         except AccessError as e:
@@ -48,6 +49,7 @@ class Admission:
         self.metrics.in_flight.inc()
         try:
             call.tenant = self.tenants.authenticate(headers.get("authorization"))
+            call.authenticated = True
             call.priority_class, _ = resolve_tier(body.priority, headers, engine.classes, self.objectives,
                                                   self.default_class)
             self.tenants.authorize(call.tenant, call.priority_class)

@@ -42,7 +42,8 @@ class HttpServer:
                  default_class: str = "low", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         """`server`: the `NitsumServer` whose gate, tenants and metrics this API shares."""
         self.admission = Admission(server.gate, server.tenants, server.metrics, default_class=default_class,
-                                   model_name=model_name, chat_template=chat_template, objectives=objectives or {})
+                                   model_name=model_name, chat_template=chat_template, objectives=objectives or {},
+                                   usage=server.usage)
         gate = server.gate
 
         def in_flight() -> list:
