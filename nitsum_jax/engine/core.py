@@ -338,13 +338,17 @@ class EngineCore:
                  "decode_step_s": self.step_s.get(name)}
                 for name, lane in self.lanes.items()]
 
-    def load(self) -> Load:
-        waiting = {c: self.scheduler.waiting_count(c) for c in self.classes}
+    def running_counts(self) -> dict[str, int]:
+        """Running requests per class, over the lanes of the current plan."""
         running = {c: 0 for c in self.classes}
         for q in self.scheduler.lanes.values():
             for r in q.running:
                 running[r.priority_class] += 1
-        return Load(waiting, running, self.slo_attainment(), dict(self.step_s))
+        return running
+
+    def load(self) -> Load:
+        waiting = {c: self.scheduler.waiting_count(c) for c in self.classes}
+        return Load(waiting, self.running_counts(), self.slo_attainment(), dict(self.step_s))
 
     def slo_attainment(self, window: int = 50) -> dict[str, float]:
         """Per class, the fraction of its last `window` finished requests that met both targets."""
@@ -359,13 +363,7 @@ class EngineCore:
 
     def class_stats(self) -> dict[str, dict]:
         """Per class: TTFT/TPOT/e2e p50/p99 of the recent finished requests that got a token."""
-        lats: dict[str, list] = {}
-        for f in self.recent:
-            if f.first_token_time is not None:
-                lats.setdefault(f.request.priority_class, []).append(
-                    figures.latency(f.request.arrival, f.first_token_time, f.finish_time, len(f.output_ids)))
-        return {c: figures.latency_summary(v) | {"completed": len(v), "finished_total": self.completed.get(c, 0)}
-                for c, v in lats.items()}
+        return class_stats(list(self.recent), dict(self.completed))
 
     def busy_fraction(self, now: float) -> float:
         """Device-seconds inside steps over device-seconds elapsed since `reset_stats`, over the
@@ -374,6 +372,18 @@ class EngineCore:
         devices = {d for lane in self.lanes.values() for d in lane.spec.devices}
         busy = sum(s * self.lanes[name].spec.tp for name, s in self.busy_s.items())
         return min(1.0, busy / (elapsed * len(devices))) if elapsed > 0 else 0.0
+
+
+def class_stats(recent: list[Finished], completed: dict[str, int]) -> dict[str, dict]:
+    """Per class: TTFT/TPOT/e2e p50/p99 of `recent` finished requests that got a token, how many,
+    and `completed` (finished since start)."""
+    lats: dict[str, list] = {}
+    for f in recent:
+        if f.first_token_time is not None:
+            lats.setdefault(f.request.priority_class, []).append(
+                figures.latency(f.request.arrival, f.first_token_time, f.finish_time, len(f.output_ids)))
+    return {c: figures.latency_summary(v) | {"completed": len(v), "finished_total": completed.get(c, 0)}
+            for c, v in lats.items()}
 
 
 def _ema(old: float, new: float, weight: float = 0.2) -> float:

@@ -27,7 +27,7 @@ from typing import Sequence as Seq
 import jax
 
 from nitsum_jax.config import LlamaConfig
-from nitsum_jax.engine.core import EngineCore, Finished, PlanSwitch
+from nitsum_jax.engine.core import EngineCore, Finished, PlanSwitch, class_stats
 from nitsum_jax.engine.dispatch import dispatch_work, host_results, run_rows
 from nitsum_jax.engine.handle import RequestHandle
 from nitsum_jax.engine.turnstile import Turnstile
@@ -199,18 +199,18 @@ class Engine:
         `lanes` (as `lanes_info`); busy seconds, steps, chained decode steps and sampler runs
         (programs with a sampled row) per lane, `device_busy_fraction`, `plan_history`
         ([(time, plan), ...]) since `reset_stats`; unhealthy lanes."""
-        with self._lock:
+        with self._lock:  # a snapshot under the lock; the percentiles are computed after it
             core = self.core
-            return {
+            recent, completed = list(core.recent), dict(core.completed)
+            out = {
                 "plan": core.plan_name,
-                "classes": core.class_stats(),
                 "queue": {c: core.scheduler.waiting_count(c) for c in self.classes},
-                "running": {c: n for c, n in core.load().running.items()},
+                "running": core.running_counts(),
                 "pages_in_use": {name: lane.allocator.num_used for name, lane in self._lanes.items()},
                 "plan_switches": [dataclasses.asdict(s) for s in core.switches],
                 "preemptions": len(core.scheduler.preemption_log),
                 "kv_moves": core.kv_moves,
-                "lanes": self.lanes_info(),
+                "lanes": core.lanes_info(),
                 "lane_busy_s": dict(core.busy_s),
                 "steps": dict(core.steps),
                 "chained_steps": dict(self._chained),
@@ -219,6 +219,7 @@ class Engine:
                 "plan_history": list(core.plan_history),
                 "unhealthy": dict(core.unhealthy),
             }
+        return {"classes": class_stats(recent, completed)} | out
 
     def close(self) -> None:
         """Stop the lane and control threads (requests still running are not finished)."""
