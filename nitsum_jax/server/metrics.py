@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from nitsum_jax.server.engine_view import lanes_info
+from nitsum_jax.server.engine_view import lanes_info, plan_names
 
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 TPOT_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)
@@ -71,7 +71,7 @@ class EngineCollector(Collector):
             healthy.add_metric([lane["name"]], 1.0 if lane.get("healthy", True) else 0.0)
             in_plan.add_metric([lane["name"]], 1.0 if lane.get("in_plan", True) else 0.0)
         plan = GaugeMetricFamily("nitsum_current_plan", "1 for the plan the engine runs now", labels=["plan"])
-        for name in engine.plan_set.plans:
+        for name in plan_names(engine):
             plan.add_metric([name], 1.0 if name == stats["plan"] else 0.0)
         yield from (queue, used, total, healthy, in_plan, plan)
         yield CounterMetricFamily("nitsum_plan_switches", "Plan switches since start", value=len(stats["plan_switches"]))

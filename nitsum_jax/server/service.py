@@ -29,7 +29,7 @@ from nitsum_jax.scheduler import QueueFull
 from nitsum_jax.sequence import RequestError, validate_prompt
 from nitsum_jax.server._proto import serving_pb2 as pb
 from nitsum_jax.server._proto import serving_pb2_grpc as pb_grpc
-from nitsum_jax.server.engine_view import lanes_info, served_by
+from nitsum_jax.server.engine_view import lanes_info, plan_names, served_by
 from nitsum_jax.server.metrics import ServerMetrics
 from nitsum_jax.server.tenants import ANONYMOUS, AccessError, Tenants
 from nitsum_jax.usage import UsageLedger, refused_row, row_from_handle
@@ -278,7 +278,7 @@ class ServingService(pb_grpc.ServingServicer):
                                  kv_pages_used=lane["kv_pages_used"], kv_pages_total=lane["kv_pages_total"],
                                  in_plan=lane.get("in_plan", True), healthy=lane.get("healthy", True))
                      for lane in lanes_info(engine)]
-            return pb.ServerInfo(model=self.model_name, classes=classes, plans=list(engine.plan_set.plans),
+            return pb.ServerInfo(model=self.model_name, classes=classes, plans=plan_names(engine),
                                  current_plan=engine.plan_name, lanes=lanes)
         finally:
             self.gate.leave()
