@@ -177,11 +177,11 @@ def test_three_tier_plan_switch_trace_reserves_a_lane_for_the_most_urgent_tier_p
     assert decisions == ["std", "rt"]
 
 
-def test_plans_must_name_known_classes_and_serve_every_class():
+def test_plans_must_name_known_classes_and_a_plan_that_strands_one_is_named():
     with pytest.raises(PlanError, match="unknown class 'high'"):
         check_plan_classes(parse_plans("a: high=tp1@0, all=tp1@1"), tiers(2))
-    with pytest.raises(PlanError, match="no lane for class 'standard'"):
-        check_plan_classes(parse_plans("a: realtime=tp1@0"), tiers(2))
+    assert check_plan_classes(parse_plans("a: realtime=tp1@0; b: all=tp1@0"), tiers(2)) == [
+        "plan 'a' has no lane for class(es) ['standard']: while it is in force their requests wait"]
 
 
 def test_an_urgent_lane_limits_its_prefill_tokens_to_keep_the_tpot_target_and_a_bulk_lane_does_not():

@@ -27,7 +27,7 @@ from nitsum_jax.tokenizer import TextTokenizer
 from server_helpers import prompt
 
 GRID = BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=96, min_move_pages=8)
-PLANS = "mixed: high=tp2@0-1, low+bulk=tp2@2-3"  # every plan serves every tier
+PLANS = "mixed: high=tp2@0-1, low=tp2@2-3"
 KEYS = {"gold": "gold-key-2b81", "basic": "basic-key-7c04", "metered": "metered-key-e519"}
 MODEL = "preset:tiny"
 # A ChatML-like template with the constructs real ones use: a loop, a conditional, bos_token.

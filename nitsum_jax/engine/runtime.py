@@ -72,7 +72,8 @@ class Engine:
         predecessor's tokens (`_timed_step`), for every lane; None: NITSUM_CHAIN_STEPS if set,
         else 64 for single-GPU lanes on accelerators and 0 for the rest (`self.chain_steps`)."""
         self.classes = classes or default_classes()
-        check_plan_classes(plans, self.classes)
+        for warning in check_plan_classes(plans, self.classes):
+            _log.warning(warning)
         self.cfg, self.tokenizer, self.grid = cfg, tokenizer, grid
         self.plan_set = PlanSet(cfg, params, plans, devices=devices, num_pages=num_pages, page_size=page_size,
                                 grid=grid, settings=settings())

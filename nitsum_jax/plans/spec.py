@@ -180,10 +180,12 @@ def validate_plans(plans: tuple[Plan, ...], num_devices: int, cfg: LlamaConfig) 
                 seen[d] = lane
 
 
-def check_plan_classes(plans: tuple[Plan, ...], classes: set[str] | dict) -> None:
-    """Raise PlanError unless every lane names known classes (or `all`) and every class is
-    served by some lane of every plan (a plan that serves no lane for a class would strand it)."""
+def check_plan_classes(plans: tuple[Plan, ...], classes: set[str] | dict) -> list[str]:
+    """Raise PlanError unless every lane names known classes (or `all`). Returns a warning for
+    each plan that serves no lane for some class: while such a plan is in force, that class's
+    requests wait (a class kept out of a plan on purpose, e.g. one that is only ever refused)."""
     known = set(classes)
+    warnings = []
     for plan in plans:
         for lane in plan.lanes:
             unknown = [c for c in lane.classes if c != ALL_CLASSES and c not in known]
@@ -192,5 +194,6 @@ def check_plan_classes(plans: tuple[Plan, ...], classes: set[str] | dict) -> Non
                                 f"known: {sorted(known)} or {ALL_CLASSES!r}")
         stranded = [c for c in sorted(known) if not any(lane.serves(c) for lane in plan.lanes)]
         if stranded:
-            raise PlanError(f"plan {plan.name!r} has no lane for class {stranded[0]!r}; every plan must serve "
-                            f"every class (classes: {sorted(known)})")
+            warnings.append(f"plan {plan.name!r} has no lane for class(es) {stranded}: while it is in force their "
+                            f"requests wait")
+    return warnings
