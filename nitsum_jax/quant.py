@@ -30,6 +30,7 @@ from flax import struct
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 WEIGHT_FORMATS = ("bf16", "fp8")  # "bf16": unquantized, in the model dtype (float32 for `tiny`)
+WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS  # "auto": as the checkpoint stores them (a preset: bf16)
 
 # The quantized weights and the axes their matmul contracts (stacked ones lead with `layers`).
 CONTRACTED = {"wq": (1,), "wk": (1,), "wv": (1,), "wo": (1, 2), "w_gate": (1,), "w_up": (1,), "w_down": (1,)}
@@ -110,6 +111,17 @@ def quantize_params(params, weights: str = "fp8"):
 
     chunks = tuple(c.replace(**{n: convert(n, getattr(c, n)) for n in CONTRACTED}) for c in params.chunks)
     return params.replace(chunks=chunks)
+
+
+def check_choice(weights: str) -> str:
+    if weights not in WEIGHT_CHOICES:
+        raise WeightFormatError(f"weights {weights!r}; expected one of {list(WEIGHT_CHOICES)}")
+    return weights
+
+
+def with_weights(params, weights: str):
+    """`params` in the format a user asked for (`WEIGHT_CHOICES`); "auto" leaves them as they are."""
+    return params if check_choice(weights) == "auto" else quantize_params(params, weights)
 
 
 def weights_format(params) -> str:
