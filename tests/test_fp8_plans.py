@@ -8,7 +8,7 @@ import pytest
 
 from nitsum_jax.generate import Generator
 from nitsum_jax.model import CHUNK_AXIS, abstract_params
-from nitsum_jax.plans import BucketGrid, PlanSet, default_plans
+from nitsum_jax.plans import BucketGrid, PlanSet, default_plans, parse_plans
 from nitsum_jax.plans.weights import WeightStore, chunk_slice
 from nitsum_jax.quant import CONTRACTED, Fp8Weight, quantize, quantize_params
 from nitsum_jax.sampling import SamplingParams
@@ -91,7 +91,7 @@ def test_random_fp8_weights_are_the_random_weights_quantized_whole(tiny_cfg):
 
 
 def test_abstract_fp8_params_give_a_plan_set_of_random_fp8_weights(tiny_cfg):
-    ps = PlanSet(tiny_cfg, abstract_params(tiny_cfg, weights="fp8"), default_plans(2, tiny_cfg),
+    ps = PlanSet(tiny_cfg, abstract_params(tiny_cfg, weights="fp8"), parse_plans("pair: all=tp2@0-1"),
                  devices=jax.devices()[:2], num_pages=16, page_size=8,
                  grid=BucketGrid(decode_batch=(1,), prefill_len=(16,), max_seq_len=32, min_move_pages=4))
     assert ps.weights.weights_format == "fp8"

@@ -8,7 +8,7 @@ import pytest
 
 from nitsum_jax.generate import Generator
 from nitsum_jax.kv import allocate_kv_cache
-from nitsum_jax.model import StepInput, abstract_params, init_params
+from nitsum_jax.model import StepInput, abstract_params
 from nitsum_jax.plans import parse_plans
 from nitsum_jax.plans.layout import assign_chunks
 from nitsum_jax.plans.memory import MemoryBudget, memory_report

@@ -7,7 +7,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, abstract_params
