@@ -19,7 +19,8 @@ def _convert(args) -> int:
 
     cfg = convert_hf(Path(args.src), Path(args.dst), dtype=args.dtype, progress=not args.quiet,
                      allow_unused=args.allow_unused)
-    print(f"wrote {args.dst}: {cfg.num_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}, {cfg.dtype}")
+    weights = ", linear weights fp8" if args.dtype == "fp8" else ""
+    print(f"wrote {args.dst}: {cfg.num_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}, {cfg.dtype}{weights}")
     return 0
 
 
@@ -59,6 +60,7 @@ def _inspect(args) -> int:
     print(f"parameters  {info['parameters']:,}")
     print(f"bytes       {info['bytes']:,} ({info['bytes'] / 2**30:.2f} GiB)")
     print(f"dtypes      {', '.join(info['dtypes'])}")
+    print(f"weights     {info['weights']}")
     print(f"tokenizer   {'yes' if info['tokenizer'] else 'none (token ids only)'}")
     return 0
 
@@ -73,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("convert-hf", "Hugging Face Llama folder -> nitsum-jax (Orbax) checkpoint")
     p.add_argument("src", help="folder with config.json, *.safetensors (+ index) and tokenizer.json")
     p.add_argument("dst", help="new folder to write (must not exist or be empty)")
-    p.add_argument("--dtype", choices=["bf16", "bfloat16", "fp32", "float32"], default=None,
-                   help="store weights in this dtype (None: the source config's)")
+    p.add_argument("--dtype", choices=["bf16", "bfloat16", "fp32", "float32", "fp8"], default=None,
+                   help="store weights in this dtype (None: the source config's); fp8: the linear "
+                        "weights in float8_e4m3fn with per-output-channel scales, the rest bf16")
     p.add_argument("--allow-unused", action="store_true",
                    help="convert even if the source has tensors the model does not use (named in a warning)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

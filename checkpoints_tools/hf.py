@@ -11,6 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from checkpoints_tools.store import CheckpointError, write_checkpoint
 from nitsum_jax.config import ConfigError, LlamaConfig
 from nitsum_jax.model import declare, map_decls
+from nitsum_jax.quant import CONTRACTED, Fp8Weight, numpy_quantize
 from nitsum_jax.tokenizer import TOKENIZER_FILE
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -118,6 +120,19 @@ def _check_tokenizer(src: Path, cfg: LlamaConfig) -> Path | None:
     return path
 
 
+def _store(target, value: np.ndarray, name: str, layer: int | None) -> None:
+    """Write one converted tensor into its stacked array, quantizing it for an fp8 target (a
+    layer's scales are those of its own output channels, so layer by layer is exact)."""
+    if isinstance(target, Fp8Weight):
+        contracted = tuple(a - 1 for a in CONTRACTED[name])  # the layer axis is not in `value`
+        q, scale = numpy_quantize(value, contracted)
+        target.q[layer], target.scale[layer] = q, scale
+    elif layer is None:
+        target[...] = value
+    else:
+        target[layer] = value
+
+
 def unused_tensors(files: dict[str, Path], layout: list, cfg: LlamaConfig) -> list[str]:
     """Tensors of the source that the conversion would leave out, by name (derived buffers aside).
     An `lm_head.weight` in a folder whose config ties the embeddings is one: the converted model
@@ -129,12 +144,16 @@ def unused_tensors(files: dict[str, Path], layout: list, cfg: LlamaConfig) -> li
 def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
                allow_unused: bool = False) -> LlamaConfig:
     """Convert a Hugging Face Llama folder at `src` into a new checkpoint folder `dst`. Tensors the
-    model does not use are refused by name, or with `allow_unused` left out with a warning."""
+    model does not use are refused by name, or with `allow_unused` left out with a warning.
+    `dtype="fp8"`: the linear weights in fp8 with per-output-channel scales, the rest bf16."""
     src = Path(src)
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: destination exists and is not empty; choose a new folder")
     cfg = read_hf_config(src)
+    weights = "fp8" if dtype == "fp8" else "bf16"
+    if dtype == "fp8":
+        dtype = "bfloat16"
     if dtype is not None:
         try:
             cfg = cfg.replace(dtype={"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype))
@@ -144,7 +163,8 @@ def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = 
     tokenizer_config = _check_tokenizer_config(src)
     files = tensor_files(src)
     np_dtype = NP_DTYPES[cfg.dtype]
-    arrays = map_decls(lambda d: np.empty(d.shape, np_dtype), declare(cfg))
+    arrays = map_decls(lambda d: np.empty(d.shape, np_dtype if d.dtype is None else jnp.dtype(d.dtype)),
+                       declare(cfg, weights))
     layout = list(_hf_layout(cfg))
     unused = unused_tensors(files, layout, cfg)
     if unused:
@@ -170,10 +190,7 @@ def convert_hf(src: Path, dst: Path, dtype: str | None = None, progress: bool = 
                                       f"{hf_shape} from config.json")
             target = getattr(arrays, ours) if hasattr(arrays, ours) else getattr(arrays.chunks[0], ours)
             value = to_ours(tensor).astype(np_dtype)
-            if layer is None:
-                target[...] = value
-            else:
-                target[layer] = value
+            _store(target, value, ours, layer)
             del tensor, value
     finally:
         for h in handles.values():

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.model import Params, abstract_params, declare, map_decls, param_count
+from nitsum_jax.quant import weights_format as params_format
 from nitsum_jax.tokenizer import TOKENIZER_FILE, TextTokenizer
 
 log = logging.getLogger("checkpoints_tools")
@@ -97,14 +98,24 @@ def stored_arrays(directory: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]
             for k, m in flat if m is not None}
 
 
-def expected_arrays(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
+def expected_arrays(cfg: LlamaConfig, weights: str = "bf16") -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(cfg, weights=weights))[0]
     return {jax.tree_util.keystr(k, simple=True, separator="."): tuple(a.shape) for k, a in flat}
+
+
+def stored_format(stored: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str:
+    """"fp8" when the linear weights are stored as fp8 values and scales (`nitsum_jax.quant`)."""
+    return "fp8" if "chunks.0.wq.scale" in stored else "bf16"
+
+
+def checkpoint_format(directory: Path) -> str:
+    """The weight format of a checkpoint, from its Orbax metadata (no data read)."""
+    return stored_format(stored_arrays(directory))
 
 
 def check_against_config(directory: Path, cfg: LlamaConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     stored = stored_arrays(directory)
-    expected = expected_arrays(cfg)
+    expected = expected_arrays(cfg, stored_format(stored))
     for name, shape in expected.items():
         if name not in stored:
             raise CheckpointError(f"{Path(directory) / PARAMS_DIR}: array {name!r} missing; "
@@ -120,14 +131,18 @@ def check_against_config(directory: Path, cfg: LlamaConfig) -> dict[str, tuple[t
 
 
 def load_params(directory: Path, cfg: LlamaConfig, shardings: Params | None = None) -> Params:
-    """Restore params into `shardings` (a Params tree of `jax.sharding.Sharding`), default one device."""
-    check_against_config(directory, cfg)
+    """Restore params into `shardings` (a Params tree of `jax.sharding.Sharding`), default one
+    device. An fp8 checkpoint restores as fp8 (`Fp8Weight`s); its `shardings` must be of that form."""
+    weights = stored_format(check_against_config(directory, cfg))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = map_decls(lambda _: device, declare(cfg))
-    target = abstract_params(cfg, shardings)
+        shardings = map_decls(lambda _: device, declare(cfg, weights))
+    elif params_format(shardings) != weights:
+        raise CheckpointError(f"{directory}: stores {weights} weights but the shardings given are for "
+                              f"{params_format(shardings)} weights")
+    target = abstract_params(cfg, shardings, weights)
     t0 = time.monotonic()
-    log.info("loading %d parameters (%s) from %s", param_count(cfg), cfg.dtype, directory)
+    log.info("loading %d parameters (%s, %s weights) from %s", param_count(cfg), cfg.dtype, weights, directory)
     params = ocp.StandardCheckpointer().restore(Path(directory).absolute() / PARAMS_DIR, target)
     log.info("loaded %s in %.1fs", directory, time.monotonic() - t0)
     return params
@@ -151,6 +166,7 @@ def describe(directory: Path) -> dict:
         "parameters": param_count(cfg),
         "bytes": total_bytes,
         "dtypes": dtypes,
+        "weights": stored_format(stored),
         "tokenizer": (Path(directory) / TOKENIZER_FILE).is_file(),
         "arrays": {k: {"shape": list(s), "dtype": str(d)} for k, (s, d) in sorted(stored.items())},
     }

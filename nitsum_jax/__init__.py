@@ -125,7 +125,7 @@ def use_host_devices(n: int) -> None:
 
 def plan_memory(cfg: "LlamaConfig | str", plans: "tuple[Plan, ...] | str | None", num_devices: int, *,
                 num_pages: int = 4096, page_size: int = 16, max_batch: int = 64, max_prefill: int = 512,
-                device_memory_gib: float | None = None) -> dict:
+                device_memory_gib: float | None = None, weights: str = "bf16") -> dict:
     """Per-device memory of a plan set, from shapes only (no weights allocated, nothing compiled):
     the report `nitsum-jax plans` prints.
 
@@ -133,7 +133,8 @@ def plan_memory(cfg: "LlamaConfig | str", plans: "tuple[Plan, ...] | str | None"
     compact form, a TOML path, or None for `default_plans(num_devices, cfg)`; it is validated
     (`PlanError` on a bad plan). num_pages, page_size: the KV pages of every lane; max_batch,
     max_prefill: the largest decode batch and prefill chunk (the workspace estimate).
-    device_memory_gib: raise `PlanError` unless every device fits it.
+    device_memory_gib: raise `PlanError` unless every device fits it. weights: "bf16" or "fp8"
+    (the linear weights at one byte a value plus their scales, `nitsum_jax.quant`).
 
     Returns a dict: `plans` (the `Plan` tuple), `num_chunks`, `chunk_bytes`, `devices` (device ->
     `weights`, `kv`, `workspace`, `total` bytes), `plan_set_weights_total`,
@@ -153,7 +154,7 @@ def plan_memory(cfg: "LlamaConfig | str", plans: "tuple[Plan, ...] | str | None"
         plans = tuple(plans)
         validate_plans(plans, num_devices, cfg)
     report = memory_report(cfg, plans, assign_chunks(plans, cfg),
-                           MemoryBudget(num_pages, page_size, max_batch, max_prefill))
+                           MemoryBudget(num_pages, page_size, max_batch, max_prefill), weights)
     if device_memory_gib is not None:
         check_fits(report, int(device_memory_gib * 2**30))
     report["per_plan"] = report.pop("plans")

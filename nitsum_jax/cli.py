@@ -56,6 +56,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="tiny", help="random weights of a preset shape")
     p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights of --preset")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="dtype for --preset weights")
+    p.add_argument("--weights", choices=["auto", "bf16", "fp8"], default="auto",
+                   help="linear weights: fp8 (float8_e4m3fn, per-output-channel scales), bf16 (unquantized, "
+                        "the model dtype) or auto (as the checkpoint stores them; a preset: bf16)")
 
 
 def _generate(args) -> int:
@@ -63,7 +66,7 @@ def _generate(args) -> int:
     from nitsum_jax.sampling import SamplingParams
     from nitsum_jax.source import load_model
 
-    model = load_model(args.checkpoint, args.preset, args.seed_weights, args.dtype)
+    model = load_model(args.checkpoint, args.preset, args.seed_weights, args.dtype, weights=args.weights)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
                             stop_token_ids=tuple(args.stop_token_ids or ()), ignore_eos=args.ignore_eos)
@@ -92,17 +95,19 @@ def _plans(args) -> int:
     from nitsum_jax.plans.layout import assign_chunks
     from nitsum_jax.plans.memory import check_fits
 
+    weights = "bf16" if args.weights == "auto" else args.weights
     if args.checkpoint:
-        from checkpoints_tools.store import read_config
+        from checkpoints_tools.store import checkpoint_format, read_config
 
         cfg = read_config(args.checkpoint)
+        weights = checkpoint_format(args.checkpoint) if args.weights == "auto" else args.weights
     else:
         cfg = preset(args.preset)
         if args.dtype:
             cfg = cfg.replace(dtype={"bf16": "bfloat16", "fp32": "float32"}[args.dtype])
     n = args.devices or _device_count()
     report = plan_memory(cfg, args.plans, n, num_pages=args.kv_pages, page_size=args.page_size,
-                         max_batch=args.max_batch, max_prefill=args.max_prefill)
+                         max_batch=args.max_batch, max_prefill=args.max_prefill, weights=weights)
     plans = report.pop("plans")
     if args.json:
         # Per-plan weight bytes are under "plan_weights"; "plans" lists the plans in compact form.
@@ -111,7 +116,8 @@ def _plans(args) -> int:
     else:
         layouts = assign_chunks(plans, cfg)
         gib = 2**30
-        print(f"model {args.checkpoint or args.preset} ({cfg.dtype}), {n} devices, {report['num_chunks']} weight "
+        print(f"model {args.checkpoint or args.preset} ({cfg.dtype}, {weights} weights), {n} devices, "
+              f"{report['num_chunks']} weight "
               f"chunks of {report['chunk_bytes'] / gib:.3f} GiB")
         for p in plans:
             print(f"plan {p}")

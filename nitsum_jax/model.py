@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 from nitsum_jax.attention import KVCache, write_kv_pages
 from nitsum_jax.kernels import paged_attention
 from nitsum_jax.config import LlamaConfig
+from nitsum_jax.quant import CONTRACTED, Fp8Weight, check_format, matmul, quantize_params, scale_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ParamDecl:
     axes: tuple[str | None, ...]
     init: str = "normal"  # "normal" (scaled by fan-in) or "ones"
     fan_in: int = 1
+    dtype: str | None = None  # None: the model dtype; fp8 weights and their scales name theirs
 
 
 @struct.dataclass
@@ -47,13 +49,14 @@ class ChunkWeights:
     places that chunk on it (see `plans`). The unsplit model is the case C = R = 1.
     """
 
-    wq: jax.Array  # [layers, dim, heads/R, head_dim]
-    wk: jax.Array  # [layers, dim, kv_heads/R, head_dim]
-    wv: jax.Array  # [layers, dim, kv_heads/R, head_dim]
-    wo: jax.Array  # [layers, heads/R, head_dim, dim]
-    w_gate: jax.Array  # [layers, dim, ffn/R]
-    w_up: jax.Array  # [layers, dim, ffn/R]
-    w_down: jax.Array  # [layers, ffn/R, dim]
+    # The linear weights are arrays, or `Fp8Weight`s of the same shape (`quant`).
+    wq: jax.Array | Fp8Weight  # [layers, dim, heads/R, head_dim]
+    wk: jax.Array | Fp8Weight  # [layers, dim, kv_heads/R, head_dim]
+    wv: jax.Array | Fp8Weight  # [layers, dim, kv_heads/R, head_dim]
+    wo: jax.Array | Fp8Weight  # [layers, heads/R, head_dim, dim]
+    w_gate: jax.Array | Fp8Weight  # [layers, dim, ffn/R]
+    w_up: jax.Array | Fp8Weight  # [layers, dim, ffn/R]
+    w_down: jax.Array | Fp8Weight  # [layers, ffn/R, dim]
     embed: jax.Array  # [vocab, dim/R]
     lm_head: jax.Array | None  # [dim/R, vocab]; None when tied to `embed`
 
@@ -66,12 +69,14 @@ class Params:
     chunks: tuple[ChunkWeights, ...]  # R chunk slots
 
 
-# The axis of each chunked weight that the chunks cut (the one `tp` shards).
+# The axis of each chunked weight that the chunks cut (the one `tp` shards); an fp8 weight's
+# values and scale are cut on the same axis.
 CHUNK_AXIS = {"wq": 2, "wk": 2, "wv": 2, "wo": 1, "w_gate": 2, "w_up": 2, "w_down": 1, "embed": 1, "lm_head": 0}
 
 
-def declare(cfg: LlamaConfig) -> Params:
-    """The single declaration of every weight of `cfg` (leaves are `ParamDecl`), unsplit."""
+def declare(cfg: LlamaConfig, weights: str = "bf16") -> Params:
+    """The single declaration of every weight of `cfg` (leaves are `ParamDecl`), unsplit; with
+    `weights="fp8"` each linear weight is an `Fp8Weight` of two declarations."""
     L, D, N, K, H, F, V = (cfg.num_layers, cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.ffn_dim, cfg.vocab_size)
     chunk = ChunkWeights(
@@ -85,12 +90,21 @@ def declare(cfg: LlamaConfig) -> Params:
         embed=ParamDecl((V, D), ("vocab", "embed"), fan_in=1),
         lm_head=None if cfg.tie_embeddings else ParamDecl((D, V), ("embed", "vocab"), fan_in=D),
     )
+    if check_format(weights) == "fp8":
+        chunk = chunk.replace(**{n: _fp8_decl(getattr(chunk, n), CONTRACTED[n]) for n in CONTRACTED})
     return Params(
         attn_norm=ParamDecl((L, D), ("layers", None), "ones"),
         mlp_norm=ParamDecl((L, D), ("layers", None), "ones"),
         final_norm=ParamDecl((D,), (None,), "ones"),
         chunks=(chunk,),
     )
+
+
+def _fp8_decl(d: ParamDecl, contracted: tuple[int, ...]) -> Fp8Weight:
+    """fp8 values of the weight's shape and axes; a float32 scale per output channel."""
+    axes = tuple(None if i in contracted else a for i, a in enumerate(d.axes))
+    return Fp8Weight(q=dataclasses.replace(d, dtype="float8_e4m3fn"),
+                     scale=ParamDecl(scale_shape(d.shape, contracted), axes, "ones", dtype="float32"))
 
 
 def _is_decl(x) -> bool:
@@ -101,17 +115,24 @@ def map_decls(fn: Callable[[ParamDecl], object], decls: Params) -> Params:
     return jax.tree.map(fn, decls, is_leaf=_is_decl)
 
 
-def abstract_params(cfg: LlamaConfig, shardings: Params | None = None) -> Params:
+def _dtype(cfg: LlamaConfig, d: ParamDecl):
+    return cfg.jnp_dtype if d.dtype is None else jnp.dtype(d.dtype)
+
+
+def abstract_params(cfg: LlamaConfig, shardings: Params | None = None, weights: str = "bf16") -> Params:
     """`ShapeDtypeStruct` tree (optionally carrying shardings) for `eval_shape`/Orbax restore."""
-    decls = declare(cfg)
+    decls = declare(cfg, weights)
     if shardings is None:
-        return map_decls(lambda d: jax.ShapeDtypeStruct(d.shape, cfg.jnp_dtype), decls)
-    return jax.tree.map(lambda d, s: jax.ShapeDtypeStruct(d.shape, cfg.jnp_dtype, sharding=s), decls, shardings,
+        return map_decls(lambda d: jax.ShapeDtypeStruct(d.shape, _dtype(cfg, d)), decls)
+    return jax.tree.map(lambda d, s: jax.ShapeDtypeStruct(d.shape, _dtype(cfg, d), sharding=s), decls, shardings,
                         is_leaf=_is_decl)
 
 
-def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
-    """Random weights (normal, std 1/sqrt(fan_in)); norms start at one."""
+def init_params(cfg: LlamaConfig, key: jax.Array, weights: str = "bf16") -> Params:
+    """Random weights (normal, std 1/sqrt(fan_in)); norms start at one. `weights="fp8"`: the
+    same weights, quantized."""
+    if check_format(weights) == "fp8":
+        return quantize_params(init_params(cfg, key))
     decls = declare(cfg)
     leaves, treedef = jax.tree.flatten(decls, is_leaf=_is_decl)
     keys = jax.random.split(key, len(leaves))
@@ -146,8 +167,8 @@ class ShardingRules:
 TP_RULES = ShardingRules((("heads", "tp"), ("kv_heads", "tp"), ("ffn", "tp"), ("embed", "tp")))
 
 
-def param_specs(cfg: LlamaConfig, rules: ShardingRules = TP_RULES) -> Params:
-    return map_decls(lambda d: rules.spec(d.axes), declare(cfg))
+def param_specs(cfg: LlamaConfig, rules: ShardingRules = TP_RULES, weights: str = "bf16") -> Params:
+    return map_decls(lambda d: rules.spec(d.axes), declare(cfg, weights))
 
 
 def param_count(cfg: LlamaConfig) -> int:
@@ -278,22 +299,22 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
             h = rms_norm(x, attn_norm, cfg.norm_eps)
             out = jnp.zeros_like(x)
             for r, w in enumerate(chunks):
-                q = apply_rope(jnp.einsum("BTD,DNH->BTNH", _own(h, 3 * r), w.wq), positions, inv_freq)
-                k = apply_rope(jnp.einsum("BTD,DKH->BTKH", _own(h, 3 * r + 1), w.wk), positions, inv_freq)
-                v = jnp.einsum("BTD,DKH->BTKH", _own(h, 3 * r + 2), w.wv)
+                q = apply_rope(matmul("BTD,DNH->BTNH", _own(h, 3 * r), w.wq), positions, inv_freq)
+                k = apply_rope(matmul("BTD,DKH->BTKH", _own(h, 3 * r + 1), w.wk), positions, inv_freq)
+                v = matmul("BTD,DKH->BTKH", _own(h, 3 * r + 2), w.wv)
                 k_slots[r], v_slots[r] = write_kv_pages(k_slots[r], v_slots[r], layer_idx, k, v, positions,
                                                         valid, step.page_table)
                 attn = paged_attention(q, k_slots[r], v_slots[r], layer_idx, positions, step.page_table,
                                        impl=attention)
-                out = out + jnp.einsum("BTNH,NHD->BTD", attn, w.wo)
+                out = out + matmul("BTNH,NHD->BTD", attn, w.wo)
             x = x + out
         with jax.named_scope("mlp"):
             h = rms_norm(x, mlp_norm, cfg.norm_eps)
             out = jnp.zeros_like(x)
             for r, w in enumerate(chunks):
-                gate = jnp.einsum("BTD,DF->BTF", _own(h, 2 * r), w.w_gate)
-                up = jnp.einsum("BTD,DF->BTF", _own(h, 2 * r + 1), w.w_up)
-                out = out + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w.w_down)
+                gate = matmul("BTD,DF->BTF", _own(h, 2 * r), w.w_gate)
+                up = matmul("BTD,DF->BTF", _own(h, 2 * r + 1), w.w_up)
+                out = out + matmul("BTF,FD->BTD", jax.nn.silu(gate) * up, w.w_down)
             x = x + out
         return (x, tuple(k_slots), tuple(v_slots)), None
 

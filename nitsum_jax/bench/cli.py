@@ -85,6 +85,9 @@ def register(subparsers) -> None:
     m = e.add_mutually_exclusive_group()
     m.add_argument("--checkpoint", help="a nitsum-jax checkpoint folder")
     m.add_argument("--preset", default="tiny", help="random weights of a preset shape (default: tiny)")
+    e.add_argument("--weights", choices=["auto", "bf16", "fp8"], default="auto",
+                   help="linear weights: fp8 (float8_e4m3fn, per-output-channel scales), bf16 (unquantized, "
+                        "the model dtype) or auto (as the checkpoint stores them; a preset: bf16)")
     e.add_argument("--plans", default=None, help="plan set (compact form or .toml); static uses its 'static' plan "
                                                  "(default: derived from the device count)")
     e.add_argument("--static-plan", default=None, help="the static configuration's plan, compact form, when the "
@@ -152,7 +155,7 @@ def _bench(args) -> int:
                             console=console, progress=not args.no_progress,
                             sampled_fraction=args.sampled_fraction, temperature=args.temperature,
                             switch_probe=not args.no_switch_probe,
-                            engine_kwargs={"token_budget": args.token_budget})
+                            engine_kwargs={"token_budget": args.token_budget, "weights": args.weights})
     except (ValueError, RuntimeError) as error:
         print(f"nitsum-jax: error: {error}", file=sys.stderr)
         return 2

@@ -10,11 +10,12 @@ from nitsum_jax.scheduler.controller import PlanController
 
 def build_engine(engine_cls, *, preset: str = "tiny", checkpoint: str | None = None, plans: str | None = None,
                  num_devices: int | None = None, seed: int = 0, dtype: str | None = None, adaptive: bool = False,
-                 hold_s: float = 0.5, min_dwell_s: float = 1.0, **kwargs):
+                 hold_s: float = 0.5, min_dwell_s: float = 1.0, weights: str = "auto", **kwargs):
     """An engine from a preset (random weights) or a checkpoint, over the first `num_devices`
     devices, with a plan set in the compact form or a TOML path (None: the default set over the
     tiers in `classes`). `adaptive`: a PlanController picks the plan from the load (else the
-    first plan, or `initial_plan`, stays until `switch_plan`).
+    first plan, or `initial_plan`, stays until `switch_plan`). `weights`: "fp8" quantizes the
+    linear weights (nitsum_jax.quant), "bf16" upcasts an fp8 checkpoint's, "auto" keeps them.
     On a CPU-only machine set XLA_FLAGS=--xla_force_host_platform_device_count=N first."""
     from nitsum_jax.plans import read_plans
     from nitsum_jax.source import load_model
@@ -22,14 +23,18 @@ def build_engine(engine_cls, *, preset: str = "tiny", checkpoint: str | None = N
     if checkpoint is None and preset != "tiny":
         # Random weights of a large shape are drawn on the devices, chunk by chunk (no host copy).
         from nitsum_jax.config import preset as preset_config
+        from nitsum_jax.model import abstract_params
+        from nitsum_jax.quant import check_choice
         from nitsum_jax.source import LoadedModel
 
         cfg = preset_config(preset)
         if dtype:
             cfg = cfg.replace(dtype={"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype))
-        model = LoadedModel(cfg, None, None, f"preset:{preset}")
+        # fp8: an abstract tree, so the plan set draws random fp8 weights
+        params = abstract_params(cfg, weights="fp8") if check_choice(weights) == "fp8" else None
+        model = LoadedModel(cfg, params, None, f"preset:{preset}")
     else:
-        model = load_model(checkpoint, preset, seed, dtype)
+        model = load_model(checkpoint, preset, seed, dtype, weights=weights)
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
     classes = kwargs.get("classes") or default_classes()
     plan_set = read_plans(plans, len(devices), model.cfg, tuple(c.name for c in by_rank(classes)))

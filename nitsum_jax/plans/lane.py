@@ -17,6 +17,7 @@ from nitsum_jax.kernels import page_copy
 from nitsum_jax.kv import PageAllocator, kv_bytes_per_page
 from nitsum_jax.model import ChunkLayout, Params, StepInput
 from nitsum_jax.plans.spec import LaneSpec
+from nitsum_jax.quant import step_options as weight_step_options
 from nitsum_jax.sampling import SamplingBatch, SamplingParams, draws, sample_rows
 from nitsum_jax.settings import Settings, settings as process_settings
 from nitsum_jax.steps import greedy_step
@@ -127,13 +128,14 @@ class Lane:
                           out_shardings=(self.replicated, self.replicated, self.replicated,
                                          jax.tree.map(lambda a: a.sharding, self.kv)))
         shapes = [(b, 1) for b in self.grid.decode_batch] + [(1, t) for t in self.grid.prefill_len]
+        options = {**step_compiler_options(self.devices, self.settings),
+                   **weight_step_options(self.params, self.devices)}
         for b, t in shapes:
             step = StepInput(tokens=self._abstract((b, t), jnp.int32), start_pos=self._abstract((b,), jnp.int32),
                              num_new=self._abstract((b,), jnp.int32),
                              page_table=self._abstract((b, self.pages_per_seq), jnp.int32))
             self._steps[(b, t)] = step_fn.lower(self.params, kv_abs, step, cfg=self.cfg, layout=self.layout,
-                                                attention=self.settings.attention).compile(
-                step_compiler_options(self.devices, self.settings))
+                                                attention=self.settings.attention).compile(options)
         # Rows that sample (temperature > 0) are drawn from the step's logits by a second program,
         # enqueued only for batches that have such rows (`dispatch`).
         for b in sorted({b for b, _ in shapes}):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nitsum_jax.config import LlamaConfig
-from nitsum_jax.model import ChunkLayout, abstract_params
+from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, abstract_params
 from nitsum_jax.plans.layout import device_chunks
 from nitsum_jax.plans.spec import Plan
 
@@ -22,22 +22,21 @@ class MemoryBudget:
     max_prefill: int
 
 
-def chunk_bytes(cfg: LlamaConfig, num_chunks: int) -> tuple[int, int]:
-    """(bytes of one chunk's weights, bytes of the replicated weights) - per device copy."""
-    itemsize = jnp.dtype(cfg.jnp_dtype).itemsize
-    full = abstract_params(cfg)
-    rep = sum(int(np.prod(a.shape)) for a in (full.attn_norm, full.mlp_norm, full.final_norm)) * itemsize
+def chunk_bytes(cfg: LlamaConfig, num_chunks: int, weights: str = "bf16") -> tuple[int, int]:
+    """(bytes of one chunk's weights, bytes of the replicated weights) - per device copy. fp8
+    weights count one byte a value plus their float32 scales (a chunk of wo or w_down holds all
+    of its scale: `plans.weights.chunk_slice`)."""
+    full = abstract_params(cfg, weights=weights)
+    rep = sum(a.size * a.dtype.itemsize for a in (full.attn_norm, full.mlp_norm, full.final_norm))
     per_chunk = 0
     for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "lm_head"):
-        a = getattr(full.chunks[0], name)
-        if a is None:
-            continue
-        n = int(np.prod(a.shape))
-        if name in ("wk", "wv") and cfg.num_kv_heads < num_chunks:
-            n = n // cfg.num_kv_heads  # one (replicated) kv head per chunk
-        else:
-            n = n // num_chunks
-        per_chunk += n * itemsize
+        for a in jax.tree.leaves(getattr(full.chunks[0], name)):  # an array, or an fp8 weight's two
+            n = a.size
+            if name in ("wk", "wv") and cfg.num_kv_heads < num_chunks:
+                n = n // cfg.num_kv_heads  # one (replicated) kv head per chunk
+            elif a.shape[CHUNK_AXIS[name]] > 1:
+                n = n // num_chunks
+            per_chunk += n * a.dtype.itemsize
     return per_chunk, rep
 
 
@@ -59,9 +58,9 @@ def lane_workspace_bytes(cfg: LlamaConfig, tp: int, budget: MemoryBudget) -> int
 
 
 def memory_report(cfg: LlamaConfig, plans: tuple[Plan, ...], layouts: dict[tuple[int, ...], ChunkLayout],
-                  budget: MemoryBudget) -> dict:
+                  budget: MemoryBudget, weights_format: str = "bf16") -> dict:
     c = next(iter(layouts.values())).num_chunks
-    per_chunk, rep = chunk_bytes(cfg, c)
+    per_chunk, rep = chunk_bytes(cfg, c, weights_format)
     held = device_chunks(layouts)
     shared_weights = {d: len(ch) * per_chunk + rep for d, ch in held.items()}
     kv, work = {}, {}
@@ -76,6 +75,7 @@ def memory_report(cfg: LlamaConfig, plans: tuple[Plan, ...], layouts: dict[tuple
     largest = max(p["weights_total"] for p in per_plan.values())
     total = sum(shared_weights.values())
     return {
+        "weights_format": weights_format,
         "num_chunks": c,
         "chunk_bytes": per_chunk,
         "plans": per_plan,

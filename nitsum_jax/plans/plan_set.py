@@ -19,6 +19,7 @@ from nitsum_jax.plans.memory import MemoryBudget, memory_report
 from nitsum_jax.plans.moves import MoveRoute, plan_route
 from nitsum_jax.plans.spec import LaneSpec, Plan, validate_plans
 from nitsum_jax.plans.weights import WeightStore
+from nitsum_jax.quant import is_abstract, weights_format
 from nitsum_jax.settings import Settings, settings as process_settings
 
 
@@ -31,7 +32,8 @@ class PlanSet:
                  devices: list | None = None, num_pages: int = 256, page_size: int = 16,
                  grid: BucketGrid = BucketGrid(), random_seed: int = 0, move_pieces: int | None = None,
                  move_transport: str | None = None, settings: Settings | None = None):
-        """`params` is the unsplit model; None draws random weights on the devices (benchmarks).
+        """`params` is the unsplit model; None draws random weights on the devices (benchmarks), as
+        does an abstract tree (`model.abstract_params(cfg, weights="fp8")`: random fp8 weights).
         `move_pieces`: a KV move is sent in up to this many pieces of pages, so that the copy
         of one piece may overlap the transfer of the next (default: NITSUM_MOVE_PIECES, else 1:
         on 4 GPUs two pieces were slower, BENCHMARKS.md session 3). Whether the host waits for a
@@ -50,8 +52,9 @@ class PlanSet:
         t0 = time.perf_counter()
         self.layouts = assign_chunks(plans, cfg)
         held = device_chunks(self.layouts)
-        if params is None:
-            self.weights = WeightStore.random(cfg, held, self.devices, random_seed)
+        if params is None or is_abstract(params):  # abstract: random weights of that form (fp8 or not)
+            self.weights = WeightStore.random(cfg, held, self.devices, random_seed,
+                                              "bf16" if params is None else weights_format(params))
         else:
             self.weights = WeightStore.build(cfg, params, held, self.devices)
         self.lanes: dict[tuple[int, ...], Lane] = {}
@@ -121,7 +124,8 @@ class PlanSet:
         return [self.lanes[spec.devices] for spec in self.plans[plan_name].lanes]
 
     def memory_report(self) -> dict:
-        return memory_report(self.cfg, tuple(self.plans.values()), self.layouts, self.budget)
+        return memory_report(self.cfg, tuple(self.plans.values()), self.layouts, self.budget,
+                             self.weights.weights_format)
 
     def move(self, seq_id, src: Lane, dst: Lane, enqueue_only: bool = False) -> int:
         """Move a sequence's pages from `src` to `dst` by per-shard device-to-device copies.

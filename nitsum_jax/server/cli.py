@@ -28,6 +28,9 @@ def register(sub) -> None:
     g.add_argument("--preset", default="tiny", help="random weights of a preset shape")
     p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights of --preset")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="dtype for --preset weights")
+    p.add_argument("--weights", choices=["auto", "bf16", "fp8"], default="auto",
+                   help="linear weights: fp8 (float8_e4m3fn, per-output-channel scales), bf16 (unquantized, "
+                        "the model dtype) or auto (as the checkpoint stores them; a preset: bf16)")
     p.add_argument("--plans", default=None, help="plan set, compact form or .toml (None: derived from --devices)")
     p.add_argument("--initial-plan", default=None, help="plan to start on (None: the first)")
     p.add_argument("--static", action="store_true",
@@ -115,7 +118,7 @@ def _engine_builder(args, classes):
             engine = Engine.build(preset=args.preset, checkpoint=args.checkpoint, plans=args.plans,
                                   num_devices=args.devices, seed=args.seed_weights, classes=classes, grid=grid,
                                   num_pages=args.num_pages, page_size=args.page_size,
-                                  initial_plan=args.initial_plan, adaptive=not args.static,
+                                  initial_plan=args.initial_plan, adaptive=not args.static, weights=args.weights,
                                   **({"dtype": args.dtype} if args.dtype else {}))
         plans = engine.plan_names
         log.info("engine warm: plans %s, %s", ", ".join(plans),

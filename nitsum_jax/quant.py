@@ -1,0 +1,149 @@
+"""fp8 weights: float8_e4m3fn values with a float32 scale per output channel, w ~= q * scale.
+
+Only the linear weights of the layers are quantized (q/k/v/o, gate/up/down); the embedding,
+the LM head and the norms stay in the model dtype. The LM head stays because every logit reads
+it and the greedy token is its argmax: it is about 1/14 of Llama-3.1-8B's step bytes (1.05 of
+15.0 GB), and keeping it exact keeps the logits closest to the unquantized model's.
+
+A quantized weight is an `Fp8Weight` in the weight's place in the params pytree, so the model,
+the weight buffers, the shardings and the checkpoints all see one tree. Its scale keeps the
+weight's rank, with the contracted axes of size 1 ([layers, 1, heads, head_dim] for wq), so a
+chunk of the weight and its scale are cut along the same axis; a weight whose chunks split its
+input (wo, w_down) has a scale of size 1 on that axis, and every chunk holds all of it.
+
+The matmul upcasts q to the activation dtype inside the dot and applies the scale to the
+product: y = (x @ q) * scale. On a GPU, XLA's Triton gemm emitter fuses the layer's
+dynamic-slice of the stacked weights and the upcast into the gemm, so a decode step reads one
+byte per weight; cuBLAS has no bf16 x fp8 gemm, and without Triton XLA writes the upcast weights
+out first (`step_options`). On a CPU the same program computes with the upcast weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+WEIGHT_FORMATS = ("bf16", "fp8")  # "bf16": unquantized, in the model dtype (float32 for `tiny`)
+WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS  # "auto": as the checkpoint stores them (a preset: bf16)
+
+# The quantized weights and the axes their matmul contracts (stacked ones lead with `layers`).
+CONTRACTED = {"wq": (1,), "wk": (1,), "wv": (1,), "wo": (1, 2), "w_gate": (1,), "w_up": (1,), "w_down": (1,)}
+
+
+class WeightFormatError(ValueError):
+    """A weight format that is not one of WEIGHT_CHOICES."""
+
+
+@struct.dataclass
+class Fp8Weight:
+    """A linear weight in fp8: `q * scale` approximates the original weight."""
+
+    q: jax.Array  # the weight's shape, float8_e4m3fn
+    scale: jax.Array  # the weight's shape with the contracted axes of size 1, float32
+
+
+def check_format(weights: str) -> str:
+    if weights not in WEIGHT_FORMATS:
+        raise WeightFormatError(f"weight format {weights!r}; expected one of {list(WEIGHT_FORMATS)}")
+    return weights
+
+
+def scale_shape(shape: tuple[int, ...], contracted: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in contracted else n for i, n in enumerate(shape))
+
+
+def channel_amax(w: jax.Array, contracted: tuple[int, ...]) -> jax.Array:
+    """The largest |w| of each output channel, the weight's rank kept (float32)."""
+    return jnp.max(jnp.abs(w.astype(jnp.float32)), axis=contracted, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def quantize(w: jax.Array, contracted: tuple[int, ...], amax: jax.Array | None = None) -> Fp8Weight:
+    """w: any shape; the scale of each output channel maps its largest |w| (or `amax`, when a
+    piece of a weight is quantized as part of the whole) to e4m3's 448. Rounding to nearest
+    even leaves |w - q * scale| <= max(|w| / 16, scale / 1024) (3 mantissa bits; 2^-9 is
+    e4m3's smallest subnormal step, 448 = 1.75 * 2^8)."""
+    if amax is None:
+        amax = channel_amax(w, contracted)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)  # an all-zero channel: any scale is exact
+    q = jnp.clip(w.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8)
+    return Fp8Weight(q=q, scale=scale)
+
+
+def dequantize(w: Fp8Weight, dtype) -> jax.Array:
+    return (w.q.astype(jnp.float32) * w.scale).astype(dtype)
+
+
+def matmul(spec: str, x: jax.Array, w) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` for a weight of either format; `spec` names x's axes, then w's.
+
+    An unquantized weight takes exactly today's einsum (bit-identical). An `Fp8Weight` is
+    upcast inside the dot, accumulated in float32 and scaled per output channel; `spec`'s
+    output must end with w's output axes in w's order (true of every matmul in `model`)."""
+    if not isinstance(w, Fp8Weight):
+        return jnp.einsum(spec, x, w)
+    inputs, out = spec.split("->")
+    w_axes = inputs.split(",")[1]
+    kept = [i for i, a in enumerate(w_axes) if a in out]
+    if not out.endswith("".join(w_axes[i] for i in kept)):
+        raise ValueError(f"einsum {spec!r}: the output must end with the weight's output axes")
+    y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+    scale = w.scale.reshape([w.scale.shape[i] for i in kept])  # [output channels]
+    return (y * scale).astype(x.dtype)
+
+
+def quantize_params(params, weights: str = "fp8"):
+    """The params tree with its linear weights in `weights` format: quantized to fp8, or (for
+    "bf16") upcast back to the model dtype, that of the embedding. Already so: unchanged."""
+    check_format(weights)
+    dtype = params.chunks[0].embed.dtype
+
+    def convert(name, w):
+        if weights == "fp8":
+            return w if isinstance(w, Fp8Weight) else quantize(w, CONTRACTED[name])
+        return dequantize(w, dtype) if isinstance(w, Fp8Weight) else w
+
+    chunks = tuple(c.replace(**{n: convert(n, getattr(c, n)) for n in CONTRACTED}) for c in params.chunks)
+    return params.replace(chunks=chunks)
+
+
+def check_choice(weights: str) -> str:
+    if weights not in WEIGHT_CHOICES:
+        raise WeightFormatError(f"weights {weights!r}; expected one of {list(WEIGHT_CHOICES)}")
+    return weights
+
+
+def with_weights(params, weights: str):
+    """`params` in the format a user asked for (`WEIGHT_CHOICES`); "auto" leaves them as they are."""
+    return params if check_choice(weights) == "auto" else quantize_params(params, weights)
+
+
+def weights_format(params) -> str:
+    """The format of a params tree (concrete or abstract): "fp8" when its weights are quantized."""
+    return "fp8" if isinstance(params.chunks[0].wq, Fp8Weight) else "bf16"
+
+
+def is_abstract(params) -> bool:
+    """A tree of `ShapeDtypeStruct`s: a request for random weights of that form (`plans`)."""
+    return all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params))
+
+
+def step_options(params, devices: list) -> dict:
+    """XLA options an fp8 model's steps need on a GPU on top of the lane's: Triton gemms, whose
+    fusions take the layer slice and the upcast (see the module docstring)."""
+    if weights_format(params) != "fp8" or devices[0].platform != "gpu":
+        return {}
+    return {"xla_gpu_enable_triton_gemm": True}
+
+
+def numpy_quantize(w: np.ndarray, contracted: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize` on the host CPU, for checkpoint conversion: (q, scale) as NumPy arrays."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        out = quantize(jnp.asarray(w), contracted)
+    return np.asarray(out.q), np.asarray(out.scale)

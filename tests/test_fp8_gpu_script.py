@@ -1,0 +1,20 @@
+"""bench/gpu_fp8.py runs end to end on a host device with the tiny preset (its times mean nothing
+here; its byte counts and its fp8-against-bf16 comparisons do)."""
+
+from test_gpu_scripts import run_script
+
+
+def test_gpu_fp8_times_both_formats_and_compares_their_tokens(tmp_path):
+    out = run_script(["bench/gpu_fp8.py", "--preset", "tiny", "--batches", "1,2", "--context", "32",
+                      "--max-seq-len", "64", "--repeats", "2", "--profile", "0", "--agree-preset", "tiny",
+                      "--agree-prompts", "2", "--agree-tokens", "8", "--copy-gib", "0.01"], 1, tmp_path)
+    dense, fp8 = out["formats"]["bf16"], out["formats"]["fp8"]
+    assert [r["batch"] for r in dense["rows"]] == [r["batch"] for r in fp8["rows"]] == [1, 2]
+    assert set(out["speedup"]) == {"1", "2"} and all(s > 0 for s in out["speedup"].values())
+    # tiny is float32: its linear weights go from 4 bytes to 1 plus scales; the LM head stays
+    assert 0.25 < out["weight_bytes_ratio"] < 0.6
+    assert fp8["memory_report_weights_GB"] < dense["memory_report_weights_GB"]
+    agree = out["agreement"]
+    assert agree["prompts"] == 2 and len(agree["per_prompt"]) == 2
+    assert 0 <= agree["argmax_equal_teacher_forced"] <= 1 and agree["nll_bf16"] > 0
+    assert abs(agree["nll_relative_diff"]) < 0.05
