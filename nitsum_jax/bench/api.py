@@ -31,19 +31,28 @@ def default_grid():
 
 
 def make_workloads(rates: Sequence[float], *, trace: str | None = None, time_scale: float = 1.0,
+                   target_rates: Sequence[float] | None = None, with_ids: bool = True,
                    **poisson_kwargs) -> list[Workload]:
-    """One workload per rate (or the trace); the same seed for every rate and configuration."""
+    """One workload per rate (or the trace: once at `time_scale`, or once per target rate); the
+    same seed for every rate and configuration. `poisson_kwargs` go to `poisson_workload`
+    (`burstiness`, `class_mix`, lengths, ...); a trace takes its `seed`, `class_mix` and
+    `high_fraction`."""
     if trace:
-        return [load_trace(trace, seed=poisson_kwargs.get("seed", 0), time_scale=time_scale)]
-    return [poisson_workload(rate, id_prefix="r" if len(rates) == 1 else f"rate{k}-r", **poisson_kwargs)
-            for k, rate in enumerate(rates)]
+        keep = {k: poisson_kwargs[k] for k in ("seed", "class_mix", "high_fraction") if k in poisson_kwargs}
+        if not target_rates:
+            return [load_trace(trace, time_scale=time_scale, with_ids=with_ids, **keep)]
+        return [load_trace(trace, target_rate=rate, with_ids=with_ids, id_prefix="r" if len(target_rates) == 1
+                           else f"rate{k}-r", **keep) for k, rate in enumerate(target_rates)]
+    return [poisson_workload(rate, id_prefix="r" if len(rates) == 1 else f"rate{k}-r", with_ids=with_ids,
+                             **poisson_kwargs) for k, rate in enumerate(rates)]
 
 
 def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFAULTS["rates"],
               duration_s: float | None = DEFAULTS["duration_s"], num_requests: int | None = None,
               high_fraction: float = DEFAULTS["high_fraction"], prompt_len: str = DEFAULTS["prompt_len"],
               output_len: str = DEFAULTS["output_len"], seed: int = DEFAULTS["seed"], trace: str | None = None,
-              time_scale: float = 1.0, workloads: list[Workload] | None = None, preset: str = "tiny",
+              time_scale: float = 1.0, target_rates: Sequence[float] | None = None, burstiness: float = 1.0,
+              class_mix: dict[str, float] | None = None, workloads: list[Workload] | None = None, preset: str = "tiny",
               checkpoint: str | None = None, plans: str | None = None, static_plan: str | None = None,
               num_devices: int | None = None, grid=None,
               num_pages: int = DEFAULTS["num_pages"], page_size: int = DEFAULTS["page_size"],
@@ -58,8 +67,11 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
     configuration, "server", is measured instead. static_plan: the static configuration's plan
     when it is not the plan set's `static` plan. rates: a Poisson workload per rate; the
     first is the headline rate of `configs.<name>`. sampled_fraction: share of requests that
-    sample at `temperature` (the rest are greedy). switch_probe: after its runs, each in-process
-    engine with several lanes or plans times its plan switches and KV moves while idle
+    sample at `temperature` (the rest are greedy). trace: a CSV or JSONL trace
+    (`nitsum_jax.bench.trace`) instead of Poisson arrivals, replayed at `time_scale` or once per
+    rate of `target_rates`. burstiness: gamma arrivals (1 is Poisson). class_mix: class -> share.
+    switch_probe: after its runs, each in-process engine with several lanes or plans times its
+    plan switches and KV moves while idle
     (`Engine.measure_switch_costs`, in `configs.<name>.switch_probe`). Writes results.json,
     requests.jsonl, report.md and PNG plots into `out_dir` when given."""
     from rich.console import Console
@@ -69,7 +81,8 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
     if unknown:
         raise ValueError(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
     if workloads is None:
-        workloads = make_workloads(rates, trace=trace, time_scale=time_scale, duration_s=duration_s,
+        workloads = make_workloads(rates, trace=trace, time_scale=time_scale, target_rates=target_rates,
+                                   burstiness=burstiness, class_mix=class_mix, duration_s=duration_s,
                                    num_requests=num_requests, high_fraction=high_fraction, prompt_len=prompt_len,
                                    output_len=output_len, seed=seed, sampled_fraction=sampled_fraction,
                                    temperature=temperature)
