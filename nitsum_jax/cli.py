@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nitsum_jax.bench.cli import register as register_bench  # bench (no JAX import)
 
     register_bench(sub)
+    from nitsum_jax.sim.cli import register as register_sim  # profile, simulate, plan (no JAX import)
+
+    register_sim(sub)
     return parser
 
 

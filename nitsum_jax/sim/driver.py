@@ -149,8 +149,13 @@ class Simulation:
 
     # -- lanes ----------------------------------------------------------------------------
     def _start_idle_lanes(self) -> None:
+        """Lanes not in a step look for work (the runtime's lane threads, woken): only while a
+        request waits or the lane still holds running ones, else the core has nothing for them."""
+        waiting = any(self.core.scheduler.waiting_count(c) for c in self.classes)
+        queues = self.core.scheduler.lanes
         for name in self.lanes:
-            if name not in self.in_step and self.core.in_plan(name):
+            if name not in self.in_step and name in queues and (waiting or queues[name].running) \
+                    and self.core.in_plan(name):
                 self._start_step(name)
 
     def _start_step(self, name: str) -> None:

@@ -43,9 +43,10 @@ def simulate_once(model: StepModel, classes: dict[str, PriorityClass], config: C
         controller = PlanController(config.plans, config.plans[0].name, classes=classes, hold_s=c.hold_s,
                                     min_dwell_s=c.min_dwell_s, slo_floor=c.slo_floor)
     sim = Simulation(model, classes, config.plans if controller else config.plans[:1], settings, controller)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     records = sim.run(workload.requests)
-    return {"records": records, "wall_s": time.perf_counter() - t0, "backend": sim.window_stats(),
+    return {"records": records, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0,
+            "backend": sim.window_stats(),
             "fallbacks": {**{k: v for k, v in model.fallbacks.items()},
                           **{str(k): str(v) for k, v in sim.moves.fallbacks.items()}}}
 
@@ -72,7 +73,7 @@ def run_configs(model: StepModel, classes: dict[str, PriorityClass], configs: Se
             end = max([r["finish_s"] or 0.0 for r in run["records"]] + [workload.duration_s])
             summary = summarize(run["records"], targets, end)
             window = run["backend"]
-            runs.append({"rate_rps": workload.params["rate_rps"], **summary, "sim_host_s": run["wall_s"],
+            runs.append({"rate_rps": workload.params["rate_rps"], **summary, "sim_host_s": run["wall_s"], "sim_cpu_s": run["cpu_s"],
                          "device_busy_fraction": window["device_busy_fraction"], "gpu_utilization_pct": None,
                          "host_cpu_fraction": None, "plan_switches": len(window["plan_switches"]),
                          "kv_moves": window["kv_moves"], "preemptions": window["preemptions"],
