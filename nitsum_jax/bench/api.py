@@ -35,10 +35,10 @@ def make_workloads(rates: Sequence[float], *, trace: str | None = None, time_sca
                    **poisson_kwargs) -> list[Workload]:
     """One workload per rate (or the trace: once at `time_scale`, or once per target rate); the
     same seed for every rate and configuration. `poisson_kwargs` go to `poisson_workload`
-    (`burstiness`, `class_mix`, lengths, ...); a trace takes its `seed`, `class_mix` and
-    `high_fraction`."""
+    (`burstiness`, `class_mix`, lengths, ...); a trace takes its `seed`, `class_mix`,
+    `high_fraction` and `limit` (its first this many requests)."""
     if trace:
-        keep = {k: poisson_kwargs[k] for k in ("seed", "class_mix", "high_fraction") if k in poisson_kwargs}
+        keep = {k: poisson_kwargs[k] for k in ("seed", "class_mix", "high_fraction", "limit") if k in poisson_kwargs}
         if not target_rates:
             return [load_trace(trace, time_scale=time_scale, with_ids=with_ids, **keep)]
         return [load_trace(trace, target_rate=rate, with_ids=with_ids, id_prefix="r" if len(target_rates) == 1

@@ -17,6 +17,7 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--target-rates", type=_floats, default=None,
                    help="replay the trace once per rate, its arrivals scaled to that mean rate (requests/s)")
     w.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times (default: 1)")
+    w.add_argument("--trace-limit", type=int, default=None, help="replay only the trace's first N requests")
     w.add_argument("--rates", type=_floats, default=[16.0], help="synthetic arrival rates, requests/s (default: 16)")
     w.add_argument("--duration", type=float, default=60.0, help="seconds of synthetic arrivals per rate")
     w.add_argument("--num-requests", type=int, default=None, help="exactly this many synthetic requests per rate")

@@ -56,8 +56,9 @@ def load_inputs(args) -> dict:
                 tuple(args.prefill_len or sorted({r["tokens"] for lane in lanes for r in lane["prefill"]})
                       or (256,)), args.max_seq_len)
     mix = parse_class_mix(args.class_mix) if args.class_mix else None
+    extra = {"limit": args.trace_limit} if args.trace else {}
     workloads = make_workloads(args.rates, trace=args.trace, time_scale=args.time_scale, target_rates=args.target_rates,
-                               with_ids=False, burstiness=args.burstiness, class_mix=mix,
+                               with_ids=False, burstiness=args.burstiness, class_mix=mix, **extra,
                                duration_s=None if args.num_requests else args.duration, num_requests=args.num_requests,
                                high_fraction=args.high_fraction, prompt_len=args.prompt_len,
                                output_len=args.output_len, seed=args.seed)
