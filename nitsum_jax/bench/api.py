@@ -59,7 +59,7 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
               engine_kwargs: dict | None = None, target: str | None = None, api_key: str | None = None,
               drain_timeout_s: float = 120.0, out_dir: str | Path | None = None, console=None,
               progress: bool = True, sampled_fraction: float = 0.0, temperature: float = 0.8,
-              switch_probe: bool = True) -> dict:
+              switch_probe: bool = True, baselines: str | None = None) -> dict:
     """Run every configuration on the same workloads, one after the other.
 
     configs: "static" (the plan set's static plan alone, no controller) and/or "adaptive" (the
@@ -72,7 +72,10 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
     rate of `target_rates`. burstiness: gamma arrivals (1 is Poisson). class_mix: class -> share.
     switch_probe: after its runs, each in-process engine with several lanes or plans times its
     plan switches and KV moves while idle
-    (`Engine.measure_switch_costs`, in `configs.<name>.switch_probe`). Writes results.json,
+    (`Engine.measure_switch_costs`, in `configs.<name>.switch_probe`). baselines "best-static":
+    also every static partition of the devices, shared and dedicated (`sim.partitions`), each its
+    own engine without a controller, and `best_static`: adaptive against the best of each figure
+    (`sim.baselines`). Writes results.json,
     requests.jsonl, report.md and PNG plots into `out_dir` when given."""
     from rich.console import Console
 
@@ -87,6 +90,11 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
                                    output_len=output_len, seed=seed, sampled_fraction=sampled_fraction,
                                    temperature=temperature)
     names = ["server"] if target else list(configs)
+    static_plans = {name: static_plan for name in names}
+    if baselines is not None and not target:
+        for plan in _static_baselines(baselines, num_devices, engine_kwargs):
+            names.append(plan.name)
+            static_plans[plan.name] = str(plan)
     engine_kwargs = dict(engine_kwargs or {})
     engine_kwargs.setdefault("grid", grid or default_grid())
     engine_kwargs.setdefault("num_pages", num_pages)
@@ -101,7 +109,7 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
                                 "num_requests": [len(w.requests) for w in workloads]}
     for name in names:
         backend, startup_s = _open_backend(name, console, target=target, api_key=api_key, preset=preset,
-                                           checkpoint=checkpoint, plans=plans, static_plan=static_plan,
+                                           checkpoint=checkpoint, plans=plans, static_plan=static_plans[name],
                                            num_devices=num_devices, engine_kwargs=engine_kwargs)
         try:
             results.setdefault("slo", _slo(backend))
@@ -141,9 +149,28 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
         finally:
             backend.close()
     _finish(results, names, target)
+    if baselines is not None and "adaptive" in results["configs"]:
+        from nitsum_jax.scheduler import by_rank, default_classes
+        from nitsum_jax.sim.baselines import compare
+
+        for name, c in results["configs"].items():
+            c["kind"] = name if name in CONFIGS else "dedicated" if name.startswith("dedicated") else "shared"
+        urgent = by_rank((engine_kwargs or {}).get("classes") or default_classes())[0].name
+        results["best_static"] = compare(results, "adaptive", urgent)
     if out_dir is not None:
         write_outputs(results, out_dir)
     return results
+
+
+def _static_baselines(kind: str, num_devices: int | None, engine_kwargs: dict | None) -> list:
+    if kind != "best-static":
+        raise ValueError(f"unknown baselines {kind!r}; known: best-static")
+    import jax
+
+    from nitsum_jax.scheduler import default_classes
+    from nitsum_jax.sim.partitions import static_baselines
+
+    return static_baselines(num_devices or jax.device_count(), (engine_kwargs or {}).get("classes") or default_classes())
 
 
 def _open_backend(name, console, *, target, api_key, preset, checkpoint, plans, static_plan, num_devices,
