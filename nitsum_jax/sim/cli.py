@@ -67,9 +67,10 @@ def register(subparsers) -> None:
     p.add_argument("--configs", default="adaptive,static", help="adaptive and/or static (the set's 'static' plan)")
     p.add_argument("--baselines", choices=["best-static"], default=None,
                    help="also every static partition, shared and dedicated, and adaptive against the best of each")
-    p.add_argument("--hold", type=float, default=0.5)
-    p.add_argument("--dwell", type=float, default=1.0)
-    p.add_argument("--slo-floor", type=float, default=0.9)
+    p.add_argument("--hold", type=float, default=None, help="controller hold_s (default: the plan TOML's "
+                                                             "[controller], else 0.5)")
+    p.add_argument("--dwell", type=float, default=None, help="controller min_dwell_s (same; else 1.0)")
+    p.add_argument("--slo-floor", type=float, default=None, help="controller slo_floor (same; else 0.9)")
     p.add_argument("--out", default="sim-out", help="folder for results.json, report.md, plots")
     p.set_defaults(func=_simulate)
     p = subparsers.add_parser("plan", help="search plan sets and controller settings by simulation; write plans.toml")

@@ -108,7 +108,7 @@ def run_simulate(args) -> int:
         configs = []
         names = [c.strip() for c in args.configs.split(",") if c.strip()]
         if "adaptive" in names:
-            configs.append(Config("adaptive", plans, ControllerSettings(args.hold, args.dwell, args.slo_floor)))
+            configs.append(Config("adaptive", plans, controller_settings(args)))
         static = next((p for p in plans if p.name == "static"), None)
         if "static" in names and static is not None:
             configs.append(Config("static", (static,), None, "static"))
@@ -135,6 +135,22 @@ def run_simulate(args) -> int:
     console.print(f"simulated in {results['sim']['host_s']:.1f} s of host time; KV pages per lane {pages_why}; "
                   f"wrote {args.out}/results.json, report.md, requests.jsonl")
     return 0
+
+
+def controller_settings(args):
+    """--hold / --dwell / --slo-floor, else the plan TOML's [controller] table (`nitsum-jax plan`
+    writes it), else the engine's defaults."""
+    import tomllib
+
+    from nitsum_jax.sim.run import ControllerSettings
+
+    table = {}
+    if args.plans and args.plans.endswith(".toml"):
+        with open(args.plans, "rb") as f:
+            table = tomllib.load(f).get("controller", {})
+    base = ControllerSettings(**table)
+    given = {"hold_s": args.hold, "min_dwell_s": args.dwell, "slo_floor": args.slo_floor}
+    return ControllerSettings(**{k: v if v is not None else getattr(base, k) for k, v in given.items()})
 
 
 def _largest_tp(cfg, n: int) -> int:
