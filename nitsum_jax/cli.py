@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nitsum_jax.usage.cli import add_usage_parser  # usage (no JAX import)
 
     add_usage_parser(sub)
+    from nitsum_jax.sim.cli import register as register_sim  # profile, simulate, plan (no JAX import)
+
+    register_sim(sub)
     for command in sub.choices.values():  # `nitsum-jax plans --devices 8` as well as `nitsum-jax --devices 8 plans`
         if "--devices" not in command._option_string_actions:
             command.add_argument("--devices", type=int, default=argparse.SUPPRESS, help=DEVICES_HELP)

@@ -31,26 +31,35 @@ def default_grid():
 
 
 def make_workloads(rates: Sequence[float], *, trace: str | None = None, time_scale: float = 1.0,
+                   target_rates: Sequence[float] | None = None, with_ids: bool = True,
                    **poisson_kwargs) -> list[Workload]:
-    """One workload per rate (or the trace); the same seed for every rate and configuration."""
+    """One workload per rate (or the trace: once at `time_scale`, or once per target rate); the
+    same seed for every rate and configuration. `poisson_kwargs` go to `poisson_workload`
+    (`burstiness`, `class_mix`, lengths, ...); a trace takes its `seed`, `class_mix`,
+    `high_fraction` and `limit` (its first this many requests)."""
     if trace:
-        return [load_trace(trace, seed=poisson_kwargs.get("seed", 0), time_scale=time_scale)]
-    return [poisson_workload(rate, id_prefix="r" if len(rates) == 1 else f"rate{k}-r", **poisson_kwargs)
-            for k, rate in enumerate(rates)]
+        keep = {k: poisson_kwargs[k] for k in ("seed", "class_mix", "high_fraction", "limit") if k in poisson_kwargs}
+        if not target_rates:
+            return [load_trace(trace, time_scale=time_scale, with_ids=with_ids, **keep)]
+        return [load_trace(trace, target_rate=rate, with_ids=with_ids, id_prefix="r" if len(target_rates) == 1
+                           else f"rate{k}-r", **keep) for k, rate in enumerate(target_rates)]
+    return [poisson_workload(rate, id_prefix="r" if len(rates) == 1 else f"rate{k}-r", with_ids=with_ids,
+                             **poisson_kwargs) for k, rate in enumerate(rates)]
 
 
 def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFAULTS["rates"],
               duration_s: float | None = DEFAULTS["duration_s"], num_requests: int | None = None,
               high_fraction: float = DEFAULTS["high_fraction"], prompt_len: str = DEFAULTS["prompt_len"],
               output_len: str = DEFAULTS["output_len"], seed: int = DEFAULTS["seed"], trace: str | None = None,
-              time_scale: float = 1.0, workloads: list[Workload] | None = None, preset: str = "tiny",
+              time_scale: float = 1.0, target_rates: Sequence[float] | None = None, burstiness: float = 1.0,
+              class_mix: dict[str, float] | None = None, workloads: list[Workload] | None = None, preset: str = "tiny",
               checkpoint: str | None = None, plans: str | None = None, static_plan: str | None = None,
               num_devices: int | None = None, grid=None,
               num_pages: int = DEFAULTS["num_pages"], page_size: int = DEFAULTS["page_size"],
               engine_kwargs: dict | None = None, target: str | None = None, api_key: str | None = None,
               drain_timeout_s: float = 120.0, out_dir: str | Path | None = None, console=None,
               progress: bool = True, sampled_fraction: float = 0.0, temperature: float = 0.8,
-              switch_probe: bool = True) -> dict:
+              switch_probe: bool = True, baselines: str | None = None) -> dict:
     """Run every configuration on the same workloads, one after the other.
 
     configs: "static" (the plan set's static plan alone, no controller) and/or "adaptive" (the
@@ -58,9 +67,15 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
     configuration, "server", is measured instead. static_plan: the static configuration's plan
     when it is not the plan set's `static` plan. rates: a Poisson workload per rate; the
     first is the headline rate of `configs.<name>`. sampled_fraction: share of requests that
-    sample at `temperature` (the rest are greedy). switch_probe: after its runs, each in-process
-    engine with several lanes or plans times its plan switches and KV moves while idle
-    (`Engine.measure_switch_costs`, in `configs.<name>.switch_probe`). Writes results.json,
+    sample at `temperature` (the rest are greedy). trace: a CSV or JSONL trace
+    (`nitsum_jax.bench.trace`) instead of Poisson arrivals, replayed at `time_scale` or once per
+    rate of `target_rates`. burstiness: gamma arrivals (1 is Poisson). class_mix: class -> share.
+    switch_probe: after its runs, each in-process engine with several lanes or plans times its
+    plan switches and KV moves while idle
+    (`Engine.measure_switch_costs`, in `configs.<name>.switch_probe`). baselines "best-static":
+    also every static partition of the devices, shared and dedicated (`sim.partitions`), each its
+    own engine without a controller, and `best_static`: adaptive against the best of each figure
+    (`sim.baselines`). Writes results.json,
     requests.jsonl, report.md and PNG plots into `out_dir` when given."""
     from rich.console import Console
 
@@ -69,11 +84,17 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
     if unknown:
         raise ValueError(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
     if workloads is None:
-        workloads = make_workloads(rates, trace=trace, time_scale=time_scale, duration_s=duration_s,
+        workloads = make_workloads(rates, trace=trace, time_scale=time_scale, target_rates=target_rates,
+                                   burstiness=burstiness, class_mix=class_mix, duration_s=duration_s,
                                    num_requests=num_requests, high_fraction=high_fraction, prompt_len=prompt_len,
                                    output_len=output_len, seed=seed, sampled_fraction=sampled_fraction,
                                    temperature=temperature)
     names = ["server"] if target else list(configs)
+    static_plans = {name: static_plan for name in names}
+    if baselines is not None and not target:
+        for plan in _static_baselines(baselines, num_devices, engine_kwargs):
+            names.append(plan.name)
+            static_plans[plan.name] = str(plan)
     engine_kwargs = dict(engine_kwargs or {})
     engine_kwargs.setdefault("grid", grid or default_grid())
     engine_kwargs.setdefault("num_pages", num_pages)
@@ -88,7 +109,7 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
                                 "num_requests": [len(w.requests) for w in workloads]}
     for name in names:
         backend, startup_s = _open_backend(name, console, target=target, api_key=api_key, preset=preset,
-                                           checkpoint=checkpoint, plans=plans, static_plan=static_plan,
+                                           checkpoint=checkpoint, plans=plans, static_plan=static_plans[name],
                                            num_devices=num_devices, engine_kwargs=engine_kwargs)
         try:
             results.setdefault("slo", _slo(backend))
@@ -128,9 +149,28 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
         finally:
             backend.close()
     _finish(results, names, target)
+    if baselines is not None and "adaptive" in results["configs"]:
+        from nitsum_jax.scheduler import by_rank, default_classes
+        from nitsum_jax.sim.baselines import compare
+
+        for name, c in results["configs"].items():
+            c["kind"] = name if name in CONFIGS else "dedicated" if name.startswith("dedicated") else "shared"
+        urgent = by_rank((engine_kwargs or {}).get("classes") or default_classes())[0].name
+        results["best_static"] = compare(results, "adaptive", urgent)
     if out_dir is not None:
         write_outputs(results, out_dir)
     return results
+
+
+def _static_baselines(kind: str, num_devices: int | None, engine_kwargs: dict | None) -> list:
+    if kind != "best-static":
+        raise ValueError(f"unknown baselines {kind!r}; known: best-static")
+    import jax
+
+    from nitsum_jax.scheduler import default_classes
+    from nitsum_jax.sim.partitions import static_baselines
+
+    return static_baselines(num_devices or jax.device_count(), (engine_kwargs or {}).get("classes") or default_classes())
 
 
 def _open_backend(name, console, *, target, api_key, preset, checkpoint, plans, static_plan, num_devices,

@@ -76,9 +76,12 @@ def register(subparsers) -> None:
                         "the rest are greedy (default: %(default)s)")
     w.add_argument("--temperature", type=float, default=0.8, help="temperature of sampled requests (default: %(default)s)")
     w.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="workload seed (default: %(default)s)")
-    w.add_argument("--trace", default=None, help="JSONL trace (arrival_s, class, prompt or prompt_len, output_len) "
-                                                 "instead of Poisson arrivals")
+    w.add_argument("--trace", default=None, help="CSV or JSONL trace (arrival, prompt and output tokens, optional "
+                                                 "class; the Splitwise column names as they are) instead of "
+                                                 "Poisson arrivals")
     w.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times (default: 1)")
+    w.add_argument("--target-rates", type=_floats, default=None, help="replay the trace once per rate, scaled to it")
+    w.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: squared CV of the gaps (1: Poisson)")
     e = p.add_argument_group("what is measured")
     e.add_argument("--configs", type=_configs, default=list(CONFIGS),
                    help="comma-separated, run in this order (default: static,adaptive)")
@@ -102,6 +105,8 @@ def register(subparsers) -> None:
                    help="new tokens a lane's step may carry: a number, or 'auto' (512, and lanes serving "
                         "urgent tiers limit their prefill tokens from measured step costs to keep the tier's "
                         "TPOT target) (default: %(default)s)")
+    e.add_argument("--baselines", choices=["best-static"], default=None,
+                   help="also every static partition of the devices (shared and dedicated), each its own engine")
     e.add_argument("--no-switch-probe", action="store_true",
                    help="skip timing plan switches and KV moves on each idle engine after its runs")
     e.add_argument("--target", default=None, help="host:port of a running nitsum-jax gRPC server, or http://host:port "
@@ -147,7 +152,8 @@ def _bench(args) -> int:
         results = run_bench(configs=args.configs, rates=args.rates, duration_s=args.duration,
                             num_requests=args.num_requests, high_fraction=args.high_fraction,
                             prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed,
-                            trace=args.trace, time_scale=args.time_scale, preset=args.preset,
+                            trace=args.trace, time_scale=args.time_scale, target_rates=args.target_rates,
+                            burstiness=args.burstiness, baselines=args.baselines, preset=args.preset,
                             checkpoint=args.checkpoint, plans=args.plans, static_plan=args.static_plan,
                             num_devices=args.devices, grid=grid,
                             num_pages=args.num_pages, page_size=args.page_size, target=args.target,

@@ -1,9 +1,9 @@
 """Workloads: the requests a bench sends, fixed before any configuration runs.
 
 A workload is a list of `BenchRequest`s, each with its arrival offset, class, prompt and
-output length. It is drawn once from a seed (Poisson arrivals, a class mix, length
-distributions) or read from a JSONL trace, so every configuration sees exactly the same
-requests at the same offsets.
+output length. It is drawn once from a seed (Poisson or gamma arrivals, a class mix, length
+distributions) or read from a CSV or JSONL trace (`nitsum_jax.bench.trace`), so every
+configuration sees exactly the same requests at the same offsets.
 """
 
 from __future__ import annotations
@@ -107,12 +107,19 @@ class Workload:
 def poisson_workload(rate: float, *, duration_s: float | None = 20.0, num_requests: int | None = None,
                      high_fraction: float = 0.3, prompt_len: str = "8-48", output_len: str = "16-48",
                      seed: int = 0, id_prefix: str = "r", sampled_fraction: float = 0.0,
-                     temperature: float = 0.8) -> Workload:
+                     temperature: float = 0.8, burstiness: float = 1.0, class_mix: dict[str, float] | None = None,
+                     with_ids: bool = True) -> Workload:
     """Poisson arrivals at `rate` requests/s for `duration_s` (or exactly `num_requests`),
-    `high_fraction` of them `high` and the rest `low`, lengths from the given distributions;
-    `sampled_fraction` of them sample at `temperature` (top_p 0.95, a seed each), the rest are greedy."""
+    `high_fraction` of them `high` and the rest `low` (or classes drawn by `class_mix`, class ->
+    share), lengths from the given distributions; `sampled_fraction` of them sample at
+    `temperature` (top_p 0.95, a seed each), the rest are greedy. `burstiness` != 1: gamma
+    inter-arrival gaps of the same mean whose squared coefficient of variation is `burstiness`
+    (1 is Poisson, > 1 burstier). `with_ids` False: no prompt ids are drawn (the simulator needs
+    only lengths)."""
     if rate <= 0:
         raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    if not burstiness > 0:
+        raise ValueError(f"burstiness must be > 0 (1 is Poisson), got {burstiness}")
     if not 0.0 <= high_fraction <= 1.0:
         raise ValueError(f"high_fraction must be in [0, 1], got {high_fraction}")
     if not 0.0 <= sampled_fraction <= 1.0:
@@ -122,16 +129,14 @@ def poisson_workload(rate: float, *, duration_s: float | None = 20.0, num_reques
     if num_requests is None and (duration_s is None or duration_s <= 0):
         raise ValueError("give num_requests or a duration_s > 0")
     rng = np.random.default_rng(seed)
-    if num_requests is not None:  # exponential gaps
-        n = num_requests
-        arrivals = np.cumsum(rng.exponential(1.0 / rate, size=n))
-    else:  # a Poisson count, uniform times: the same process on [0, duration)
-        n = max(1, int(rng.poisson(rate * duration_s)))
-        arrivals = np.sort(rng.uniform(0.0, duration_s, size=n))
-    classes = np.where(rng.random(n) < high_fraction, "high", "low")
+    arrivals = _arrivals(rng, rate, duration_s, num_requests, burstiness)
+    n = len(arrivals)
+    classes = (np.where(rng.random(n) < high_fraction, "high", "low") if class_mix is None
+               else assign_classes(rng, n, class_mix))
     prompts = LengthDist.parse(prompt_len).sample(rng, n)
     outputs = LengthDist.parse(output_len).sample(rng, n)
-    ids = [tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB, int(prompts[i]))) for i in range(n)]
+    ids = [tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB, int(prompts[i]))) if with_ids else ()
+           for i in range(n)]
     # Drawn after everything else, so a greedy workload is the same with or without this option.
     sampled = rng.random(n) < sampled_fraction if sampled_fraction > 0 else np.zeros(n, bool)
     requests = tuple(
@@ -143,34 +148,56 @@ def poisson_workload(rate: float, *, duration_s: float | None = 20.0, num_reques
               "high_fraction": high_fraction, "prompt_len": str(LengthDist.parse(prompt_len)),
               "output_len": str(LengthDist.parse(output_len)), "seed": seed,
               "sampled_fraction": sampled_fraction, "temperature": temperature if sampled_fraction > 0 else None,
-              "sampled_requests": int(sampled.sum())}
+              "sampled_requests": int(sampled.sum()), "burstiness": burstiness}
+    if class_mix is not None:
+        params["class_mix"] = dict(class_mix)
     return Workload(requests, params)
 
 
-def load_trace(path: str | Path, *, seed: int = 0, time_scale: float = 1.0, id_prefix: str = "r") -> Workload:
-    """A JSONL trace, one request a line: `arrival_s` (offset), `class`, `prompt` (text) or
-    `prompt_len`, `output_len`, optionally `temperature` and `seed` (a sampled request).
-    `time_scale` < 1 replays it faster."""
-    rng = np.random.default_rng(seed)
-    requests = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+def _arrivals(rng: np.random.Generator, rate: float, duration_s: float | None, num_requests: int | None,
+              burstiness: float) -> np.ndarray:
+    """Arrival offsets [n]: exactly `num_requests`, or those before `duration_s`."""
+    if burstiness == 1.0:
+        if num_requests is not None:  # exponential gaps
+            return np.cumsum(rng.exponential(1.0 / rate, size=num_requests))
+        # a Poisson count, uniform times: the same process on [0, duration)
+        return np.sort(rng.uniform(0.0, duration_s, size=max(1, int(rng.poisson(rate * duration_s)))))
+    shape = 1.0 / burstiness  # gamma gaps: mean 1/rate, CV^2 = 1/shape
+    if num_requests is not None:
+        return np.cumsum(rng.gamma(shape, 1.0 / (rate * shape), size=num_requests))
+    gaps = rng.gamma(shape, 1.0 / (rate * shape), size=int(rate * duration_s * 2) + 16)
+    while gaps.sum() < duration_s:  # rare: a very bursty draw ran short
+        gaps = np.concatenate([gaps, rng.gamma(shape, 1.0 / (rate * shape), size=len(gaps))])
+    arrivals = np.cumsum(gaps)
+    return arrivals[:max(1, int(np.searchsorted(arrivals, duration_s)))]
+
+
+def assign_classes(rng: np.random.Generator, n: int, class_mix: dict[str, float]) -> np.ndarray:
+    """`n` class names drawn by `class_mix` (class -> share; shares must be >= 0 and sum to 1)."""
+    if not class_mix or any(v < 0 for v in class_mix.values()) or abs(sum(class_mix.values()) - 1) > 1e-6:
+        raise ValueError(f"class mix {class_mix}: shares must be >= 0 and sum to 1")
+    names = sorted(class_mix)
+    return np.array(names)[rng.choice(len(names), size=n, p=[class_mix[c] for c in names])]
+
+
+def parse_class_mix(text: str) -> dict[str, float]:
+    """`high=0.2,mid=0.3,low=0.5` -> {class: share}."""
+    mix = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, share = item.partition("=")
         try:
-            row = json.loads(line)
-            prompt = row.get("prompt")
-            plen = len(prompt) if prompt is not None else int(row["prompt_len"])
-            request = BenchRequest(f"{id_prefix}{len(requests):05d}", float(row["arrival_s"]) * time_scale,
-                                   str(row.get("class", "low")), plen, int(row["output_len"]), prompt,
-                                   () if prompt is not None else tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB, plen)),
-                                   temperature=float(row.get("temperature", 0.0)), seed=int(row.get("seed", 0)))
-        except (KeyError, ValueError, TypeError) as error:
-            raise ValueError(f"{path}:{line_no}: bad trace row ({error}); expected arrival_s, class, "
-                             f"prompt or prompt_len, output_len") from None
-        requests.append(request)
-    requests.sort(key=lambda r: r.arrival_s)
-    classes = [r.priority_class for r in requests]
-    params = {"kind": "trace", "path": str(path), "num_requests": len(requests), "time_scale": time_scale,
-              "high_fraction": classes.count("high") / max(1, len(classes)), "seed": seed,
-              "rate_rps": len(requests) / max(1e-9, requests[-1].arrival_s) if requests else 0.0}
-    return Workload(tuple(requests), params)
+            mix[name.strip()] = float(share)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"class mix {text!r}: expected CLASS=SHARE,... (e.g. high=0.3,low=0.7)")
+    assign_classes(np.random.default_rng(0), 0, mix)  # validates the shares
+    return mix
+
+
+def load_trace(path: str | Path, *, seed: int = 0, time_scale: float = 1.0, id_prefix: str = "r",
+               **kwargs) -> Workload:
+    """A CSV or JSONL trace (see `nitsum_jax.bench.trace.load_trace`)."""
+    from nitsum_jax.bench.trace import load_trace as load
+
+    return load(path, seed=seed, time_scale=time_scale, id_prefix=id_prefix, **kwargs)

@@ -112,6 +112,7 @@ class EngineCore:
         self.entries: dict[str, Entry] = {}  # requests not finished yet
         self.recent: collections.deque[Finished] = collections.deque(maxlen=keep_finished)
         self.completed: dict[str, int] = {c: 0 for c in classes}  # requests finished since start
+        self._attainment: tuple[int, dict[str, float]] | None = None  # (window, figures) until a request finishes
         self.switches: list[PlanSwitch] = []
         self.kv_moves = 0
         self.unhealthy: dict[str, str] = {}  # lane name -> the error that took it out
@@ -154,6 +155,7 @@ class EngineCore:
             entry = self.entries.pop(req.request_id)
             entry.finish_time = now
             self.completed[req.priority_class] += 1
+            self._attainment = None  # `recent` changed
             self.recent.append(Finished(req, tuple(entry.seq.output_ids), entry.first_token_time, now,
                                         entry.served_by, entry.error, entry.moved))
             done.append(entry)
@@ -351,7 +353,10 @@ class EngineCore:
         return Load(waiting, self.running_counts(), self.slo_attainment(), dict(self.step_s))
 
     def slo_attainment(self, window: int = 50) -> dict[str, float]:
-        """Per class, the fraction of its last `window` finished requests that met both targets."""
+        """Per class, the fraction of its last `window` finished requests that met both targets
+        (computed again only after a request finished: the control loop asks every tick)."""
+        if self._attainment is not None and self._attainment[0] == window:
+            return dict(self._attainment[1])
         met: dict[str, list[bool]] = {}
         for f in list(self.recent)[-window * len(self.classes):]:
             if f.first_token_time is None:
@@ -359,7 +364,9 @@ class EngineCore:
             cls, req = self.classes[f.request.priority_class], f.request
             met.setdefault(cls.name, []).append(figures.meets_slo(
                 f.latency, req.ttft_target_s or cls.ttft_target_s, req.tpot_target_s or cls.tpot_target_s))
-        return {c: figures.attainment(v[-window:]) for c, v in met.items()}
+        out = {c: figures.attainment(v[-window:]) for c, v in met.items()}
+        self._attainment = (window, out)
+        return dict(out)
 
     def class_stats(self) -> dict[str, dict]:
         """Per class: TTFT/TPOT/e2e p50/p99 of the recent finished requests that got a token."""
