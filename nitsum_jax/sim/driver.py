@@ -76,7 +76,6 @@ class Simulation:
                                controller=controller, keep_finished=settings.keep_finished, mover=self._migrate,
                                recompute_sample_tokens=grid.decode_batch[-1])
         self.now = 0.0
-        self.core.scheduler.clock = lambda: self.now  # the scheduler's injectable clock: virtual time
         self.core.scheduler.can_receive = lambda name: name not in self.in_step
         self.core.reset_stats(0.0)
         accelerator = model.profile.get("platform") != "cpu"
@@ -162,7 +161,7 @@ class Simulation:
         if self.blocked_until[name] > self.now:
             self._push(self.blocked_until[name], WAKE)  # look again when its migration has landed
             return
-        work = self.core.next_step(name)
+        work = self.core.next_step(name, self.now)
         self._flush_finished()
         if work:
             self._dispatch(name, work, self.chain[name])
@@ -172,7 +171,7 @@ class Simulation:
         seconds = lane.step_seconds(work)
         self.in_step[name] = InStep(work, seconds, None, chain_left)
         if chain_left > 0 and not self.switching and lane.programs(work) == 1:
-            self.in_step[name].follow = self.core.chain_step(name, work)
+            self.in_step[name].follow = self.core.chain_step(name, work, self.now)
         self._push(self.now + seconds, STEP, name)
 
     def _step_ended(self, name: str) -> None:
