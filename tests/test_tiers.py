@@ -121,3 +121,21 @@ def test_a_plan_naming_an_unknown_tier_is_refused_at_start(tiny_cfg, tiny_params
     classes = parse_classes(FOUR_TIERS)
     with pytest.raises(PlanError, match="unknown class 'high'"):
         Engine(tiny_cfg, tiny_params, parse_plans("a: high=tp1@0, all=tp1@1"), classes=classes, grid=GRID)
+
+
+def test_bench_serves_the_tiers_of_a_classes_file_by_the_class_mix(tmp_path):
+    import subprocess
+    import sys
+    import json
+
+    path = tmp_path / "tiers.toml"
+    path.write_text(FOUR_TIERS)
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "nitsum_jax.cli", "--devices", "2", "bench", "--classes", str(path),
+                    "--class-mix", "realtime=0.25,interactive=0.25,standard=0.25,batch=0.25", "--configs", "static",
+                    "--num-requests", "16", "--prompt-len", "4-8", "--output-len", "4-8", "--no-switch-probe",
+                    "--no-progress", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    results = json.loads((out / "results.json").read_text())
+    per_class = results["configs"]["static"]["classes"]
+    assert set(per_class) <= {"realtime", "interactive", "standard", "batch"} and len(per_class) >= 3
+    assert sum(c["completed"] for c in per_class.values()) == 16

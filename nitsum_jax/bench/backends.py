@@ -88,10 +88,12 @@ class EngineBackend:
 
         from nitsum_jax.engine import Engine
         from nitsum_jax.plans import read_plans
+        from nitsum_jax.scheduler import by_rank, default_classes
 
         cfg = _model_config(preset, checkpoint)
         n = num_devices or jax.device_count()
-        plan_set = read_plans(plans, n, cfg)
+        tiers = tuple(c.name for c in by_rank(engine_kwargs.get("classes") or default_classes()))
+        plan_set = read_plans(plans, n, cfg, tiers)
         if not adaptive and static_plan is not None:
             plans = static_plan
         elif not adaptive:
@@ -99,7 +101,7 @@ class EngineBackend:
             plans = str(static)
         engine = Engine.build(preset=preset, checkpoint=checkpoint, plans=plans, num_devices=n, adaptive=adaptive,
                               **engine_kwargs)
-        description = "; ".join(str(p) for p in engine.plan_set.plans.values())
+        description = "; ".join(str(p) for p in engine.plan_set.plans.values())  # the plans as written
         return cls(engine, name, description + (" (adaptive controller)" if adaptive else " (no controller)"))
 
     def begin(self) -> None:

@@ -44,6 +44,23 @@ def _budget(text: str) -> int | str:
     return value
 
 
+def _tiers(args) -> tuple[dict, dict | None]:
+    """The engine's keyword arguments (token budget, tiers) and the workload's class mix."""
+    from nitsum_jax.bench.workload import parse_class_mix
+    from nitsum_jax.scheduler import load_classes
+
+    engine_kwargs: dict = {"token_budget": args.token_budget}
+    mix = parse_class_mix(args.class_mix) if args.class_mix else None
+    if args.classes:
+        classes = load_classes(args.classes)
+        engine_kwargs["classes"] = classes
+        mix = mix or {name: 1.0 / len(classes) for name in classes}
+    if mix and "classes" in engine_kwargs and set(mix) - set(engine_kwargs["classes"]):
+        raise ValueError(f"--class-mix names {sorted(set(mix) - set(engine_kwargs['classes']))}, not in "
+                         f"--classes {sorted(engine_kwargs['classes'])}")
+    return engine_kwargs, mix
+
+
 def _configs(text: str) -> list[str]:
     names = [t for t in text.replace(",", " ").split() if t]
     bad = [n for n in names if n not in CONFIGS]
@@ -65,6 +82,12 @@ def register(subparsers) -> None:
     w.add_argument("--duration", type=float, default=DEFAULTS["duration_s"],
                    help="seconds of arrivals per rate (default: %(default)s)")
     w.add_argument("--num-requests", type=int, default=None, help="exactly this many requests instead of --duration")
+    w.add_argument("--classes", default=None, metavar="FILE",
+                   help="priority tiers, a TOML file of [[class]] tables (README: Priority tiers); requests are "
+                        "spread over them by --class-mix, else evenly (default: high and low by --high-fraction)")
+    w.add_argument("--class-mix", default=None, metavar="CLASS=SHARE,...",
+                   help="share of the requests per class, e.g. realtime=0.1,standard=0.3,batch=0.6 "
+                        "(default: --high-fraction of high, the rest low)")
     w.add_argument("--high-fraction", type=float, default=DEFAULTS["high_fraction"],
                    help="share of requests in class high (default: %(default)s)")
     w.add_argument("--prompt-len", default=DEFAULTS["prompt_len"],
@@ -149,6 +172,7 @@ def _bench(args) -> int:
     grid = BucketGrid(decode_batch=args.decode_batch, prefill_len=args.prefill_len, max_seq_len=args.max_seq_len,
                       min_move_pages=max(1, -(-args.max_seq_len // args.page_size)))  # one KV-move size
     try:
+        engine_kwargs, class_mix = _tiers(args)
         results = run_bench(configs=args.configs, rates=args.rates, duration_s=args.duration,
                             num_requests=args.num_requests, high_fraction=args.high_fraction,
                             prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed,
