@@ -23,7 +23,7 @@ class PageAllocator:
         self.page_size = page_size
         # Lowest free page first: a sequence reserved at once (a prompt, a moved sequence) gets
         # adjacent pages wherever the pool has them, which a KV move between GPUs sends by the copy
-        # engines, one pitched copy per cache array (BENCHMARKS.md, session 8); the bookkeeping is
+        # engines, one pitched copy per cache array (BENCHMARKS.md, "KV moves"); the bookkeeping is
         # vectorized (a move of 256 pages paid ~80 us of per-page Python before).
         self._used = np.zeros(num_pages, dtype=bool)
         self._num_free = num_pages

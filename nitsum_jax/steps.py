@@ -44,7 +44,7 @@ def greedy_step(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     and the cache. The lane draws non-greedy rows from the logits in a second program
     (`sampling.sample_rows`) only when the batch has some, so the step itself has no
     data-dependent branch: on GPU a conditional makes the thread that launches the step wait
-    for the device to reach it (BENCHMARKS.md, session 5: without it a TP2 serving step was
+    for the device to reach it (BENCHMARKS.md, "Engine host path": without it a TP2 serving step was
     9% shorter, a busy TP1 lane's 20%)."""
     hidden, kv = forward(params, kv, step, cfg, layout, attention)
     logits = logits_from_hidden(params, last_hidden(hidden, step.num_new), layout)

@@ -5,7 +5,7 @@ destination device (gather), sends the buffers, and writes them into the destina
 (scatter). Here each program copies whole pages: a [pages, S * H] tile of contiguous rows
 loaded and stored through a tensor of row pointers, and the scatter writes the destination
 cache in place (`input_output_aliases`), by construction rather than by XLA's buffer
-assignment. Measured with the profiler on an H200 (BENCHMARKS.md, session 3): a 0.54 GB
+assignment. Measured with the profiler on an H200 (BENCHMARKS.md, "KV moves"): a 0.54 GB
 sequence gathers in 0.27 ms and scatters in 0.28 ms (about 4 TB/s read + write), against 0.32
 and 0.29 ms for XLA's gather / scatter of 4-byte words: on par on the device. Whole moves
 between multi-GPU lanes ran 7-15% faster with the kernels in the same run (4x H200), moves

@@ -5,7 +5,7 @@ The packed path (plans/moves.py) makes three passes: a gather into one buffer pe
 a `device_put` between GPUs, and a scatter into the destination's pages. On 4x H200 a 537 MB
 (4096-token, 8B) move into or out of one GPU ran at 192-258 GB/s that way: the gather and
 scatter each take ~0.27 ms in series with the ~1.4 ms copy, and `device_put` adds ~0.5 ms before
-its copy starts (BENCHMARKS.md, sessions 3-6). Here one kernel per GPU reads each page where it
+its copy starts (BENCHMARKS.md, "KV moves"). Here one kernel per GPU reads each page where it
 lies and writes it where it goes, through unified virtual addresses with peer access enabled
 between the GPUs: no staging buffer, no second pass, no runtime copy path.
 
@@ -41,14 +41,14 @@ from nitsum_jax.settings import Settings, settings as process_settings
 MAX_ARRAYS = 16  # (source, destination) cache arrays one launch copies between
 MAX_PAGES = 448  # pages per launch: the page lists travel in the kernel's parameters (4 KB)
 # Pages whose words one thread loads before storing (loads in flight), and threads per block:
-# the best of 8 settings on 4x H100 (bench/probes/direct_tune.py, BENCHMARKS.md session 7).
+# the best of 8 settings on 4x H100 (BENCHMARKS.md, "KV moves": kernel settings on 4x H100).
 PAGES_PER_BLOCK = 4
 THREADS = 128
 MODES = ("push", "pull", "split")
 # Moves whose pages form at most this many runs (adjacent on both sides, as the lowest-first
 # allocator hands out a sequence reserved at once) go by the GPUs' copy engines, one pitched copy
 # (cuMemcpy2DAsync) per array pair and run, on ENGINE_STREAMS streams a GPU; the kernel takes the
-# rest. Device time of a TP1 -> TP1 move on 4x H200 (session 8, run B): copy engine 0.370 / 1.391
+# rest. Device time of a TP1 -> TP1 move on 4x H200 (BENCHMARKS.md, "KV moves"): copy engine 0.370 / 1.391
 # ms against the kernel's 0.384 / 1.481 at 1024 / 4096 tokens. NITSUM_MOVE_ENGINE_RUNS=0: never.
 ENGINE_RUNS = Settings().move_engine_runs  # the default of NITSUM_MOVE_ENGINE_RUNS
 ENGINE_STREAMS = 1

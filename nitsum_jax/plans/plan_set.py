@@ -36,7 +36,7 @@ class PlanSet:
         does an abstract tree (`model.abstract_params(cfg, weights="fp8")`: random fp8 weights).
         `move_pieces`: a KV move is sent in up to this many pieces of pages, so that the copy
         of one piece may overlap the transfer of the next (default: NITSUM_MOVE_PIECES, else 1:
-        on 4 GPUs two pieces were slower, BENCHMARKS.md session 3). Whether the host waits for a
+        on 4 GPUs two pieces were slower, BENCHMARKS.md, "KV moves"). Whether the host waits for a
         gather before sending it: NITSUM_MOVE_SYNC=0/1, else `_sync_for` decides per move.
         `move_transport` (default NITSUM_MOVE_TRANSPORT, else "auto"): "direct" copies pages
         GPU to GPU in one pass, by the copy engines or a kernel (kernels/peer_pages.py), "packed" gathers, sends and
@@ -165,7 +165,7 @@ class PlanSet:
                      dst_pages: list[int]) -> int:
         """One transfer per (source device, destination device) pair and piece (see moves.py).
 
-        Measured on the GPU machine (BENCHMARKS.md, session 3): a program whose input is still in
+        Measured on the GPU machine (BENCHMARKS.md, "KV moves"): a program whose input is still in
         flight from another device blocks its dispatch until the transfer lands, so every piece's
         gather is enqueued first, then its transfers, then the scatters."""
         want = -(-len(src_pages) // self.move_pieces)
@@ -194,7 +194,7 @@ class PlanSet:
 
     def _sync_for(self, src: Lane, dst: Lane) -> bool:
         """Wait on the host for the gather before `device_put`? Measured in one run on 4 GPUs
-        (BENCHMARKS.md, session 3, run K): 8-37% faster between lanes of 2+ GPUs each, 6% faster
+        (BENCHMARKS.md, "KV moves"): 8-37% faster between lanes of 2+ GPUs each, 6% faster
         to 18% slower when one side is a single GPU. So: on GPU, between multi-GPU lanes."""
         if self.move_sync is not None:
             return self.move_sync
