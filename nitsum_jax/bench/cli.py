@@ -79,6 +79,13 @@ def register(subparsers) -> None:
     w.add_argument("--trace", default=None, help="JSONL trace (arrival_s, class, prompt or prompt_len, output_len) "
                                                  "instead of Poisson arrivals")
     w.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times (default: 1)")
+    w.add_argument("--agent", default=None, metavar="N:S:R",
+                   help="multi-turn agent conversations instead of single requests: N calls each, a shared "
+                        "system prompt of S tokens, a tool result of R tokens added per call; --rates are then "
+                        "conversations/s, --num-requests counts conversations, --high-fraction is the share of "
+                        "high conversations (docs/prefix-cache.md)")
+    w.add_argument("--think-time", type=float, default=1.0,
+                   help="with --agent: mean seconds between a conversation's calls (default: %(default)s)")
     e = p.add_argument_group("what is measured")
     e.add_argument("--configs", type=_configs, default=list(CONFIGS),
                    help="comma-separated, run in this order (default: static,adaptive)")
@@ -102,6 +109,8 @@ def register(subparsers) -> None:
                    help="new tokens a lane's step may carry: a number, or 'auto' (512, and lanes serving "
                         "urgent tiers limit their prefill tokens from measured step costs to keep the tier's "
                         "TPOT target) (default: %(default)s)")
+    e.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute every prompt: no reuse of cached K/V pages of a shared prefix")
     e.add_argument("--no-switch-probe", action="store_true",
                    help="skip timing plan switches and KV moves on each idle engine after its runs")
     e.add_argument("--target", default=None, help="host:port of a running nitsum-jax gRPC server, or http://host:port "
@@ -144,7 +153,8 @@ def _bench(args) -> int:
     grid = BucketGrid(decode_batch=args.decode_batch, prefill_len=args.prefill_len, max_seq_len=args.max_seq_len,
                       min_move_pages=max(1, -(-args.max_seq_len // args.page_size)))  # one KV-move size
     try:
-        results = run_bench(configs=args.configs, rates=args.rates, duration_s=args.duration,
+        workloads = _agent_workloads(args) if args.agent else None
+        results = run_bench(workloads=workloads, configs=args.configs, rates=args.rates, duration_s=args.duration,
                             num_requests=args.num_requests, high_fraction=args.high_fraction,
                             prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed,
                             trace=args.trace, time_scale=args.time_scale, preset=args.preset,
@@ -155,10 +165,27 @@ def _bench(args) -> int:
                             console=console, progress=not args.no_progress,
                             sampled_fraction=args.sampled_fraction, temperature=args.temperature,
                             switch_probe=not args.no_switch_probe,
-                            engine_kwargs={"token_budget": args.token_budget, "weights": args.weights})
+                            engine_kwargs={"token_budget": args.token_budget, "weights": args.weights,
+                                           "prefix_cache": not args.no_prefix_cache})
     except (ValueError, RuntimeError) as error:
         print(f"nitsum-jax: error: {error}", file=sys.stderr)
         return 2
     print_tables(results, console)
+    for name, config in results["configs"].items():  # the prefix cache's figures (results.json: prefix_cache)
+        if config.get("prefix_cache"):
+            total = config["prefix_cache"]["total"]
+            state = "on" if config["prefix_cache"]["enabled"] else "off"
+            console.print(f"{name}: prefix cache {state}, {total['cached_tokens']} of {total['prompt_tokens']} prompt "
+                          f"tokens cached (hit rate {total['hit_rate'] or 0:.1%})")
     console.print(f"wrote {args.out}/results.json, report.md, requests.jsonl, {', '.join(results['plots'])}")
     return 0
+
+
+def _agent_workloads(args) -> list:
+    from nitsum_jax.bench.workload import agent_workload
+
+    return [agent_workload(rate, args.agent, duration_s=args.duration, num_conversations=args.num_requests,
+                           high_fraction=args.high_fraction, output_len=args.output_len, think_s=args.think_time,
+                           seed=args.seed, id_prefix="a" if len(args.rates) == 1 else f"rate{k}-a",
+                           max_seq_len=args.max_seq_len)
+            for k, rate in enumerate(args.rates)]

@@ -349,6 +349,7 @@ class EngineCore:
         self.busy_s = {name: 0.0 for name in self.lanes}
         self.steps = {name: 0 for name in self.lanes}
         self.plan_history: list[tuple[float, str]] = [(now, self.plan_name)]
+        self.scheduler.prefix_counts.clear()  # hit rates count from here too
 
     def lanes_info(self) -> list[dict]:
         """Every lane of the plan set: name, device ids, TP degree, KV pages, health, whether in
