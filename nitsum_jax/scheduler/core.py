@@ -199,13 +199,16 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         lane.running.remove(req)
         if req.request_id in lane.allocator:
             lane.allocator.free(req.request_id)
-        req.state, req.finish_reason = State.FINISHED, reason
-        self.finished.append(req)
+        self._ended(req, reason)
 
     def drop_waiting(self, req: Request, reason: str) -> None:
         """A waiting request ends without running (no lane can serve it)."""
         self.queues.remove(req)
-        req.state, req.finish_reason = State.FINISHED, reason
+        self._ended(req, reason)
+
+    def _ended(self, req: Request, reason: str) -> None:
+        # Its page keys (32 bytes a prompt page) are not needed any more: the finished record stays small.
+        req.state, req.finish_reason, req.page_keys = State.FINISHED, reason, ()
         self.finished.append(req)
 
     # -- lanes ---------------------------------------------------------------------------
