@@ -30,13 +30,17 @@ def page_keys(token_ids: Sequence[int], page_size: int, salt: str | None = None)
     (None: the shared namespace), so two prompts share the keys of exactly their common full
     pages, and prompts of different salts share none. 256 bits: a collision would hand one
     request another's K/V, so the key is as wide as a content hash needs to be."""
-    ids = np.asarray(token_ids, dtype="<i4")  # [tokens]
-    parent = hashlib.blake2b(b"\0" if salt is None else b"\1" + salt.encode(), digest_size=32).digest()
-    keys = []
-    for start in range(0, len(ids) - page_size + 1, page_size):
-        parent = hashlib.blake2b(parent + ids[start:start + page_size].tobytes(), digest_size=32).digest()
-        keys.append(parent)
+    keys: list[bytes] = []
+    for start in range(0, len(token_ids) - page_size + 1, page_size):
+        keys.append(next_page_key(keys[-1] if keys else None, token_ids[start:start + page_size], salt))
     return keys
+
+
+def next_page_key(parent: bytes | None, page_tokens: Sequence[int], salt: str | None = None) -> bytes:
+    """The key of the full page `page_tokens` after the page keyed `parent` (None: the first page)."""
+    if parent is None:
+        parent = hashlib.blake2b(b"\0" if salt is None else b"\1" + salt.encode(), digest_size=32).digest()
+    return hashlib.blake2b(parent + np.asarray(page_tokens, dtype="<i4").tobytes(), digest_size=32).digest()
 
 
 class PageAllocator:

@@ -18,7 +18,7 @@ import logging
 from typing import Callable, Protocol, Sequence as Seq
 
 from nitsum_jax.engine import stats as figures
-from nitsum_jax.pages import PageAllocator, page_keys
+from nitsum_jax.pages import PageAllocator, next_page_key, page_keys
 from nitsum_jax.plans.spec import LaneSpec, Plan
 from nitsum_jax.sampling import SamplingParams
 from nitsum_jax.scheduler import (CostModel, LaneQueue, Move, PriorityClass, Request, Scheduler, State, SwitchPlan,
@@ -49,6 +49,7 @@ class Entry:
     served_by: tuple[str, str, int] | None = None  # (plan, lane, tp) of its last step
     error: str | None = None  # why it finished with "error"
     moved: int = 0  # KV moves between lanes
+    cache_salt: str | None = None  # its prefix-cache namespace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +152,7 @@ class EngineCore:
         req = Request(request_id, priority_class, len(prompt_ids), sampling.max_tokens, now,
                       None if deadline_s is None else now + deadline_s, ttft_target_s=ttft, tpot_target_s=tpot,
                       page_keys=tuple(prompt_keys))
-        entry = Entry(req, Sequence(request_id, prompt_ids, sampling, seed))
+        entry = Entry(req, Sequence(request_id, prompt_ids, sampling, seed), cache_salt=cache_salt)
         self.scheduler.submit(req)
         self.entries[request_id] = entry
         return entry
@@ -232,6 +233,8 @@ class EngineCore:
                 entry = self.entries[req.request_id]
                 entry.seq.output_logprobs.append(logprobs[i])
                 append_token(entry.seq, tokens[i], self.tokenizer, self.eos_token_ids)
+                if self.prefix_cache and entry.seq.total_len % self.page_size == 0:
+                    self._key_last_page(entry)
                 entry.served_by = served_by
                 if entry.first_token_time is None:
                     entry.first_token_time = now
@@ -240,6 +243,16 @@ class EngineCore:
                     finished[req.request_id] = entry.seq.finish_reason
         self.scheduler.complete(lane_name, work, finished=finished)
         return emitted
+
+    def _key_last_page(self, entry: Entry) -> None:
+        """The newest token completed a page: key it, chained on from the prompt's keys, so that a
+        later prompt carrying this answer (an agent's next call) reuses its pages too."""
+        req, seq, ps = entry.request, entry.seq, self.page_size
+        if len(req.page_keys) != seq.total_len // ps - 1:
+            return  # an earlier page has no key (the cache was off when it was made)
+        tail = seq.output_ids[-ps:]
+        page = tail if len(tail) == ps else seq.prompt_ids[len(seq.prompt_ids) - (ps - len(tail)):] + tail
+        req.page_keys += (next_page_key(req.page_keys[-1] if req.page_keys else None, page, entry.cache_salt),)
 
     def _learn_budget(self, lane_name: str, work: list[Work], seconds: float) -> None:
         """Step time ~ decode step + prefill tokens x marginal cost, both measured on this lane

@@ -207,7 +207,7 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         self._ended(req, reason)
 
     def _ended(self, req: Request, reason: str) -> None:
-        # Its page keys (32 bytes a prompt page) are not needed any more: the finished record stays small.
+        # Its page keys (32 bytes a page) are not needed any more: the finished record stays small.
         req.state, req.finish_reason, req.page_keys = State.FINISHED, reason, ()
         self.finished.append(req)
 

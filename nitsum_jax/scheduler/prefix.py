@@ -1,6 +1,6 @@
 """Prefix caching as the scheduler sees it: which cached pages a request reuses at admission,
-which lane of the plan should admit it, and which of its prompt pages it offers to its lane's
-cache. A part of `Scheduler` (its state changes stay in the scheduler).
+which lane of the plan should admit it, and which of its computed full pages (prompt and
+output: the engine core keys output pages as they fill) it offers to its lane's cache. A part of `Scheduler` (its state changes stay in the scheduler).
 
 The lane rule. Among the lanes of the plan that serve the request's tier and could take it now
 (a free batch slot, pages for its first chunk, healthy), the request goes to the lane with the
@@ -89,7 +89,7 @@ class PrefixReuse:
         counts[2] += req.cached_tokens
 
     def _publish(self, lane: LaneQueue, req: Request) -> None:
-        """Offer the request's newly computed full prompt pages to the lane's cache."""
+        """Offer the request's newly computed full pages that have keys to the lane's cache."""
         full = min(len(req.page_keys), req.num_computed // lane.allocator.page_size)
         if full <= req.published or req.lane != lane.name:
             return
