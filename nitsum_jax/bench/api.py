@@ -130,7 +130,8 @@ def run_bench(*, configs: Sequence[str] = CONFIGS, rates: Sequence[float] = DEFA
                              "plan_switch_log": window.get("plan_switches") or [],
                              "lane_busy_s": window.get("lane_busy_s"), "steps": window.get("steps"),
                              "chained_steps": window.get("chained_steps"),
-                             "sampler_runs": window.get("sampler_runs")})
+                             "sampler_runs": window.get("sampler_runs"),
+                             "prefix_cache": window.get("prefix_cache")})
                 results["requests"] += [{"config": name, "rate_index": k, "rate_rps": workload.params["rate_rps"],
                                          **r} for r in run["records"]]
             head = runs[0]

@@ -145,6 +145,7 @@ class EngineBackend:
             # (seconds since begin(), plan); the plan in force at begin() comes first
             "plan_history": [(max(0.0, t - t0), plan) for t, plan in stats.get("plan_history", [])],
             "lanes": stats.get("lanes"),
+            "prefix_cache": stats.get("prefix_cache"),  # hit rates since begin()
         }
 
     def switch_costs(self, repeats: int = 3) -> dict | None:

@@ -45,11 +45,13 @@ def _budget(text: str) -> int | str:
 
 
 def _tiers(args) -> tuple[dict, dict | None]:
-    """The engine's keyword arguments (token budget, tiers) and the workload's class mix."""
+    """The engine's keyword arguments (token budget, weights, prefix cache, tiers) and the
+    workload's class mix."""
     from nitsum_jax.bench.workload import parse_class_mix
     from nitsum_jax.scheduler import load_classes
 
-    engine_kwargs: dict = {"token_budget": args.token_budget}
+    engine_kwargs: dict = {"token_budget": args.token_budget, "weights": args.weights,
+                           "prefix_cache": not args.no_prefix_cache}
     mix = parse_class_mix(args.class_mix) if args.class_mix else None
     if args.classes:
         classes = load_classes(args.classes)
@@ -105,6 +107,13 @@ def register(subparsers) -> None:
     w.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times (default: 1)")
     w.add_argument("--target-rates", type=_floats, default=None, help="replay the trace once per rate, scaled to it")
     w.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: squared CV of the gaps (1: Poisson)")
+    w.add_argument("--agent", default=None, metavar="N:S:R",
+                   help="multi-turn agent conversations instead of single requests: N calls each, a shared "
+                        "system prompt of S tokens, a tool result of R tokens added per call; --rates are then "
+                        "conversations/s, --num-requests counts conversations, --high-fraction is the share of "
+                        "high conversations (docs/prefix-cache.md)")
+    w.add_argument("--think-time", type=float, default=1.0,
+                   help="with --agent: mean seconds between a conversation's calls (default: %(default)s)")
     e = p.add_argument_group("what is measured")
     e.add_argument("--configs", type=_configs, default=list(CONFIGS),
                    help="comma-separated, run in this order (default: static,adaptive)")
@@ -130,6 +139,8 @@ def register(subparsers) -> None:
                         "TPOT target) (default: %(default)s)")
     e.add_argument("--baselines", choices=["best-static"], default=None,
                    help="also every static partition of the devices (shared and dedicated), each its own engine")
+    e.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute every prompt: no reuse of cached K/V pages of a shared prefix")
     e.add_argument("--no-switch-probe", action="store_true",
                    help="skip timing plan switches and KV moves on each idle engine after its runs")
     e.add_argument("--target", default=None, help="host:port of a running nitsum-jax gRPC server, or http://host:port "
@@ -173,7 +184,8 @@ def _bench(args) -> int:
                       min_move_pages=max(1, -(-args.max_seq_len // args.page_size)))  # one KV-move size
     try:
         engine_kwargs, class_mix = _tiers(args)
-        results = run_bench(configs=args.configs, rates=args.rates, duration_s=args.duration,
+        workloads = _agent_workloads(args) if args.agent else None
+        results = run_bench(workloads=workloads, configs=args.configs, rates=args.rates, duration_s=args.duration,
                             num_requests=args.num_requests, high_fraction=args.high_fraction,
                             prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed,
                             trace=args.trace, time_scale=args.time_scale, target_rates=args.target_rates,
@@ -185,10 +197,26 @@ def _bench(args) -> int:
                             console=console, progress=not args.no_progress,
                             sampled_fraction=args.sampled_fraction, temperature=args.temperature,
                             switch_probe=not args.no_switch_probe,
-                            engine_kwargs={"token_budget": args.token_budget, "weights": args.weights})
+                            class_mix=class_mix, engine_kwargs=engine_kwargs)
     except (ValueError, RuntimeError) as error:
         print(f"nitsum-jax: error: {error}", file=sys.stderr)
         return 2
     print_tables(results, console)
+    for name, config in results["configs"].items():  # the prefix cache's figures (results.json: prefix_cache)
+        if config.get("prefix_cache"):
+            total = config["prefix_cache"]["total"]
+            state = "on" if config["prefix_cache"]["enabled"] else "off"
+            console.print(f"{name}: prefix cache {state}, {total['cached_tokens']} of {total['prompt_tokens']} prompt "
+                          f"tokens cached (hit rate {total['hit_rate'] or 0:.1%})")
     console.print(f"wrote {args.out}/results.json, report.md, requests.jsonl, {', '.join(results['plots'])}")
     return 0
+
+
+def _agent_workloads(args) -> list:
+    from nitsum_jax.bench.workload import agent_workload
+
+    return [agent_workload(rate, args.agent, duration_s=args.duration, num_conversations=args.num_requests,
+                           high_fraction=args.high_fraction, output_len=args.output_len, think_s=args.think_time,
+                           seed=args.seed, id_prefix="a" if len(args.rates) == 1 else f"rate{k}-a",
+                           max_seq_len=args.max_seq_len)
+            for k, rate in enumerate(args.rates)]

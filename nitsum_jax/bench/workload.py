@@ -201,3 +201,82 @@ def load_trace(path: str | Path, *, seed: int = 0, time_scale: float = 1.0, id_p
     from nitsum_jax.bench.trace import load_trace as load
 
     return load(path, seed=seed, time_scale=time_scale, id_prefix=id_prefix, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentShape:
+    """`"N:S:R"`: agent conversations of N calls sharing a system prompt of S tokens, each call
+    adding a tool result of R tokens."""
+
+    calls: int
+    system_len: int
+    tool_len: int
+
+    @classmethod
+    def parse(cls, text: str) -> "AgentShape":
+        try:
+            calls, system_len, tool_len = (int(t) for t in str(text).split(":"))
+        except ValueError:
+            raise ValueError(f"agent shape {text!r}: expected CALLS:SYSTEM_TOKENS:TOOL_TOKENS, e.g. 6:512:64") from None
+        if calls < 1 or system_len < 0 or tool_len < 1:
+            raise ValueError(f"agent shape {text!r}: calls must be >= 1, system tokens >= 0, tool tokens >= 1")
+        return cls(calls, system_len, tool_len)
+
+    def __str__(self) -> str:
+        return f"{self.calls}:{self.system_len}:{self.tool_len}"
+
+
+def agent_workload(rate: float, shape: AgentShape | str, *, duration_s: float | None = 20.0,
+                   num_conversations: int | None = None, high_fraction: float = 0.3, output_len: str = "16-48",
+                   think_s: float = 1.0, seed: int = 0, id_prefix: str = "a",
+                   max_seq_len: int | None = None) -> Workload:
+    """Multi-turn agent conversations arriving as a Poisson process at `rate` conversations/s for
+    `duration_s` (or exactly `num_conversations`), each of `shape.calls` calls in one tier (`high`
+    for `high_fraction` of the conversations, else `low`). Every conversation starts from one
+    system prompt of `shape.system_len` tokens, shared by all; call k's prompt is call k-1's
+    prompt + call k-1's answer + a new tool result of `shape.tool_len` tokens (call 1: the system
+    prompt + a tool result). The answer's tokens are not known before the run, so the answer in
+    the next prompt is stand-in tokens as many as the previous call's output length, drawn from
+    the seed like the rest: what a later call can find cached is its predecessors' prompts.
+    Calls are sent open loop, call k a think time after call k-1 was sent (exponential, mean
+    `think_s`), so every configuration sees the same requests at the same offsets."""
+    shape = AgentShape.parse(shape) if isinstance(shape, str) else shape
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0 conversations/s, got {rate}")
+    if not 0.0 <= high_fraction <= 1.0:
+        raise ValueError(f"high_fraction must be in [0, 1], got {high_fraction}")
+    if think_s < 0:
+        raise ValueError(f"think time must be >= 0 s, got {think_s}")
+    if num_conversations is None and (duration_s is None or duration_s <= 0):
+        raise ValueError("give num_conversations or a duration_s > 0")
+    rng = np.random.default_rng(seed)
+    if num_conversations is not None:
+        starts = np.cumsum(rng.exponential(1.0 / rate, size=num_conversations))
+    else:
+        starts = np.sort(rng.uniform(0.0, duration_s, size=max(1, int(rng.poisson(rate * duration_s)))))
+    n = len(starts)
+    tiers = np.where(rng.random(n) < high_fraction, "high", "low")
+    outputs = LengthDist.parse(output_len).sample(rng, n * shape.calls).reshape(n, shape.calls)
+    gaps = rng.exponential(think_s, size=(n, shape.calls)) if think_s > 0 else np.zeros((n, shape.calls))
+    system = rng.integers(0, PROMPT_VOCAB, shape.system_len).tolist()
+    requests = []
+    for c in range(n):
+        prompt, at = list(system), float(starts[c])
+        for k in range(shape.calls):
+            if k:
+                prompt += rng.integers(0, PROMPT_VOCAB, int(outputs[c, k - 1])).tolist()  # the answer's stand-in
+                at += float(gaps[c, k])
+            prompt += rng.integers(0, PROMPT_VOCAB, shape.tool_len).tolist()
+            requests.append(BenchRequest(f"{id_prefix}{c:04d}-{k:02d}", round(at, 6), str(tiers[c]), len(prompt),
+                                         int(outputs[c, k]), prompt_ids=tuple(prompt)))
+    longest = max(r.prompt_len + r.output_len for r in requests)
+    if max_seq_len is not None and longest > max_seq_len:
+        raise ValueError(f"agent shape {shape} with outputs {output_len}: the longest call needs {longest} tokens "
+                         f"(prompt + output), over the context limit {max_seq_len}; use fewer or shorter calls")
+    requests.sort(key=lambda r: r.arrival_s)
+    params = {"kind": "agent", "rate_rps": rate * shape.calls, "conversation_rate": rate, "agent": str(shape),
+              "calls": shape.calls, "system_len": shape.system_len, "tool_len": shape.tool_len,
+              "conversations": n, "num_requests": len(requests), "duration_s": duration_s,
+              "high_fraction": high_fraction, "output_len": str(LengthDist.parse(output_len)),
+              "think_s": think_s, "seed": seed}
+    return Workload(tuple(requests), params)

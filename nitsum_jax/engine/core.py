@@ -18,7 +18,7 @@ import logging
 from typing import Callable, Protocol, Sequence as Seq
 
 from nitsum_jax.engine import stats as figures
-from nitsum_jax.pages import PageAllocator
+from nitsum_jax.pages import PageAllocator, next_page_key, page_keys
 from nitsum_jax.plans.spec import LaneSpec, Plan
 from nitsum_jax.sampling import SamplingParams
 from nitsum_jax.scheduler import (CostModel, LaneQueue, Move, PriorityClass, Request, Scheduler, State, SwitchPlan,
@@ -49,6 +49,7 @@ class Entry:
     served_by: tuple[str, str, int] | None = None  # (plan, lane, tp) of its last step
     error: str | None = None  # why it finished with "error"
     moved: int = 0  # KV moves between lanes
+    cache_salt: str | None = None  # its prefix-cache namespace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Finished:
     served_by: tuple[str, str, int] | None
     error: str | None
     moved: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def latency(self) -> figures.Latency:
@@ -88,13 +90,14 @@ class EngineCore:
                  max_batch: int = 8, costs: CostModel | None = None, controller: PlanController | None = None,
                  tokenizer=None, eos_token_ids: Seq[int] = (), keep_finished: int = 1000,
                  mover: Callable[[Request, str, str], None] | None = None, recompute_sample_tokens: int = 0,
-                 tpot_budget: bool = False):
+                 tpot_budget: bool = False, prefix_cache: bool = True):
         """`lanes`: every lane of the plan set by name. `mover`: carries out a preemption victim's
         KV move at once (the driver's; None: victims are recomputed). `recompute_sample_tokens`:
         a step with more new tokens than this is a sample of the recompute cost. `tpot_budget`:
         a lane that serves an urgent tier limits the prefill tokens of its steps, from its measured
         step costs, so that a step stays within that tier's TPOT target (`_learn_budget`); lanes of
-        relaxed tiers only keep `token_budget`."""
+        relaxed tiers only keep `token_budget`. `prefix_cache`: requests reuse the cached K/V pages
+        of their prompt's prefix on a lane (keyed by content and `cache_salt`; docs/prefix-cache.md)."""
         self.classes, self.plans = classes, {p.name: p for p in plans}
         self.lanes, self.max_batch = lanes, max_batch
         self.tokenizer, self.eos_token_ids = tokenizer, tuple(eos_token_ids)
@@ -118,15 +121,25 @@ class EngineCore:
         self.unhealthy: dict[str, str] = {}  # lane name -> the error that took it out
         self.pending_switch: tuple[str, str] | None = None  # (plan, reason)
         self.step_s: dict[str, float] = {}  # lane -> decode step seconds (EMA)
+        self.prefix_cache = prefix_cache
+        page_sizes = {lane.allocator.page_size for lane in lanes.values()}
+        if prefix_cache and len(page_sizes) > 1:
+            raise ValueError(f"prefix caching needs one page size on every lane, got {sorted(page_sizes)}")
+        self.page_size = page_sizes.pop() if page_sizes else 1
+        self.scheduler.can_admit = lambda lane_name: lane_name not in self.unhealthy
         self.reset_stats(0.0)
 
     # -- requests ------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, seed: int,
                priority_class: str, now: float, deadline_s: float | None = None,
-               slo_targets: tuple[float | None, float | None] = (None, None)) -> Entry:
+               slo_targets: tuple[float | None, float | None] = (None, None), cache_salt: str | None = None,
+               prompt_keys: Seq[bytes] | None = None) -> Entry:
         """Queue a validated prompt; raises ValueError (unknown class) or QueueFull. `slo_targets`:
         (TTFT, TPOT) seconds for this request where stricter than its class's (None: the class's);
-        its SLO attainment, which the plan controller reads, is judged by them."""
+        its SLO attainment, which the plan controller reads, is judged by them. `cache_salt`: the
+        prefix-cache namespace (None: the shared one); a request reuses only pages cached under its
+        own salt. `prompt_keys`: `self.prompt_keys(prompt_ids, cache_salt)`, when the caller
+        computed them already (outside a lock others need)."""
         if priority_class not in self.classes:
             raise ValueError(f"unknown priority class {priority_class!r}; known: {sorted(self.classes)}")
         self.now = now
@@ -135,12 +148,19 @@ class EngineCore:
         cls = self.classes[priority_class]
         ttft, tpot = (None if t is None else min(t, c) for t, c in zip(slo_targets, (cls.ttft_target_s,
                                                                                   cls.tpot_target_s)))
+        if prompt_keys is None:
+            prompt_keys = self.prompt_keys(prompt_ids, cache_salt)
         req = Request(request_id, priority_class, len(prompt_ids), sampling.max_tokens, now,
-                      None if deadline_s is None else now + deadline_s, ttft_target_s=ttft, tpot_target_s=tpot)
-        entry = Entry(req, Sequence(request_id, prompt_ids, sampling, seed))
+                      None if deadline_s is None else now + deadline_s, ttft_target_s=ttft, tpot_target_s=tpot,
+                      page_keys=tuple(prompt_keys))
+        entry = Entry(req, Sequence(request_id, prompt_ids, sampling, seed), cache_salt=cache_salt)
         self.scheduler.submit(req)
         self.entries[request_id] = entry
         return entry
+
+    def prompt_keys(self, prompt_ids: Seq[int], cache_salt: str | None = None) -> list[bytes]:
+        """The content keys of the prompt's full pages (none with the prefix cache off). Reads no state."""
+        return page_keys(prompt_ids, self.page_size, cache_salt) if self.prefix_cache else []
 
     def cancel(self, request_id: str) -> None:
         """The request leaves at its lane's next step boundary (or now, if it waits)."""
@@ -157,7 +177,7 @@ class EngineCore:
             self.completed[req.priority_class] += 1
             self._attainment = None  # `recent` changed
             self.recent.append(Finished(req, tuple(entry.seq.output_ids), entry.first_token_time, now,
-                                        entry.served_by, entry.error, entry.moved))
+                                        entry.served_by, entry.error, entry.moved, req.cached_tokens or 0))
             done.append(entry)
         return done
 
@@ -215,6 +235,8 @@ class EngineCore:
                 entry = self.entries[req.request_id]
                 entry.seq.output_logprobs.append(logprobs[i])
                 append_token(entry.seq, tokens[i], self.tokenizer, self.eos_token_ids)
+                if self.prefix_cache and entry.seq.total_len % self.page_size == 0:
+                    self._key_last_page(entry)
                 entry.served_by = served_by
                 if entry.first_token_time is None:
                     entry.first_token_time = now
@@ -223,6 +245,16 @@ class EngineCore:
                     finished[req.request_id] = entry.seq.finish_reason
         self.scheduler.complete(lane_name, work, finished=finished)
         return emitted
+
+    def _key_last_page(self, entry: Entry) -> None:
+        """The newest token completed a page: key it, chained on from the prompt's keys, so that a
+        later prompt carrying this answer (an agent's next call) reuses its pages too."""
+        req, seq, ps = entry.request, entry.seq, self.page_size
+        if len(req.page_keys) != seq.total_len // ps - 1:
+            return  # an earlier page has no key (the cache was off when it was made)
+        tail = seq.output_ids[-ps:]
+        page = tail if len(tail) == ps else seq.prompt_ids[len(seq.prompt_ids) - (ps - len(tail)):] + tail
+        req.page_keys += (next_page_key(req.page_keys[-1] if req.page_keys else None, page, entry.cache_salt),)
 
     def _learn_budget(self, lane_name: str, work: list[Work], seconds: float) -> None:
         """Step time ~ decode step + prefill tokens x marginal cost, both measured on this lane
@@ -258,6 +290,7 @@ class EngineCore:
         for a plan without it. With no such plan, requests no remaining lane serves fail."""
         _log.error("lane %s failed, marked unhealthy: %s", lane_name, error)
         self.unhealthy[lane_name] = f"{type(error).__name__}: {error}"
+        self.lanes[lane_name].allocator.drop_cached()  # what a failed lane computed is not reused
         if self.controller is not None:
             self.controller.mark_unhealthy(lane_name)
         if lane_name not in self.scheduler.lanes:
@@ -310,6 +343,10 @@ class EngineCore:
         record = PlanSwitch(now, self.plan_name, plan_name, reason, duration_s, moved,
                             len(plan.recomputed) + len(plan.moves) - moved, moved_bytes, move_s)
         self.switches.append(record)
+        current = {s.name for s in self.plans[plan_name].lanes}
+        for name, lane in self.lanes.items():
+            if name not in current:  # a lane out of the plan admits nothing: its idle cached pages go
+                lane.allocator.drop_cached()
         self.plan_name = plan_name
         self.plan_history.append((now, plan_name))
         self.pending_switch = None
@@ -327,6 +364,7 @@ class EngineCore:
         self.busy_s = {name: 0.0 for name in self.lanes}
         self.steps = {name: 0 for name in self.lanes}
         self.plan_history: list[tuple[float, str]] = [(now, self.plan_name)]
+        self.scheduler.prefix_counts.clear()  # hit rates count from here too
 
     def lanes_info(self) -> list[dict]:
         """Every lane of the plan set: name, device ids, TP degree, KV pages, health, whether in
@@ -335,10 +373,17 @@ class EngineCore:
         current = {s.name: s.classes for s in self.plans[self.plan_name].lanes}
         return [{"name": name, "devices": [int(d) for d in lane.spec.devices], "tp": lane.spec.tp,
                  "kv_pages_used": lane.allocator.num_used, "kv_pages_total": lane.allocator.num_pages,
-                 "healthy": name not in self.unhealthy, "in_plan": name in current,
+                 "kv_pages_cached": lane.allocator.num_cached, "healthy": name not in self.unhealthy,
+                 "in_plan": name in current,
                  "serves": list(current.get(name, ())),  # the classes it serves in the current plan
                  "decode_step_s": self.step_s.get(name)}
                 for name, lane in self.lanes.items()]
+
+    def prefix_stats(self) -> dict:
+        """Whether the prefix cache is on; hit rates (cached prompt tokens / prompt tokens, at
+        first admissions) by tier, by lane and in total; idle cached pages per lane."""
+        return {"enabled": self.prefix_cache, **self.scheduler.prefix_stats(),
+                "cached_pages": {name: lane.allocator.num_cached for name, lane in self.lanes.items()}}
 
     def running_counts(self) -> dict[str, int]:
         """Running requests per class, over the lanes of the current plan."""

@@ -55,6 +55,12 @@ class RequestHandle:
         return self._entry.moved
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose K/V came from the prefix cache at the request's first admission (0
+        until it is admitted, and with the cache off)."""
+        return self._entry.request.cached_tokens or 0
+
+    @property
     def done(self) -> bool:
         return self._done.is_set()
 

@@ -60,7 +60,8 @@ class Engine:
                  num_pages: int = 256, page_size: int = 16, grid: BucketGrid = BucketGrid(),
                  devices: list | None = None, token_budget: int | dict[str, int] | str = 512,
                  initial_plan: str | None = None, controller: PlanController | None = None,
-                 gil_switch_s: float | None | str = "settings", chain_steps: int | None = None):
+                 gil_switch_s: float | None | str = "settings", chain_steps: int | None = None,
+                 prefix_cache: bool = True):
         """`classes`: the tiers (default `high`/`low`); every lane must name known classes.
         `token_budget`: new tokens a lane's step may carry (an int, {lane: int}, or "auto": 512, and
         lanes serving urgent tiers limit their prefill tokens from measured step costs so a step
@@ -70,7 +71,8 @@ class Engine:
         (`sys.setswitchinterval`, restored by `close()`; default from NITSUM_GIL_SWITCH_S; None
         leaves it). `chain_steps`: at most this many decode steps dispatched ahead of their
         predecessor's tokens (`_timed_step`), for every lane; None: NITSUM_CHAIN_STEPS if set,
-        else 64 for single-GPU lanes on accelerators and 0 for the rest (`self.chain_steps`)."""
+        else 64 for single-GPU lanes on accelerators and 0 for the rest (`self.chain_steps`).
+        `prefix_cache`: reuse the cached K/V pages of a prompt's prefix (docs/prefix-cache.md)."""
         self.classes = classes or default_classes()
         for warning in check_plan_classes(plans, self.classes):
             _log.warning(warning)
@@ -84,7 +86,7 @@ class Engine:
                                max_batch=max(grid.decode_batch),
                                costs=CostModel(kv_bytes_per_token=kv_bytes_per_page(cfg, 1)), controller=controller,
                                tokenizer=tokenizer, eos_token_ids=cfg.eos_token_ids, mover=self._migrate,
-                               recompute_sample_tokens=max(grid.decode_batch))
+                               recompute_sample_tokens=max(grid.decode_batch), prefix_cache=prefix_cache)
         self.core.reset_stats(time.monotonic())
         self._faults: dict[str, Exception] = {}  # test hook: lane name -> error its next step raises
         self._handles: dict[str, RequestHandle] = {}  # requests not finished yet
@@ -131,21 +133,24 @@ class Engine:
     def submit(self, prompt: str | Seq[int], sampling: SamplingParams = SamplingParams(), *,
                priority_class: str = "low", deadline_s: float | None = None,
                request_id: str | None = None,
-               slo_targets: tuple[float | None, float | None] = (None, None)) -> RequestHandle:
+               slo_targets: tuple[float | None, float | None] = (None, None),
+               cache_salt: str | None = None) -> RequestHandle:
         """Queue a prompt (text or token ids) under `priority_class`; returns at once. `deadline_s`:
         seconds from now after which the request ends with finish_reason "deadline". `slo_targets`:
-        (TTFT, TPOT) seconds where stricter than the class's (a gateway's SLO headers). Raises
-        ValueError (unknown class) or a RequestError/SamplingError naming the bad value."""
+        (TTFT, TPOT) seconds where stricter than the class's (a gateway's SLO headers). `cache_salt`:
+        the prefix-cache namespace (None: shared by every request without one; a server passes the
+        tenant's). Raises ValueError (unknown class) or a RequestError/SamplingError naming the bad value."""
         if priority_class not in self.classes:
             raise ValueError(f"unknown priority class {priority_class!r}; known: {sorted(self.classes)}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         validate_prompt(ids, sampling, self.cfg.vocab_size, self.grid.max_seq_len)
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        keys = self.core.prompt_keys(ids, cache_salt)  # hashing the prompt needs no lock
         with self._lock:
             self._ids += 1
             rid = request_id or f"req-{self._ids}"
             entry = self.core.submit(rid, ids, sampling, seed, priority_class, time.monotonic(), deadline_s,
-                                     slo_targets)
+                                     slo_targets, cache_salt, keys)
             handle = RequestHandle(entry, self._cancel)
             self._handles[rid] = handle
         self._wake()
@@ -199,7 +204,8 @@ class Engine:
         waiting requests per class; KV pages in use per lane; plan switches, preemptions, KV moves;
         `lanes` (as `lanes_info`); busy seconds, steps, chained decode steps and sampler runs
         (programs with a sampled row) per lane, `device_busy_fraction`, `plan_history`
-        ([(time, plan), ...]) since `reset_stats`; unhealthy lanes."""
+        ([(time, plan), ...]) since `reset_stats`; unhealthy lanes; `prefix_cache` (on or off, hit
+        rates by tier, lane and in total, idle cached pages per lane)."""
         with self._lock:  # a snapshot under the lock; the percentiles are computed after it
             core = self.core
             recent, completed = list(core.recent), dict(core.completed)
@@ -219,6 +225,7 @@ class Engine:
                 "device_busy_fraction": core.busy_fraction(time.monotonic()),
                 "plan_history": list(core.plan_history),
                 "unhealthy": dict(core.unhealthy),
+                "prefix_cache": core.prefix_stats(),
             }
         return {"classes": class_stats(recent, completed)} | out
 

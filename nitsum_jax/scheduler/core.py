@@ -2,7 +2,8 @@
 
 Per lane and per step it decides which requests run and how many new tokens each gets:
 decodes first (one token each), then prefill chunks in the remaining token budget, so a long
-low-class prompt cannot stall a lane's decode. Admission reserves KV pages; a waiting request
+low-class prompt cannot stall a lane's decode. Admission reserves KV pages, reusing the lane's
+cached pages of the request's prefix (`prefix.py`, which also picks the lane); a waiting request
 of a more urgent class may preempt running less urgent ones when pages or batch slots are
 short. A preempted request keeps its arrival time (its place in line) and is never preempted
 twice; waiting requests age, so no class starves. Every change of the scheduler's state goes
@@ -16,6 +17,7 @@ import time
 from typing import Callable
 
 from nitsum_jax.scheduler.classes import PriorityClass
+from nitsum_jax.scheduler.prefix import PrefixReuse
 from nitsum_jax.scheduler.queues import WaitingQueues
 from nitsum_jax.scheduler.switch import SwitchPlanning
 from nitsum_jax.scheduler.requests import (CostModel, LaneQueue, Move, QueueFull, Request, State, SwitchPlan,
@@ -26,7 +28,7 @@ __all__ = ["CostModel", "LaneQueue", "Move", "QueueFull", "Request", "Scheduler"
 _log = logging.getLogger(__name__)
 
 
-class Scheduler(SwitchPlanning):
+class Scheduler(SwitchPlanning, PrefixReuse):
     def __init__(self, classes: dict[str, PriorityClass], lanes: list[LaneQueue], *,
                  clock: Callable[[], float] = time.monotonic, token_budget: int = 512, prefill_chunk: int = 128,
                  max_preemptions: int = 1, costs: CostModel | None = None,
@@ -50,6 +52,7 @@ class Scheduler(SwitchPlanning):
         self.preemption_log: list[tuple[float, str, str]] = []  # (time, victim, for whom)
         # Whether a lane may take a migrated sequence now (the engine says no while its step runs).
         self.can_receive: Callable[[str], bool] = lambda lane_name: True
+        self._init_prefix()
 
     @property
     def token_budget(self) -> int:
@@ -115,11 +118,16 @@ class Scheduler(SwitchPlanning):
                 break
             if req.state is not State.WAITING:
                 continue  # taken meanwhile (a copy of the queues is iterated)
+            if self._defers(lane, req):
+                continue  # another lane holds more of its prefix for the load it carries
             if len(lane.running) >= lane.max_batch and not self._preempt_for(lane, req):
                 continue
+            self._attach_cached(lane, req)
             n = min(self.prefill_chunk, req.total_len - req.num_computed, budget, prefill_left)
             if not self._reserve(lane, req, req.num_computed + n):
+                self._detach_cached(lane, req)
                 continue
+            self._count_admission(lane, req)
             self.queues.remove(req)
             req.state, req.lane = State.RUNNING, lane.name
             lane.running.append(req)
@@ -177,6 +185,7 @@ class Scheduler(SwitchPlanning):
             if req.state is not State.RUNNING:
                 continue
             req.num_computed = w.start_pos + w.num_tokens
+            self._publish(lane, req)
             if req.num_computed >= req.total_len:
                 req.num_output += 1
                 if req.num_output >= req.max_tokens:
@@ -190,13 +199,16 @@ class Scheduler(SwitchPlanning):
         lane.running.remove(req)
         if req.request_id in lane.allocator:
             lane.allocator.free(req.request_id)
-        req.state, req.finish_reason = State.FINISHED, reason
-        self.finished.append(req)
+        self._ended(req, reason)
 
     def drop_waiting(self, req: Request, reason: str) -> None:
         """A waiting request ends without running (no lane can serve it)."""
         self.queues.remove(req)
-        req.state, req.finish_reason = State.FINISHED, reason
+        self._ended(req, reason)
+
+    def _ended(self, req: Request, reason: str) -> None:
+        # Its page keys (32 bytes a page) are not needed any more: the finished record stays small.
+        req.state, req.finish_reason, req.page_keys = State.FINISHED, reason, ()
         self.finished.append(req)
 
     # -- lanes ---------------------------------------------------------------------------
@@ -284,7 +296,7 @@ class Scheduler(SwitchPlanning):
         if dst is None:
             self._recompute(lane, victim)
             return True
-        victim.lane = dst.name
+        victim.lane, victim.published = dst.name, 0  # its pages there are private copies, to offer again
         dst.running.append(victim)
         self.migrations.append((self.clock(), victim.request_id, lane.name, dst.name))
         return True
@@ -300,7 +312,7 @@ class Scheduler(SwitchPlanning):
         its pages on `lane` freed: it is recomputed (prompt and output so far) on readmission."""
         if req.request_id in lane.allocator:
             lane.allocator.free(req.request_id)
-        req.state, req.lane, req.num_computed = State.WAITING, None, 0
+        req.state, req.lane, req.num_computed, req.published = State.WAITING, None, 0, 0
         self.queues.push(req, bounded=False)
 
     def _migration_target(self, lane: LaneQueue, victim: Request) -> LaneQueue | None:

@@ -37,6 +37,9 @@ class Request:
     preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "deadline"
     cancel_requested: bool = False
+    page_keys: tuple[bytes, ...] = ()  # content keys of its full pages, prompt and output (empty: no caching)
+    cached_tokens: int | None = None  # prompt tokens found cached at its first admission (None: not admitted)
+    published: int = 0  # full pages offered to its lane's cache so far
 
     @property
     def total_len(self) -> int:

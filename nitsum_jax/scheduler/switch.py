@@ -35,7 +35,7 @@ class SwitchPlanning:
                     plan.recomputed.append(req)
                     continue
                 pending[dst.name] += len(old.allocator.pages(req.request_id))
-                req.lane = dst.name
+                req.lane, req.published = dst.name, 0  # its pages there are private copies, to offer again
                 dst.running.append(req)
                 plan.moves.append(Move(req, old.name, dst.name, req.num_computed))
         self.lanes = new
