@@ -37,7 +37,7 @@ class FakeHandle:
         self.request = request
         self.seq = SimpleNamespace(prompt_ids=list(prompt_ids), output_ids=[], output_logprobs=[])
         self.first_token_time = self.finish_time = self.error = None
-        self.served_by, self.moved = None, 0
+        self.served_by, self.moved, self.cached_tokens = None, 0, 0
         self._events, self._done, self._cancel = queue.Queue(), threading.Event(), threading.Event()
         self._sampling, self._token_s, self._on_end = sampling, token_s, on_end
         threading.Thread(target=self._run, daemon=True).start()

@@ -493,3 +493,16 @@ def test_drain_turns_health_503_refuses_new_requests_and_lets_streams_finish(ser
         hold.set()
     drain.join(60)
     assert servers[0].stopped.is_set()
+
+
+def test_a_repeated_prompt_reports_cached_tokens_for_its_tenant_and_none_for_another(base_url):
+    text = "a shared system prompt for agents: " * 2  # several full pages of 8 tokens, within the 96-token context
+    body = {"prompt": text, "max_tokens": 2, "temperature": 0, "priority": "low"}
+    reply = post(base_url, "/v1/completions", body, tenant="gold")
+    assert reply.status_code == 200, reply.text
+    first = reply.json()["usage"]
+    again = post(base_url, "/v1/completions", body, tenant="gold").json()["usage"]
+    other = post(base_url, "/v1/completions", body, tenant="basic").json()["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["prompt_tokens_details"]["cached_tokens"] >= 8 * (again["prompt_tokens"] // 8 - 1)
+    assert other["prompt_tokens_details"]["cached_tokens"] == 0  # tenants never share cached pages

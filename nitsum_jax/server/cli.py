@@ -51,6 +51,9 @@ def register(sub) -> None:
                    help="label token counters with tenant names (anyone reading /metrics then sees them)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: TLS)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute every prompt: no reuse of cached KV pages of a shared prefix (default: reuse, "
+                        "within each tenant or the keys file's cache_group)")
     p.add_argument("--usage-db", default=None, help="usage ledger (SQLite): one row per request, for billing and "
                                                     "SLA reports (`nitsum-jax usage`); created 0600")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long calls in flight may finish")
@@ -118,7 +121,8 @@ def _engine_builder(args, classes):
             engine = Engine.build(preset=args.preset, checkpoint=args.checkpoint, plans=args.plans,
                                   num_devices=args.devices, seed=args.seed_weights, classes=classes, grid=grid,
                                   num_pages=args.num_pages, page_size=args.page_size,
-                                  initial_plan=args.initial_plan, adaptive=not args.static, weights=args.weights,
+                                  initial_plan=args.initial_plan, adaptive=not args.static,
+                                  prefix_cache=not args.no_prefix_cache, weights=args.weights,
                                   **({"dtype": args.dtype} if args.dtype else {}))
         plans = engine.plan_names
         log.info("engine warm: plans %s, %s", ", ".join(plans),

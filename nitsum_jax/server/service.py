@@ -214,7 +214,8 @@ class ServingService(pb_grpc.ServingServicer):
                 handle = None if call.settled else engine.submit(
                     ids, sampling, priority_class=call.priority_class,
                     deadline_s=remaining if remaining is not None and remaining < _NO_DEADLINE_S else None,
-                    request_id=f"{request.request_id}@{next(self._ids)}" if request.request_id else None)
+                    request_id=f"{request.request_id}@{next(self._ids)}" if request.request_id else None,
+                    cache_salt=call.tenant.cache_salt if call.tenant is not None else None)
             except QueueFull as e:
                 raise AccessError("RESOURCE_EXHAUSTED", str(e)) from None
         except AccessError as e:
@@ -245,7 +246,8 @@ class ServingService(pb_grpc.ServingServicer):
             call.settle("OK")
             yield pb.GenerateResponse(text=text.rest(done.text), finish_reason=reason,
                                       usage=pb.Usage(prompt_tokens=done.prompt_tokens,
-                                                     completion_tokens=len(done.token_ids)),
+                                                     completion_tokens=len(done.token_ids),
+                                                     cached_tokens=getattr(handle, "cached_tokens", 0)),
                                       served_by=_served_by(engine, handle))
             return "OK", ""
         if reason == "deadline":
@@ -368,7 +370,8 @@ class _Call:
         tier, tenant = engine.classes[self.priority_class], self.tenant.name if self.tenant else ANONYMOUS
         if self.handle is not None:
             row = row_from_handle(self.handle, tier, tenant=tenant, api=self.api, status=code,
-                                  wall_offset=ledger.wall_offset)
+                                  wall_offset=ledger.wall_offset,
+                                  cached_tokens=getattr(self.handle, "cached_tokens", 0))
         elif self.authenticated:
             row = refused_row(f"{self.request_id or 'call'}@refused-{next(self.service._ids)}", tier,
                               tenant=tenant, api=self.api, status=code, arrival=self.arrival,

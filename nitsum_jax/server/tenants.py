@@ -8,6 +8,7 @@ The keys file (`--api-keys FILE`, TOML):
     classes = ["high", "low"]       # the priority classes it may claim
     tokens_per_minute = 60000       # optional: prompt + max_tokens + stop rules, per minute
     max_concurrent_calls = 32       # optional: its calls in flight (default: half the server's)
+    cache_group = "acme"            # optional: tenants of one group share cached prompt prefixes
 
 Clients send `authorization: Bearer <key>`. No grpc here: errors carry the status name the
 service turns into a gRPC status.
@@ -78,7 +79,14 @@ class Tenant:
     tokens_per_minute: int | None = None
     max_concurrent_calls: int | None = None
     bucket: TokenBucket | None = dataclasses.field(default=None, repr=False)
+    cache_group: str | None = None  # tenants of one group share cached prompt prefixes (opt-in)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def cache_salt(self) -> str:
+        """The prefix cache's namespace: the tenant's own, or its group's. A cache hit is a timing
+        side channel, so tenants never share cached pages unless the keys file groups them."""
+        return f"group:{self.cache_group}" if self.cache_group else f"tenant:{self.name}"
 
     def charge(self, tokens: int) -> None:
         """Reserve `tokens` (prompt + max_tokens) of the tenant's rate, or raise RESOURCE_EXHAUSTED."""
@@ -153,8 +161,11 @@ class Tenants:
                     raise TenantsFileError(f"{where}: {field} must be an integer >= 1, got {value!r}")
             if any(t.key_sha256 == digest for t in tenants) or any(t.name == entry["name"] for t in tenants):
                 raise TenantsFileError(f"{where}: duplicate name or key_sha256")
+            group = entry.get("cache_group")
+            if group is not None and (not isinstance(group, str) or not group):
+                raise TenantsFileError(f"{where}: cache_group must be a non-empty string, got {group!r}")
             tenants.append(Tenant(entry["name"], digest, classes, tpm, calls,
-                                  TokenBucket(tpm, clock) if tpm is not None else None))
+                                  TokenBucket(tpm, clock) if tpm is not None else None, cache_group=group))
         return cls(tenants)
 
     def authenticate(self, authorization: str | None) -> Tenant | None:

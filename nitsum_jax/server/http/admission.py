@@ -64,7 +64,8 @@ class Admission:
             try:
                 call.handle = engine.submit(ids, sampling, priority_class=call.priority_class,
                                             request_id=f"http-{next(self._ids)}",
-                                            slo_targets=(slo.get("ttft"), slo.get("tpot")))
+                                            slo_targets=(slo.get("ttft"), slo.get("tpot")),
+                                            cache_salt=call.tenant.cache_salt if call.tenant is not None else None)
             except QueueFull as e:
                 raise ApiError("RESOURCE_EXHAUSTED", str(e), error_code="queue_full",
                                retry_after_s=QUEUE_FULL_RETRY_S) from None

@@ -154,7 +154,8 @@ class Answer:
         events = [sse(self._with_usage(self.shape.chunk(self.text.rest(done.text), done.finish_reason, None),
                                        len(done.token_ids)))]
         if self.include_usage:
-            events.append(sse(self.shape.usage_chunk(done.prompt_tokens, len(done.token_ids))))
+            events.append(sse(self.shape.usage_chunk(done.prompt_tokens, len(done.token_ids),
+                                                     getattr(self.handle, "cached_tokens", 0))))
         return events + [SSE_DONE], "OK"
 
     async def body(self, request: Request) -> dict:
@@ -173,7 +174,7 @@ class Answer:
                     self.generated = list(done.token_ids)
                     return self.shape.response(done.text or "", done.finish_reason,
                                                self._logprobs(0, len(done.token_ids), 0), done.prompt_tokens,
-                                               len(done.token_ids))
+                                               len(done.token_ids), getattr(self.handle, "cached_tokens", 0))
             raise ApiError("INTERNAL", "the request's token stream ended without a result")
         finally:
             self._end(code)

@@ -11,9 +11,12 @@ import time
 import uuid
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens reused from the
+    prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def sse(payload: dict) -> str:
@@ -38,16 +41,18 @@ class Shape:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 **(extra or {})}
 
-    def response(self, text: str, finish_reason: str, logprobs, prompt_tokens: int, completion_tokens: int) -> dict:
+    def response(self, text: str, finish_reason: str, logprobs, prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int = 0) -> dict:
         choice = self.choice(text, finish_reason, logprobs)
-        return self._envelope(self.object, [choice], {"usage": usage(prompt_tokens, completion_tokens)})
+        return self._envelope(self.object, [choice],
+                              {"usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
 
     def chunk(self, text: str | None, finish_reason: str | None, logprobs, *, first: bool = False) -> dict:
         return self._envelope(self.chunk_object, [self.chunk_choice(text, finish_reason, logprobs, first)])
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         """`stream_options.include_usage`: one last chunk with no choices and the usage."""
-        return self._envelope(self.chunk_object, [], {"usage": usage(prompt_tokens, completion_tokens)})
+        return self._envelope(self.chunk_object, [], {"usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
 
     def choice(self, text, finish_reason, logprobs) -> dict:
         raise NotImplementedError
