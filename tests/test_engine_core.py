@@ -1,10 +1,9 @@
 """The engine core's decisions with fake lanes and a fake clock, in milliseconds: no threads, no
 JAX. Switch (move or recompute by measured costs), lane failure, deadlines, N-tier ordering."""
 
-import dataclasses
-
 import pytest
 
+from fakes import FakeLane
 from nitsum_jax.engine.core import EngineCore
 from nitsum_jax.pages import PageAllocator
 from nitsum_jax.plans.spec import PlanError, check_plan_classes, parse_plans
@@ -13,13 +12,6 @@ from nitsum_jax.scheduler import PriorityClass
 from nitsum_jax.scheduler.controller import PlanController
 
 PAGE = 4
-
-
-@dataclasses.dataclass
-class FakeLane:
-    name: str
-    spec: object
-    allocator: PageAllocator
 
 
 def tiers(n):

@@ -2,10 +2,9 @@
 salt, keys of generated pages chained on from the prompt's, a whole conversation reused by its
 next call, and the caches of lanes that leave the plan or fail."""
 
-import dataclasses
-
 import numpy as np
 
+from fakes import FakeLane
 from nitsum_jax.engine.core import EngineCore
 from nitsum_jax.pages import PageAllocator, page_keys
 from nitsum_jax.plans.spec import parse_plans
@@ -13,13 +12,6 @@ from nitsum_jax.sampling import SamplingParams
 from nitsum_jax.scheduler import default_classes
 
 PAGE = 4
-
-
-@dataclasses.dataclass
-class FakeLane:
-    name: str
-    spec: object
-    allocator: PageAllocator
 
 
 def make_core(plan_text="one: all=tp1@0; two: all=tp1@1", **kw):

@@ -3,18 +3,11 @@ admission, which lane admits it, what it leaves cached, how eviction and tenants
 
 import numpy as np
 
+from fakes import FakeClock
 from nitsum_jax.pages import PageAllocator, page_keys
 from nitsum_jax.scheduler import LaneQueue, Request, Scheduler, default_classes
 
 PAGE = 4
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def make(lanes=("lane0",), num_pages=32, max_batch=4, budget=64, chunk=16):

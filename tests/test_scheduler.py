@@ -2,19 +2,12 @@
 
 import pytest
 
+from fakes import FakeClock
 from nitsum_jax.pages import PageAllocator
 from nitsum_jax.scheduler import LaneQueue, QueueFull, Request, Scheduler, State, default_classes
 from nitsum_jax.scheduler.classes import PriorityClass
 
 PAGE = 4
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def make(num_pages=16, max_batch=4, budget=64, chunk=16, classes=None):
