@@ -8,8 +8,9 @@ Columns (either format), by the first of their accepted names present:
 - class (optional): `class`, `priority_class`; without it, classes are drawn by a seeded share
 - `temperature`, `seed` (optional): a sampled request
 
-A CSV trace's arrivals (timestamps, as the Splitwise files carry them) are shifted to start at 0;
-a JSONL trace's `arrival_s` are offsets and replay as written. `time_scale` multiplies them (< 1 replays faster);
+Timestamps (`arrived_at`, `arrival_time`, `timestamp`, as the Splitwise files carry them) are
+shifted to start at 0; `arrival_s` are offsets from the start and replay as written (a trace the
+bench wrote comes back as it was). `time_scale` multiplies them (< 1 replays faster);
 `target_rate` instead scales them so the mean rate (requests / span) is that many requests/s.
 """
 
@@ -93,7 +94,8 @@ def load_trace(path: str | Path, *, seed: int = 0, time_scale: float = 1.0, targ
     timed = [_request(row, i, f"{path}:{i + 2 if path.suffix.lower() == '.csv' else i + 1}", rng, id_prefix, with_ids)
              for i, row in enumerate(rows)]
     timed.sort(key=lambda t: t[0])
-    t0 = timed[0][0] if path.suffix.lower() == ".csv" else 0.0
+    offsets = all("arrival_s" in row for row in rows)  # else timestamps: the first one is the start
+    t0 = 0.0 if offsets else timed[0][0]
     span = timed[-1][0] - timed[0][0]
     scale = time_scale if target_rate is None else (len(timed) / target_rate) / max(span, 1e-9)
     mix = class_mix or {"high": high_fraction, "low": 1.0 - high_fraction}
