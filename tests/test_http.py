@@ -175,6 +175,18 @@ def test_continuous_usage_puts_the_count_so_far_in_every_chunk(base_url):
     assert counts == sorted(counts) and counts[-1] == 10 and len(counts) >= 2
     assert all(e["usage"]["prompt_tokens"] == 8 for e in events)
 
+def test_a_repeated_prompt_reports_cached_tokens_for_its_tenant_and_none_for_another(base_url):
+    text = "a shared system prompt for agents: " * 2  # several full pages of 8 tokens, within the 96-token context
+    body = {"prompt": text, "max_tokens": 2, "temperature": 0, "priority": "low"}
+    reply = post(base_url, "/v1/completions", body, tenant="gold")
+    assert reply.status_code == 200, reply.text
+    first = reply.json()["usage"]
+    again = post(base_url, "/v1/completions", body, tenant="gold").json()["usage"]
+    other = post(base_url, "/v1/completions", body, tenant="basic").json()["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["prompt_tokens_details"]["cached_tokens"] >= 8 * (again["prompt_tokens"] // 8 - 1)
+    assert other["prompt_tokens_details"]["cached_tokens"] == 0  # tenants never share cached pages
+
 
 def test_greedy_tokens_over_http_equal_the_grpc_ones(base_url, servers):
     ids = prompt(4, n=12)
@@ -494,15 +506,3 @@ def test_drain_turns_health_503_refuses_new_requests_and_lets_streams_finish(ser
     drain.join(60)
     assert servers[0].stopped.is_set()
 
-
-def test_a_repeated_prompt_reports_cached_tokens_for_its_tenant_and_none_for_another(base_url):
-    text = "a shared system prompt for agents: " * 2  # several full pages of 8 tokens, within the 96-token context
-    body = {"prompt": text, "max_tokens": 2, "temperature": 0, "priority": "low"}
-    reply = post(base_url, "/v1/completions", body, tenant="gold")
-    assert reply.status_code == 200, reply.text
-    first = reply.json()["usage"]
-    again = post(base_url, "/v1/completions", body, tenant="gold").json()["usage"]
-    other = post(base_url, "/v1/completions", body, tenant="basic").json()["usage"]
-    assert first["prompt_tokens_details"]["cached_tokens"] == 0
-    assert again["prompt_tokens_details"]["cached_tokens"] >= 8 * (again["prompt_tokens"] // 8 - 1)
-    assert other["prompt_tokens_details"]["cached_tokens"] == 0  # tenants never share cached pages
