@@ -1,27 +1,24 @@
-"""The usage ledger behind a real gRPC server on loopback: for a mixed load of two tenants and
-three tiers, with cancels and deadlines, the ledger's counts and tokens equal what the clients
-saw. Skipped until `NitsumServer` takes `usage_db` (the serve --usage-db wiring)."""
+"""The usage ledger behind a real server on loopback, gRPC and HTTP on one engine: for a mixed
+load of two tenants and three tiers, with cancels and deadlines, the ledger's counts and tokens
+equal what the clients saw, and each row names the API it came through."""
 
 import collections
-import inspect
 import json
 import threading
 import time
 
+import httpx
 import pytest
 
+from nitsum_jax.engine import Engine
+from nitsum_jax.plans import BucketGrid, parse_plans
+from nitsum_jax.scheduler import PriorityClass
 from nitsum_jax.server.app import NitsumServer
-
-if "usage_db" not in inspect.signature(NitsumServer).parameters:
-    pytest.skip("NitsumServer has no usage_db yet (serve --usage-db is not wired)", allow_module_level=True)
-
-from nitsum_jax.engine import Engine  # noqa: E402
-from nitsum_jax.plans import BucketGrid, parse_plans  # noqa: E402
-from nitsum_jax.scheduler import PriorityClass  # noqa: E402
-from nitsum_jax.server.client import GenerateError, NitsumClient  # noqa: E402
-from nitsum_jax.server.tenants import Tenants, key_sha256  # noqa: E402
-from nitsum_jax.usage import list_requests, open_ro, usage_report  # noqa: E402
-from server_helpers import prompt  # noqa: E402
+from nitsum_jax.server.client import GenerateError, NitsumClient
+from nitsum_jax.server.http.server import HttpServer
+from nitsum_jax.server.tenants import Tenants, key_sha256
+from nitsum_jax.usage import list_requests, open_ro, usage_report
+from server_helpers import prompt
 
 KEYS = {"acme": "acme-key-3b1e", "beta": "beta-key-c07d"}
 TIERS = {"realtime": PriorityClass("realtime", rank=0, ttft_target_s=0.5, tpot_target_s=0.05),
@@ -41,8 +38,12 @@ def server(tiny_cfg, tiny_params, tmp_path_factory):
                       page_size=8, grid=BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=64))
 
     srv = NitsumServer(build_engine, host="127.0.0.1", port=0, tenants=Tenants.load(keys, TIERS),
-                       default_class="standard", usage_db=str(folder / "usage.db")).start()
+                       default_class="standard", usage_db=str(folder / "usage.db"))
+    http = HttpServer(srv, host="127.0.0.1", port=0, model_name="tiny", default_class="standard").start()
+    srv.stop_hooks.append(http.stop)
+    srv.start()
     assert srv.wait_ready(timeout=600)
+    srv.http_port = http.port
     yield srv, folder / "usage.db"
     srv.drain(grace_s=10)
 
@@ -86,6 +87,16 @@ def test_ledger_counts_and_tokens_equal_what_the_clients_saw(server):
     for t in threads:
         t.join(120)
     assert len(seen) == len(calls) + 1
+    over_http = []
+    for i, (tenant, tier) in enumerate((t, c) for t in KEYS for c in TIERS):
+        reply = httpx.post(f"http://127.0.0.1:{srv.http_port}/v1/completions", timeout=120,
+                           headers={"Authorization": f"Bearer {KEYS[tenant]}"},
+                           json={"prompt": prompt(300 + i, n=5), "max_tokens": 2 + i % 3, "temperature": 0,
+                                 "ignore_eos": True, "priority": tier})
+        assert reply.status_code == 200, reply.text
+        usage = reply.json()["usage"]
+        over_http.append((tenant, tier, "OK", usage["prompt_tokens"], usage["completion_tokens"]))
+    seen += over_http
     assert srv.gate.wait_idle(30)  # every call settled on the server: its row recorded
     srv.usage.close()  # writes every queued row (drain would too)
     conn = open_ro(db)
@@ -94,6 +105,9 @@ def test_ledger_counts_and_tokens_equal_what_the_clients_saw(server):
     finally:
         conn.close()
     assert len(rows) == len(seen)
+    assert sorted((r["tenant"], r["tier"], r["prompt_tokens"], r["completion_tokens"]) for r in rows
+                  if r["api"] == "http") == sorted(s[:2] + s[3:] for s in over_http)
+    assert sum(r["api"] == "grpc" for r in rows) == len(seen) - len(over_http)
     # A call past its deadline may reach the server as the client's cancel first: ended early
     # either way, so calls are compared as completed or not, per tenant and tier.
     assert collections.Counter((r["tenant"], r["tier"], r["status"] == "OK") for r in rows) == \
