@@ -173,7 +173,11 @@ def test_ctrl_c_while_streaming_cancels_quietly_and_exits_130(server):
     try:
         assert proc.stdout.read(1)  # the first streamed text: the client is in its stream loop
         assert server.gate.in_flight == 1  # streaming
-        proc.send_signal(signal.SIGINT)
+        # Hold the engine's lock so no more tokens come (the tiny model could otherwise finish all
+        # 480 before the signal lands): the client is then waiting in its stream when interrupted.
+        with server.gate.engine._lock:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
