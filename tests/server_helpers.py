@@ -26,3 +26,27 @@ def wait_pages_idle(c, timeout=60.0) -> dict[str, int]:
 def metrics_page(server) -> str:
     """The Prometheus text exposition of a running server's metrics port."""
     return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+
+
+def tenants_toml(keys: dict[str, str]) -> str:
+    """The keys file the server tests share: `gold` may claim high, low and bulk; `basic` low only;
+    `metered` low at 40 tokens a minute. `keys`: tenant -> its key (only hashes are written)."""
+    from nitsum_jax.server.tenants import key_sha256
+
+    return f"""
+[[tenant]]
+name = "gold"
+key_sha256 = "{key_sha256(keys['gold'])}"
+classes = ["high", "low", "bulk"]
+
+[[tenant]]
+name = "basic"
+key_sha256 = "{key_sha256(keys['basic'])}"
+classes = ["low"]
+
+[[tenant]]
+name = "metered"
+key_sha256 = "{key_sha256(keys['metered'])}"
+classes = ["low"]
+tokens_per_minute = 40
+"""

@@ -22,9 +22,9 @@ from nitsum_jax.scheduler import PriorityClass, default_classes
 from nitsum_jax.server.app import NitsumServer
 from nitsum_jax.server.client import NitsumClient
 from nitsum_jax.server.http.server import HttpServer
-from nitsum_jax.server.tenants import Tenants, key_sha256
+from nitsum_jax.server.tenants import Tenants
 from nitsum_jax.tokenizer import TextTokenizer
-from server_helpers import prompt
+from server_helpers import prompt, tenants_toml
 
 GRID = BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=96, min_move_pages=8)
 PLANS = "mixed: high=tp2@0-1, low=tp2@2-3"
@@ -43,23 +43,7 @@ def classes():
 
 
 def tenants_file(path):
-    path.write_text(f"""
-[[tenant]]
-name = "gold"
-key_sha256 = "{key_sha256(KEYS['gold'])}"
-classes = ["high", "low", "bulk"]
-
-[[tenant]]
-name = "basic"
-key_sha256 = "{key_sha256(KEYS['basic'])}"
-classes = ["low"]
-
-[[tenant]]
-name = "metered"
-key_sha256 = "{key_sha256(KEYS['metered'])}"
-classes = ["low"]
-tokens_per_minute = 40
-""")
+    path.write_text(tenants_toml(KEYS))
     return path
 
 

@@ -15,9 +15,9 @@ from nitsum_jax.sampling import SamplingParams
 from nitsum_jax.scheduler import PriorityClass, default_classes
 from nitsum_jax.server.app import NitsumServer
 from nitsum_jax.server.client import GenerateError, NitsumClient
-from nitsum_jax.server.tenants import Tenants, key_sha256
+from nitsum_jax.server.tenants import Tenants
 from nitsum_jax.tokenizer import TextTokenizer
-from server_helpers import metrics_page, prompt, wait_pages_idle
+from server_helpers import metrics_page, prompt, tenants_toml, wait_pages_idle
 
 GRID = BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
 PLANS = "mixed: high=tp4@0-3, low=tp2@4-5, low=tp2@6-7"
@@ -33,23 +33,7 @@ def classes():
 @pytest.fixture(scope="module")
 def server(tiny_cfg, tiny_params, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("keys") / "tenants.toml"
-    keys_file.write_text(f"""
-[[tenant]]
-name = "gold"
-key_sha256 = "{key_sha256(KEYS['gold'])}"
-classes = ["high", "low", "bulk"]
-
-[[tenant]]
-name = "basic"
-key_sha256 = "{key_sha256(KEYS['basic'])}"
-classes = ["low"]
-
-[[tenant]]
-name = "metered"
-key_sha256 = "{key_sha256(KEYS['metered'])}"
-classes = ["low"]
-tokens_per_minute = 40
-""")
+    keys_file.write_text(tenants_toml(KEYS))
     assert KEYS["gold"] not in keys_file.read_text()  # only hashes are stored
 
     def build_engine():
