@@ -393,27 +393,42 @@ def test_every_metrics_line_parses_and_the_gateway_gauges_are_there(base_url):
     assert families["nitsum_requests"].samples  # the gRPC path's metrics share the page
 
 
-def test_a_running_request_shows_in_the_gateway_gauges(base_url, servers, engine):
-    """The test holds the engine's lock (between two steps) while it scrapes: the only way to keep
-    a request of the quick tiny model running for the length of a scrape without timing. The
-    lock is re-entrant, so the scrape's own `engine.stats()` from this thread still reads."""
+def test_a_running_request_shows_in_the_gateway_gauges(base_url, servers, engine, monkeypatch):
+    """The gauges are scraped on the lane's own thread, inside the engine lock, right after a step
+    streamed a token of the request: the only moment a request of the quick tiny model is sure to
+    be running, with no timing. The lock is re-entrant, so the scrape's `engine.stats()` reads."""
     gate, registry = servers[0].gate, servers[0].metrics.registry
-    body = {"prompt": prompt(9, n=16), "max_tokens": 80, "ignore_eos": True, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120,
-                      headers={"Authorization": f"Bearer {KEYS['gold']}"}) as reply:
-        next(line for line in reply.iter_lines() if line.startswith("data: "))
-        with engine._lock:
-            with gate.idle:
-                unfinished = [h for h in gate.handles if h.finish_time is None]
-            sample = lambda name, **labels: registry.get_sample_value(name, labels)  # noqa: E731
-            if unfinished:  # still running when the lock was taken
-                assert sample("nitsum_num_requests_running") == 1
-                assert sample("nitsum_num_requests_running_by_tier", tier="low") == 1
-                assert sample("nitsum_num_requests_running_by_tier", tier="high") == 0
-                assert 0 < sample("nitsum_kv_cache_usage_perc_by_tier", tier="low") <= 1
-                assert sample("nitsum_kv_cache_usage_perc_by_tier", tier="high") == 0
-                assert sample("nitsum_num_requests_waiting") == 0
-    assert unfinished, "the request finished before the first token was read"
+    sample = lambda name, **labels: registry.get_sample_value(name, labels)  # noqa: E731
+    names = [("nitsum_num_requests_running", {}), ("nitsum_num_requests_running_by_tier", {"tier": "low"}),
+             ("nitsum_num_requests_running_by_tier", {"tier": "high"}), ("nitsum_num_requests_waiting", {}),
+             ("nitsum_kv_cache_usage_perc_by_tier", {"tier": "low"}),
+             ("nitsum_kv_cache_usage_perc_by_tier", {"tier": "high"})]
+    seen: dict = {}
+    stream = engine._stream
+
+    def stream_then_scrape(emitted):
+        emitted = list(emitted)
+        stream(emitted)
+        if seen:
+            return
+        with gate.idle:
+            running = [h for h in gate.handles if h is not None and h.finish_time is None]
+        if any(entry.request.priority_class == "low" and len(entry.seq.output_ids) < 70 for entry, _ in emitted) \
+                and len(running) == 1:  # the gateway knows the request, and it has tokens to go
+            seen.update({(name, tuple(labels.items())): sample(name, **labels) for name, labels in names})
+
+    monkeypatch.setattr(engine, "_stream", stream_then_scrape)
+    body = {"prompt": prompt(9, n=16), "max_tokens": 80, "ignore_eos": True, "temperature": 0}
+    assert post(base_url, "/v1/completions", body).status_code == 200
+    monkeypatch.undo()
+    assert seen, "no step streamed a token of the request while the gateway held it"
+    value = lambda name, **labels: seen[(name, tuple(labels.items()))]  # noqa: E731
+    assert value("nitsum_num_requests_running") == 1
+    assert value("nitsum_num_requests_running_by_tier", tier="low") == 1
+    assert value("nitsum_num_requests_running_by_tier", tier="high") == 0
+    assert value("nitsum_num_requests_waiting") == 0
+    assert 0 < value("nitsum_kv_cache_usage_perc_by_tier", tier="low") <= 1
+    assert value("nitsum_kv_cache_usage_perc_by_tier", tier="high") == 0
     wait_pages_idle(engine)
 
 
