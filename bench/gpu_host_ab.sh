@@ -6,7 +6,8 @@
 # args follow ARGS, so e.g. a later --plans or --configs wins). Usage on the device:
 #   bash bench/gpu_host_ab.sh "BENCH ARGS" "old|old.tar|" "new|.|" "new_nochain|.|NITSUM_CHAIN_STEPS=0"
 # Results under $OUT/NAME; per lane: milliseconds per step (in the step) and per loop iteration.
-# BENCH_TIMEOUT: seconds per variant (default 280); KEEP_PLOTS=1 keeps the PNG plots.
+# BENCH_TIMEOUT: seconds per variant (default 280); KEEP_PLOTS=1 keeps the PNG plots; GLOBAL: options
+# before `bench` (e.g. "--devices 1").
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nitsum-gpu}
@@ -21,7 +22,7 @@ for variant in "$@"; do
   IFS='|' read -r name tree envs extra <<< "$variant"
   if [[ $tree != "." ]]; then mkdir -p "/tmp/$name" && tar -xf "$tree" -C "/tmp/$name"; tree="/tmp/$name"; else tree=$PWD; fi
   echo "=== $name ($(date -u +%H:%M:%S)) $envs ${extra:-}"
-  (cd "$tree" && env $envs PYTHONPATH="$tree" timeout "${BENCH_TIMEOUT:-280}" python -m nitsum_jax.cli bench $ARGS ${extra:-} --no-progress \
+  (cd "$tree" && env $envs PYTHONPATH="$tree" timeout "${BENCH_TIMEOUT:-280}" python -m nitsum_jax.cli ${GLOBAL:-} bench $ARGS ${extra:-} --no-progress \
      --out "$OUT/$name" > "$OUT/$name.log" 2>&1); echo "--- exit $?"
   rm -f "$OUT/$name/requests.jsonl"  # keep what comes back small (the device tool returns few files)
   [[ ${KEEP_PLOTS:-0} == 1 ]] || rm -f "$OUT/$name/"*.png
