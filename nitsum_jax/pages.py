@@ -30,16 +30,24 @@ def page_keys(token_ids: Sequence[int], page_size: int, salt: str | None = None)
     (None: the shared namespace), so two prompts share the keys of exactly their common full
     pages, and prompts of different salts share none. 256 bits: a collision would hand one
     request another's K/V, so the key is as wide as a content hash needs to be."""
+    data = np.asarray(token_ids, dtype="<i4").tobytes()  # one conversion; pages are slices of it
+    step = 4 * page_size
+    key = _root_key(salt)
     keys: list[bytes] = []
-    for start in range(0, len(token_ids) - page_size + 1, page_size):
-        keys.append(next_page_key(keys[-1] if keys else None, token_ids[start:start + page_size], salt))
+    for start in range(0, len(data) - step + 1, step):
+        key = hashlib.blake2b(key + data[start:start + step], digest_size=32).digest()
+        keys.append(key)
     return keys
+
+
+def _root_key(salt: str | None) -> bytes:
+    return hashlib.blake2b(b"\0" if salt is None else b"\1" + salt.encode(), digest_size=32).digest()
 
 
 def next_page_key(parent: bytes | None, page_tokens: Sequence[int], salt: str | None = None) -> bytes:
     """The key of the full page `page_tokens` after the page keyed `parent` (None: the first page)."""
     if parent is None:
-        parent = hashlib.blake2b(b"\0" if salt is None else b"\1" + salt.encode(), digest_size=32).digest()
+        parent = _root_key(salt)
     return hashlib.blake2b(parent + np.asarray(page_tokens, dtype="<i4").tobytes(), digest_size=32).digest()
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nitsum_jax.bench.workload import poisson_workload
+from nitsum_jax.bench.workload import agent_workload, poisson_workload
 from nitsum_jax.config import preset
 from nitsum_jax.scheduler import default_classes
 from nitsum_jax.sim import profile as P
@@ -68,6 +68,19 @@ def test_every_submitted_request_has_one_record_and_finishes_by_length():
     assert {r["status"] for r in run["records"]} == {"completed"}
     assert all(r["output_tokens"] == r["max_tokens"] and r["finish_reason"] == "length" for r in run["records"])
     assert all(r["first_token_s"] >= r["sent_s"] and r["finish_s"] >= r["first_token_s"] for r in run["records"])
+
+
+def test_the_prefix_cache_hits_only_what_a_workload_says_is_shared():
+    """A trace gives lengths only: no two prompts are known to share a page, so nothing hits.
+    Agent chains carry their contents: each call reuses its conversation's earlier pages."""
+    config = Config("static", adaptive_candidates(4, default_classes())[0][1][:1], None)
+    lengths = simulate_once(StepModel(tiny_profile()), default_classes(), config, _workload(n=100), SETTINGS)
+    assert lengths["backend"]["prefix_cache"]["total"]["cached_tokens"] == 0
+    chains = agent_workload(4.0, "3:32:8", num_conversations=6, output_len="4-8", think_s=0.05, seed=2)
+    agent = simulate_once(StepModel(tiny_profile()), default_classes(), config, chains, SETTINGS)
+    total = agent["backend"]["prefix_cache"]["total"]
+    assert {r["status"] for r in agent["records"]} == {"completed"}
+    assert 0 < total["cached_tokens"] < total["prompt_tokens"]
 
 
 def test_switch_moves_are_costed_by_the_profiles_bandwidth():

@@ -28,6 +28,7 @@ from nitsum_jax.scheduler.controller import Load, PlanController
 from nitsum_jax.sequence import Sequence, append_token
 
 _log = logging.getLogger(__name__)
+SLO_WINDOW = 50  # finished requests per class that the controller's SLO attainment looks back on
 
 
 class LanePort(Protocol):
@@ -115,7 +116,8 @@ class EngineCore:
         self.entries: dict[str, Entry] = {}  # requests not finished yet
         self.recent: collections.deque[Finished] = collections.deque(maxlen=keep_finished)
         self.completed: dict[str, int] = {c: 0 for c in classes}  # requests finished since start
-        self._attainment: tuple[int, dict[str, float]] | None = None  # (window, figures) until a request finishes
+        # Per class, whether each of its latest SLO_WINDOW finished requests (that got a token) met its targets.
+        self._met: dict[str, collections.deque[bool]] = {c: collections.deque(maxlen=SLO_WINDOW) for c in classes}
         self.switches: list[PlanSwitch] = []
         self.kv_moves = 0
         self.unhealthy: dict[str, str] = {}  # lane name -> the error that took it out
@@ -175,9 +177,13 @@ class EngineCore:
             entry = self.entries.pop(req.request_id)
             entry.finish_time = now
             self.completed[req.priority_class] += 1
-            self._attainment = None  # `recent` changed
-            self.recent.append(Finished(req, tuple(entry.seq.output_ids), entry.first_token_time, now,
-                                        entry.served_by, entry.error, entry.moved, req.cached_tokens or 0))
+            done_record = Finished(req, tuple(entry.seq.output_ids), entry.first_token_time, now,
+                                   entry.served_by, entry.error, entry.moved, req.cached_tokens or 0)
+            self.recent.append(done_record)
+            if entry.first_token_time is not None:
+                cls = self.classes[req.priority_class]
+                self._met[cls.name].append(figures.meets_slo(done_record.latency, req.ttft_target_s or cls.ttft_target_s,
+                                                             req.tpot_target_s or cls.tpot_target_s))
             done.append(entry)
         return done
 
@@ -397,21 +403,10 @@ class EngineCore:
         waiting = {c: self.scheduler.waiting_count(c) for c in self.classes}
         return Load(waiting, self.running_counts(), self.slo_attainment(), dict(self.step_s))
 
-    def slo_attainment(self, window: int = 50) -> dict[str, float]:
-        """Per class, the fraction of its last `window` finished requests that met both targets
-        (computed again only after a request finished: the control loop asks every tick)."""
-        if self._attainment is not None and self._attainment[0] == window:
-            return dict(self._attainment[1])
-        met: dict[str, list[bool]] = {}
-        for f in list(self.recent)[-window * len(self.classes):]:
-            if f.first_token_time is None:
-                continue
-            cls, req = self.classes[f.request.priority_class], f.request
-            met.setdefault(cls.name, []).append(figures.meets_slo(
-                f.latency, req.ttft_target_s or cls.ttft_target_s, req.tpot_target_s or cls.tpot_target_s))
-        out = {c: figures.attainment(v[-window:]) for c, v in met.items()}
-        self._attainment = (window, out)
-        return dict(out)
+    def slo_attainment(self) -> dict[str, float]:
+        """Per class, the fraction of its last `SLO_WINDOW` finished requests that got a token and
+        met both targets (kept as they finish: the control loop asks every tick)."""
+        return {c: figures.attainment(list(met)) for c, met in self._met.items() if met}
 
     def class_stats(self) -> dict[str, dict]:
         """Per class: TTFT/TPOT/e2e p50/p99 of the recent finished requests that got a token."""

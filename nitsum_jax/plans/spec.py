@@ -9,6 +9,7 @@ A lane is `CLASSES=tpN@DEVICES`; CLASSES is `all` or names joined by `+`; DEVICE
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tomllib
 from pathlib import Path
@@ -31,7 +32,7 @@ class LaneSpec:
     def serves(self, priority_class: str) -> bool:
         return ALL_CLASSES in self.classes or priority_class in self.classes
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         """The lane's one identity, used by scheduler, controller, plan set, metrics and the
         server: `tp2@0-1` (`tp1@3` for one device; a list `tp2@0.2` where the devices are not

@@ -61,6 +61,12 @@ class PlanController:
         self.urgent_tpot_target_s = urgent_tpot_target_s
         self.unhealthy: set[str] = set()  # lane names
         self._urgent = [c for c in by_rank(self.classes) if c.name in urgent_names(self.classes)]
+        self._urgent_set = {c.name for c in self._urgent}
+        # Fixed per plan set (the control loop asks every tick): the plans whose reserved lane
+        # serves each urgent tier, and the usable plans (until a lane fails).
+        self._fitting = {c.name: [p for p in plans if any(_reserved(lane, self.classes) and lane.serves(c.name)
+                                                          for lane in p.lanes)] for c in self._urgent}
+        self._usable: list[Plan] | None = None
         self._kinds = {p.name: plan_kind(p, self.classes) for p in plans}
         self._last_switch = float("-inf")
         self._candidate: tuple[str, float] | None = None
@@ -68,6 +74,7 @@ class PlanController:
     def mark_unhealthy(self, lane_name: str) -> None:
         """A lane failed: plans that use it are no longer chosen."""
         self.unhealthy.add(lane_name)
+        self._usable = None
 
     def usable(self, plan: Plan) -> bool:
         return not any(lane.name in self.unhealthy for lane in plan.lanes)
@@ -76,8 +83,7 @@ class PlanController:
         """(plan, reason) the load asks for, ignoring hysteresis."""
         present = [c for c in self._urgent if load.waiting.get(c.name, 0) + load.running.get(c.name, 0) > 0]
         missed = [c for c in self._urgent if load.slo_attainment.get(c.name, 1.0) < self.slo_floor]
-        bulk_waiting = sum(n for c, n in load.waiting.items() if c in self.classes and c not in
-                           {u.name for u in self._urgent})
+        bulk_waiting = sum(n for c, n in load.waiting.items() if c in self.classes and c not in self._urgent_set)
         want, reason, urgent = "shared", "light load", None
         if present or missed:
             urgent = (present or missed)[0]
@@ -87,7 +93,9 @@ class PlanController:
                       f"{urgent.name!r} SLO attainment below {self.slo_floor}")
         elif bulk_waiting > 0:
             want, reason = "throughput", f"{bulk_waiting} bulk requests queued, no urgent work"
-        usable = [p for p in self.plans.values() if self.usable(p)]
+        if self._usable is None:
+            self._usable = [p for p in self.plans.values() if self.usable(p)]
+        usable = self._usable
         if not usable:
             return self.current, "no plan without an unhealthy lane"
         kind = [p for p in usable if self._kinds[p.name] == want] or usable
@@ -104,8 +112,7 @@ class PlanController:
         """The reserved plan whose reserved lane serves `urgent` (the current one if it is such a
         plan), unless measured steps say its lane for `urgent` misses the TPOT target while
         another plan's lane for it meets it."""
-        fitting = [p for p in reserved if any(_reserved(lane, self.classes) and lane.serves(urgent.name)
-                                              for lane in p.lanes)] or reserved
+        fitting = [p for p in self._fitting[urgent.name] if p in reserved] or reserved
         best = self.plans[self.current] if self.current in {p.name for p in fitting} else fitting[0]
         target = self.urgent_tpot_target_s if self.urgent_tpot_target_s is not None else urgent.tpot_target_s
         step = _step_for(best, step_s, urgent.name)

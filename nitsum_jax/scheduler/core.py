@@ -48,6 +48,7 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         # budget); the engine core sets it from measured step costs so urgent tiers keep their TPOT.
         self.prefill_limit: dict[str, int] = {}
         self.queues = WaitingQueues(classes)
+        self._watched: set[Request] = set()  # requests with a deadline or a cancel, until they end
         self.finished: list[Request] = []  # finished since the owner last took them (`take_finished`)
         self.preemption_log: list[tuple[float, str, str]] = []  # (time, victim, for whom)
         # Whether a lane may take a migrated sequence now (the engine says no while its step runs).
@@ -66,9 +67,12 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         if request.priority_class not in self.classes:
             raise ValueError(f"unknown priority class {request.priority_class!r}; known: {sorted(self.classes)}")
         self.queues.push(request)
+        if request.deadline is not None:
+            self._watched.add(request)
 
     def cancel(self, request: Request) -> None:
         request.cancel_requested = True
+        self._watched.add(request)
 
     @property
     def waiting(self) -> list[Request]:
@@ -112,12 +116,27 @@ class Scheduler(SwitchPlanning, PrefixReuse):
             work.append(Work(req, req.num_computed, n))
             budget -= n
             prefill_left -= n if req.in_prefill else 0
-        # 2. Admit waiting requests the lane serves, most urgent first.
+        # 2. Admit waiting requests the lane serves, most urgent first. In a full lane only a
+        # request that can preempt is admitted, and whether one can depends on its class's rank
+        # alone: once a rank finds no victim, no request of that rank or a less urgent one is tried.
+        blocked = None  # the most urgent rank that found no victim in the full lane
+        top_rank = min(self.queues.waiting_ranks(lane.serves), default=None)
         for req in self.queues.ordered(self.urgency, lane.serves):
             if budget <= 0 or prefill_left <= 0:
                 break
             if req.state is not State.WAITING:
                 continue  # taken meanwhile (a copy of the queues is iterated)
+            if len(lane.running) >= lane.max_batch:
+                rank = self.classes[req.priority_class].rank
+                if blocked is not None and rank >= blocked:
+                    if blocked <= top_rank:
+                        break  # no waiting request of any rank can preempt
+                    continue
+                if self._victim_below(lane, rank) is None:
+                    blocked = rank if blocked is None else min(blocked, rank)
+                    if blocked <= top_rank:
+                        break
+                    continue
             if self._defers(lane, req):
                 continue  # another lane holds more of its prefix for the load it carries
             if len(lane.running) >= lane.max_batch and not self._preempt_for(lane, req):
@@ -161,11 +180,11 @@ class Scheduler(SwitchPlanning, PrefixReuse):
                     or w.num_tokens != 1 or w.start_pos + 1 != r.total_len  # not a decode row
                     or r.num_output + 1 >= r.max_tokens):  # `work` gives its last token
                 return None
-        served = list(self.queues.ordered(self.urgency, lane.serves))
-        if served:
+        ranks = self.queues.waiting_ranks(lane.serves)
+        if ranks:
             if len(lane.running) < lane.max_batch:
                 return None
-            if any(self._victim(lane, r) is not None for r in served):
+            if self._victim_below(lane, min(ranks)) is not None:  # a waiting request could preempt
                 return None
         for w in work:  # the token `work` draws is written by the next step: one more position each
             r = w.request
@@ -240,9 +259,12 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         for req in list(lane.running):
             if req.cancel_requested or (req.deadline is not None and now >= req.deadline):
                 self.finish(lane.name, req, "cancelled" if req.cancel_requested else "deadline")
-        for req in self.queues.ordered(self.urgency):
-            if req.cancel_requested or (req.deadline is not None and now >= req.deadline):
+        for req in sorted(self._watched, key=lambda r: (r.arrival, r.request_id)):  # a deterministic order
+            if req.state is State.FINISHED:
+                self._watched.discard(req)
+            elif req.state is State.WAITING and (req.cancel_requested or now >= req.deadline):
                 self.drop_waiting(req, "cancelled" if req.cancel_requested else "deadline")
+                self._watched.discard(req)
 
     def _reserve(self, lane: LaneQueue, req: Request, tokens: int) -> bool:
         while not lane.allocator.can_reserve(tokens, req.request_id):
@@ -271,7 +293,10 @@ class Scheduler(SwitchPlanning, PrefixReuse):
     def _victim(self, lane: LaneQueue, for_req: Request) -> Request | None:
         """Least urgent class first; within it the latest arrival (least sunk work first).
         Only strictly less urgent classes, and never one preempted `max_preemptions` times."""
-        rank = self.classes[for_req.priority_class].rank
+        return self._victim_below(lane, self.classes[for_req.priority_class].rank, for_req)
+
+    def _victim_below(self, lane: LaneQueue, rank: int, for_req: Request | None = None) -> Request | None:
+        """`_victim` for a request of class rank `rank` (`for_req`, if running, is never its own victim)."""
         candidates = [r for r in lane.running if r is not for_req
                       and self.classes[r.priority_class].rank > rank and r.preemptions < self.max_preemptions]
         if not candidates:

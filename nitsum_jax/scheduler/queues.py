@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import operator
 from typing import Callable, Iterator
 
 from nitsum_jax.scheduler.classes import PriorityClass
 from nitsum_jax.scheduler.requests import QueueFull, Request
+
+
+_request = operator.itemgetter(2)
 
 
 class WaitingQueues:
@@ -52,8 +56,12 @@ class WaitingQueues:
                 ) -> Iterator[Request]:
         """Waiting requests of the classes `serves` accepts, most urgent first, lazily. Iterates
         over a copy of each class queue, so the caller may admit, requeue or drop meanwhile."""
-        heads = [[e[2] for e in q] for name, q in self._queues.items() if q and serves(name)]
+        heads = [map(_request, q.copy()) for name, q in self._queues.items() if q and serves(name)]
         return heapq.merge(*heads, key=urgency)
+
+    def waiting_ranks(self, serves: Callable[[str], bool] = lambda c: True) -> list[int]:
+        """The class ranks of the classes `serves` accepts that have waiting requests."""
+        return [self.classes[name].rank for name, q in self._queues.items() if q and serves(name)]
 
     def all(self, urgency: Callable[[Request], tuple]) -> list[Request]:
         return list(self.ordered(urgency))

@@ -128,7 +128,11 @@ class Simulation:
             return
         sampling = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
         try:
-            self.core.submit(r.request_id, [TOKEN] * r.prompt_len, sampling, 0, r.priority_class, self.now)
+            if r.prompt_ids:  # a workload with contents (the agent chains): the prefix cache hits what it would
+                self.core.submit(r.request_id, list(r.prompt_ids), sampling, 0, r.priority_class, self.now)
+            else:  # a trace gives lengths only: nothing is known to be shared, so nothing is cached
+                self.core.submit(r.request_id, [TOKEN] * r.prompt_len, sampling, 0, r.priority_class, self.now,
+                                 prompt_keys=())
         except (QueueFull, ValueError) as error:
             self._reject(r, str(error))
 
@@ -256,4 +260,4 @@ class Simulation:
                 "plan_switches": [dataclasses.asdict(s) for s in core.switches],
                 "kv_moves": core.kv_moves, "preemptions": len(core.scheduler.preemption_log),
                 "plan_history": list(core.plan_history), "lane_busy_s": dict(core.busy_s),
-                "steps": dict(core.steps), "move_s": self.move_s}
+                "steps": dict(core.steps), "move_s": self.move_s, "prefix_cache": core.prefix_stats()}
