@@ -123,6 +123,11 @@ class PageAllocator:
         held = len(self._pages.get(seq_id, ())) if seq_id is not None else 0
         return self.pages_for(num_tokens) - held <= self.num_free
 
+    def covers(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Whether the sequence holds pages for `num_tokens` tokens already (False if it holds none)."""
+        held = self._pages.get(seq_id)
+        return held is not None and len(held) * self.page_size >= num_tokens
+
     def pages(self, seq_id: Hashable) -> list[int]:
         return list(self._require(seq_id))
 

@@ -267,6 +267,8 @@ class Scheduler(SwitchPlanning, PrefixReuse):
                 self._watched.discard(req)
 
     def _reserve(self, lane: LaneQueue, req: Request, tokens: int) -> bool:
+        if lane.allocator.covers(req.request_id, tokens):
+            return True  # its pages hold the tokens already (a decode row, most steps)
         while not lane.allocator.can_reserve(tokens, req.request_id):
             if not self._preempt_for(lane, req):
                 return False
