@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(args: list[str], devices: int, tmp_path: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}")
     proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,7 +67,7 @@ def test_copy_bandwidth_refuses_an_empty_buffer():
 
 def test_gpu_moves_moves_every_kind_of_move_with_its_contents_intact(tmp_path):
     out = run_script(["bench/gpu_moves.py", "--preset", "tiny", "--move-tokens", "256", "--copies", "xla",
-                      "--pieces", "1", "--transports", "packed"], 4, tmp_path)
+                      "--pieces", "1", "--transports", "packed", "--sync", "auto", "--repeats", "2"], 4, tmp_path)
     moves = out["moves"]
     assert sum(k.startswith("packed ") for k in moves) >= 7  # TP4<->TP2, TP2->TP2, TP1<->TP4, TP1<->TP2
     assert sum(k.startswith("xla ") for k in moves) >= 7

@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from nitsum_jax.server.client import GenerateError, NitsumClient
 from server_helpers import metrics_page
@@ -47,7 +48,7 @@ class ServeProcess:
     def __init__(self, *args: str, devices: int = 8):
         command = [sys.executable, "-m", "nitsum_jax.cli", "--devices", str(devices), "serve", "--host", "127.0.0.1",
                    *args]
-        env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"}
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self._listening = threading.Event()
