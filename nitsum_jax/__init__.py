@@ -78,7 +78,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from nitsum_jax.plans import (BucketGrid, LaneSpec, Plan, PlanError, PlanSet, ShapeOutsideGrid, default_plans,
                                   parse_plans, read_plans)
     from nitsum_jax.plans.spec import validate_plans
-    from nitsum_jax.sampling import SamplingError, SamplingParams
+    from nitsum_jax.sampling_params import SamplingError, SamplingParams
     from nitsum_jax.scheduler import PriorityClass, default_classes
     from nitsum_jax.sequence import Completion
 

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+# dtype names a config may give -> the JAX dtype's name (JAX is imported only when one is asked for)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 class ConfigError(ValueError):
@@ -65,7 +65,9 @@ class LlamaConfig:
 
     @property
     def jnp_dtype(self):
-        return DTYPES[self.dtype]
+        import jax.numpy as jnp
+
+        return getattr(jnp, DTYPES[self.dtype])
 
     @property
     def q_per_kv(self) -> int:

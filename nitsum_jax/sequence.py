@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence as Seq
 
-from nitsum_jax.sampling import SamplingParams
+from nitsum_jax.sampling_params import SamplingParams
 from nitsum_jax.tokenizer import TextTokenizer
 
 

@@ -205,3 +205,14 @@ def test_a_stricter_per_request_target_judges_its_slo_attainment():
         step(core, "tp1@0", 0.3)  # first tokens 0.3 s after arrival: within 0.5, past 0.1
     core.take_finished(0.3)
     assert core.slo_attainment()["realtime"] == 2 / 3
+
+
+def test_the_core_scheduler_and_simulator_import_no_jax():
+    """The deterministic core runs without JAX (the simulator drives it on a virtual clock)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, nitsum_jax.engine.core, nitsum_jax.sim.driver, nitsum_jax.scheduler.controller; "
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')); "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol, Sequence as Seq
 
-from nitsum_jax.sampling import SamplingParams
+from nitsum_jax.sampling_params import SamplingParams
 from nitsum_jax.scheduler import PriorityClass
 from nitsum_jax.sequence import Completion
 

@@ -20,7 +20,7 @@ from typing import Callable, Protocol, Sequence as Seq
 from nitsum_jax.engine import stats as figures
 from nitsum_jax.pages import PageAllocator, next_page_key, page_keys
 from nitsum_jax.plans.spec import LaneSpec, Plan
-from nitsum_jax.sampling import SamplingParams
+from nitsum_jax.sampling_params import SamplingParams
 from nitsum_jax.scheduler import (CostModel, LaneQueue, Move, PriorityClass, Request, Scheduler, State, SwitchPlan,
                                   Work)
 from nitsum_jax.scheduler.classes import urgent_names

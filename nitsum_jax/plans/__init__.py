@@ -1,8 +1,19 @@
-"""Parallelism plans: lanes on sub-meshes, compiled ahead of time, sharing weight buffers."""
+"""Parallelism plans: lanes on sub-meshes, compiled ahead of time, sharing weight buffers.
 
-from nitsum_jax.plans.lane import BucketGrid, Lane, ShapeOutsideGrid
-from nitsum_jax.plans.plan_set import PlanSet
-from nitsum_jax.plans.spec import LaneSpec, Plan, PlanError, default_plans, parse_plans, read_plans
+Names load on first use: the plan syntax (`spec`) imports no JAX, so the engine core, the
+scheduler and the simulator read plans without it; `Lane` and `PlanSet` bring JAX in.
+"""
 
-__all__ = ["BucketGrid", "Lane", "LaneSpec", "Plan", "PlanError", "PlanSet", "ShapeOutsideGrid", "default_plans",
-           "parse_plans", "read_plans"]
+import importlib
+
+_WHERE = {"BucketGrid": "lane", "Lane": "lane", "ShapeOutsideGrid": "lane", "PlanSet": "plan_set",
+          "LaneSpec": "spec", "Plan": "spec", "PlanError": "spec", "default_plans": "spec", "parse_plans": "spec",
+          "read_plans": "spec"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"nitsum_jax.plans.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'nitsum_jax.plans' has no attribute {name!r}")

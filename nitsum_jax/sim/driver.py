@@ -21,7 +21,7 @@ from nitsum_jax.bench.workload import BenchRequest
 from nitsum_jax.engine.core import EngineCore
 from nitsum_jax.engine.stats import COMPLETED_REASONS
 from nitsum_jax.plans.spec import Plan, check_plan_classes
-from nitsum_jax.sampling import SamplingParams
+from nitsum_jax.sampling_params import SamplingParams
 from nitsum_jax.scheduler import CostModel, PriorityClass, QueueFull, Work
 from nitsum_jax.scheduler.controller import PlanController
 from nitsum_jax.sim.lanes import Grid, MoveCosts, SimLane
