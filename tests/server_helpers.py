@@ -1,4 +1,5 @@
-"""Helpers the gRPC server tests share: prompts, waiting for KV pages to go idle, the metrics page."""
+"""Helpers the server and engine tests share: prompts, waiting for a condition or for KV pages to
+go idle, the metrics page."""
 
 import time
 import urllib.request
@@ -10,6 +11,15 @@ def prompt(seed, n=8):
     """A random prompt of `n` token ids of the tiny model, starting with its BOS (256)."""
     rng = np.random.default_rng(seed)
     return [256] + [int(t) for t in rng.integers(0, 256, size=n - 1)]
+
+
+def wait_for(condition, timeout=60.0, interval=0.01) -> None:
+    """Poll `condition` until it holds; TimeoutError after `timeout` seconds (a wait, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(interval)
 
 
 def wait_pages_idle(c, timeout=60.0) -> dict[str, int]:

@@ -24,7 +24,7 @@ from nitsum_jax.server.client import NitsumClient
 from nitsum_jax.server.http.server import HttpServer
 from nitsum_jax.server.tenants import Tenants
 from nitsum_jax.tokenizer import TextTokenizer
-from server_helpers import prompt, tenants_toml
+from server_helpers import prompt, tenants_toml, wait_for
 
 GRID = BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=96, min_move_pages=8)
 PLANS = "mixed: high=tp2@0-1, low=tp2@2-3"
@@ -72,14 +72,6 @@ def wait_pages_idle(engine, timeout=60.0) -> dict[str, int]:
         used = {lane["name"]: lane["kv_pages_used"] for lane in engine.lanes_info()}
         if not any(used.values()) or time.monotonic() > deadline:
             return used
-        time.sleep(0.05)
-
-
-def wait_for(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
         time.sleep(0.05)
 
 

@@ -2,8 +2,6 @@
 and a growing history give every call its solo tokens under every plan and across plan
 switches, while later calls reuse the cached pages of earlier ones."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -11,6 +9,7 @@ from nitsum_jax.engine import Engine
 from nitsum_jax.generate import Generator
 from nitsum_jax.plans import BucketGrid, default_plans, parse_plans
 from nitsum_jax.sampling import SamplingParams
+from server_helpers import wait_for
 
 PAGE = 8
 GRID = BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
@@ -33,14 +32,6 @@ def solo(tiny_cfg, tiny_params):
 
 def ids(n, seed):
     return [int(t) for t in np.random.default_rng(seed).integers(0, 256, n)]
-
-
-def wait_for(condition, timeout=60.0):
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.005)
 
 
 def switch_to(engine, plan):

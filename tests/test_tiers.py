@@ -1,8 +1,6 @@
 """Any number of priority tiers, from configuration: a classes file, three and four tiers served
 end to end on 8 host devices with exact tokens, and a plan switch with three tiers."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -12,6 +10,7 @@ from nitsum_jax.plans import BucketGrid, default_plans
 from nitsum_jax.sampling import SamplingParams
 from nitsum_jax.scheduler import by_rank, load_classes
 from nitsum_jax.scheduler.classes import ClassesError, parse_classes
+from server_helpers import wait_for
 
 GRID = BucketGrid(decode_batch=(1, 4), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
 
@@ -74,13 +73,6 @@ def prompts(n, seed=0):
     return [[256] + [int(t) for t in rng.integers(0, 256, size=int(rng.integers(3, 14)))] for _ in range(n)]
 
 
-def wait_for(condition, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def solo_tokens(cfg, params, prompt, sampling):
     solo = Generator(cfg, params, page_size=8, max_batch=1, prefill_chunk=16, max_seq_len=64)
     return solo.generate([prompt], sampling)[0].token_ids
@@ -104,7 +96,7 @@ def test_every_tier_gets_its_solo_tokens_across_plan_switches(tiny_cfg, tiny_par
             if i in (num_tiers, 2 * num_tiers):  # mid-run, with sequences on their lanes
                 target = "mixed" if i == num_tiers else "burst"
                 eng.switch_plan(target, reason="test")
-                wait_for(lambda: eng.plan_name == target)
+                wait_for(lambda: eng.plan_name == target, timeout=120.0)
         results = [h.result(timeout=300) for h in handles]
         for (prompt, _), got in zip(items, results):
             assert got.token_ids == solo_tokens(tiny_cfg, tiny_params, prompt, sampling)
