@@ -48,7 +48,8 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         # budget); the engine core sets it from measured step costs so urgent tiers keep their TPOT.
         self.prefill_limit: dict[str, int] = {}
         self.queues = WaitingQueues(classes)
-        self._watched: set[Request] = set()  # requests with a deadline or a cancel, until they end
+        # Requests with a deadline or a cancel, until they end (a dict: insertion order is deterministic).
+        self._watched: dict[Request, None] = {}
         self.finished: list[Request] = []  # finished since the owner last took them (`take_finished`)
         self.preemption_log: list[tuple[float, str, str]] = []  # (time, victim, for whom)
         # Whether a lane may take a migrated sequence now (the engine says no while its step runs).
@@ -68,11 +69,11 @@ class Scheduler(SwitchPlanning, PrefixReuse):
             raise ValueError(f"unknown priority class {request.priority_class!r}; known: {sorted(self.classes)}")
         self.queues.push(request)
         if request.deadline is not None:
-            self._watched.add(request)
+            self._watched[request] = None
 
     def cancel(self, request: Request) -> None:
         request.cancel_requested = True
-        self._watched.add(request)
+        self._watched[request] = None
 
     @property
     def waiting(self) -> list[Request]:
@@ -128,14 +129,11 @@ class Scheduler(SwitchPlanning, PrefixReuse):
                 continue  # taken meanwhile (a copy of the queues is iterated)
             if len(lane.running) >= lane.max_batch:
                 rank = self.classes[req.priority_class].rank
+                if (blocked is None or rank < blocked) and self._victim_below(lane, rank) is None:
+                    blocked = rank
                 if blocked is not None and rank >= blocked:
                     if blocked <= top_rank:
                         break  # no waiting request of any rank can preempt
-                    continue
-                if self._victim_below(lane, rank) is None:
-                    blocked = rank if blocked is None else min(blocked, rank)
-                    if blocked <= top_rank:
-                        break
                     continue
             if self._defers(lane, req):
                 continue  # another lane holds more of its prefix for the load it carries
@@ -259,12 +257,12 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         for req in list(lane.running):
             if req.cancel_requested or (req.deadline is not None and now >= req.deadline):
                 self.finish(lane.name, req, "cancelled" if req.cancel_requested else "deadline")
-        for req in sorted(self._watched, key=lambda r: (r.arrival, r.request_id)):  # a deterministic order
+        for req in list(self._watched):
             if req.state is State.FINISHED:
-                self._watched.discard(req)
+                del self._watched[req]
             elif req.state is State.WAITING and (req.cancel_requested or now >= req.deadline):
                 self.drop_waiting(req, "cancelled" if req.cancel_requested else "deadline")
-                self._watched.discard(req)
+                del self._watched[req]
 
     def _reserve(self, lane: LaneQueue, req: Request, tokens: int) -> bool:
         if lane.allocator.covers(req.request_id, tokens):
