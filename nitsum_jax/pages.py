@@ -217,6 +217,11 @@ class PageAllocator:
     def _take(self, n: int) -> list[int]:
         """The `n` lowest free pages, marked used (the caller checked that `n` are free)."""
         low = self._low
+        if n == 1 and low < self.num_pages and not self._used[low]:  # one page (a decode row's growth)
+            self._used[low] = True
+            self._num_free -= 1
+            self._low = low + 1
+            return [low]
         if low + n <= self.num_pages and not self._used[low:low + n].any():  # the next n pages are free
             self._used[low:low + n] = True
             self._num_free -= n

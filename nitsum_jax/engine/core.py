@@ -232,23 +232,27 @@ class EngineCore:
     def _emit(self, lane_name: str, results, now: float) -> list[tuple[Entry, int]]:
         emitted, finished, work = [], {}, []
         served_by = (self.plan_name, lane_name, self.lanes[lane_name].spec.tp)
+        entries, tokenizer, eos, keyed, ps = (self.entries, self.tokenizer, self.eos_token_ids, self.prefix_cache,
+                                              self.page_size)
+        running = State.RUNNING
         for rows, tokens, logprobs in results:
             work.extend(rows)
-            for i, w in enumerate(rows):
+            for w, token, logprob in zip(rows, tokens, logprobs):
                 req = w.request
-                if req.state is not State.RUNNING or w.start_pos + w.num_tokens < req.total_len:
+                if req.state is not running or w.start_pos + w.num_tokens < req.prompt_len + req.num_output:
                     continue  # a prompt chunk that is not the last draws nothing
-                entry = self.entries[req.request_id]
-                entry.seq.output_logprobs.append(logprobs[i])
-                append_token(entry.seq, tokens[i], self.tokenizer, self.eos_token_ids)
-                if self.prefix_cache and entry.seq.total_len % self.page_size == 0:
+                entry = entries[req.request_id]
+                seq = entry.seq
+                seq.output_logprobs.append(logprob)
+                append_token(seq, token, tokenizer, eos)
+                if keyed and seq.total_len % ps == 0:
                     self._key_last_page(entry)
                 entry.served_by = served_by
                 if entry.first_token_time is None:
                     entry.first_token_time = now
-                emitted.append((entry, tokens[i]))
-                if entry.seq.finished:
-                    finished[req.request_id] = entry.seq.finish_reason
+                emitted.append((entry, token))
+                if seq.finish_reason is not None:
+                    finished[req.request_id] = seq.finish_reason
         self.scheduler.complete(lane_name, work, finished=finished)
         return emitted
 
@@ -393,15 +397,12 @@ class EngineCore:
 
     def running_counts(self) -> dict[str, int]:
         """Running requests per class, over the lanes of the current plan."""
-        running = {c: 0 for c in self.classes}
-        for q in self.scheduler.lanes.values():
-            for r in q.running:
-                running[r.priority_class] += 1
+        running = dict.fromkeys(self.classes, 0)
+        running.update(collections.Counter(r.priority_class for q in self.scheduler.lanes.values() for r in q.running))
         return running
 
     def load(self) -> Load:
-        waiting = {c: self.scheduler.waiting_count(c) for c in self.classes}
-        return Load(waiting, self.running_counts(), self.slo_attainment(), dict(self.step_s))
+        return Load(self.scheduler.queues.counts(), self.running_counts(), self.slo_attainment(), dict(self.step_s))
 
     def slo_attainment(self) -> dict[str, float]:
         """Per class, the fraction of its last `SLO_WINDOW` finished requests that got a token and

@@ -121,6 +121,11 @@ class PlanController:
         alternatives = [(s, p) for p in usable if (s := _step_for(p, step_s, urgent.name)) is not None and s <= target]
         return min(alternatives, key=lambda sp: sp[0])[1] if alternatives else best
 
+    @property
+    def settled(self) -> bool:
+        """No switch is being considered: until the load changes, `decide` stays (None)."""
+        return self._candidate is None
+
     def decide(self, load: Load, now: float) -> tuple[str, str] | None:
         """The plan to switch to now, with its reason, or None to stay."""
         want, reason = self.preferred(load)

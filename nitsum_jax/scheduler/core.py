@@ -91,9 +91,16 @@ class Scheduler(SwitchPlanning, PrefixReuse):
     # -- one step ------------------------------------------------------------------------
     def urgency(self, request: Request) -> tuple[float, float]:
         """Sort key: effective rank (class rank minus aging), then arrival."""
-        cls = self.classes[request.priority_class]
-        waited = self.clock() - request.arrival
-        return cls.rank - waited / cls.aging_s, request.arrival
+        return self._urgency_at(self.clock())(request)
+
+    def _urgency_at(self, now: float) -> Callable[[Request], tuple[float, float]]:
+        """`urgency` with the clock read once (a step's decisions are all made at one time)."""
+        classes = self.classes
+
+        def key(request: Request) -> tuple[float, float]:
+            cls = classes[request.priority_class]
+            return cls.rank - (now - request.arrival) / cls.aging_s, request.arrival
+        return key
 
     def schedule(self, lane_name: str) -> list[Work]:
         """The work of the lane's next step. Call at a step boundary."""
@@ -103,9 +110,10 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         stalled: list[tuple[Request, int]] = []  # running requests with no page to grow into
         budget = self.budget_for(lane_name)
         prefill_left = self.prefill_limit.get(lane_name, budget)
+        urgency = self._urgency_at(self.clock())
         # 1. Running decodes grow by one token; running prefills continue.
-        for req in sorted(lane.running, key=self.urgency):
-            if req not in lane.running:
+        for req in sorted(lane.running, key=urgency):
+            if req.state is not State.RUNNING or req.lane != lane.name:
                 continue  # preempted below for a more urgent running request
             n = 1 if not req.in_prefill else min(self.prefill_chunk, req.total_len - req.num_computed, budget,
                                                  prefill_left)
@@ -122,7 +130,7 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         # alone: once a rank finds no victim, no request of that rank or a less urgent one is tried.
         blocked = None  # the most urgent rank that found no victim in the full lane
         top_rank = min(self.queues.waiting_ranks(lane.serves), default=None)
-        for req in self.queues.ordered(self.urgency, lane.serves):
+        for req in self.queues.ordered(urgency, lane.serves):
             if budget <= 0 or prefill_left <= 0:
                 break
             if req.state is not State.WAITING:
@@ -186,6 +194,8 @@ class Scheduler(SwitchPlanning, PrefixReuse):
                 return None
         for w in work:  # the token `work` draws is written by the next step: one more position each
             r = w.request
+            if lane.allocator.covers(r.request_id, r.total_len + 1):
+                continue  # its pages hold the next position already (15 steps in 16)
             if not lane.allocator.can_reserve(r.total_len + 1, r.request_id):
                 return None  # pages reserved so far are the ones `schedule` would reserve next
             lane.allocator.reserve(r.request_id, r.total_len + 1)

@@ -46,6 +46,10 @@ class WaitingQueues:
     def count(self, class_name: str) -> int:
         return len(self._queues[class_name])
 
+    def counts(self) -> dict[str, int]:
+        """Class -> how many of it wait."""
+        return {name: len(q) for name, q in self._queues.items()}
+
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 

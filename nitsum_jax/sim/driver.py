@@ -89,6 +89,7 @@ class Simulation:
         self._events: list[tuple[float, int, int, object]] = []
         self._seq = 0
         self._tick_at: float | None = None
+        self._changed = True  # an event other than a tick came since the controller last decided
         self.records: dict[str, dict] = {}
         self.move_s = 0.0
 
@@ -104,6 +105,8 @@ class Simulation:
             self._push(r.arrival_s, ARRIVE, r)
         while self._events:
             self.now, kind, _, payload = heapq.heappop(self._events)
+            if kind != TICK:
+                self._changed = True  # the core's state changes only in events other than ticks
             if kind == ARRIVE:
                 self._arrive(payload)
             elif kind == STEP:
@@ -154,11 +157,14 @@ class Simulation:
     def _start_idle_lanes(self) -> None:
         """Lanes not in a step look for work (the runtime's lane threads, woken): only while a
         request waits or the lane still holds running ones, else the core has nothing for them."""
-        waiting = any(self.core.scheduler.waiting_count(c) for c in self.classes)
-        queues = self.core.scheduler.lanes
+        scheduler = self.core.scheduler
+        waiting = {c for c in self.classes if scheduler.waiting_count(c)}
+        queues = scheduler.lanes
         for name in self.lanes:
-            if name not in self.in_step and name in queues and (waiting or queues[name].running) \
-                    and self.core.in_plan(name):
+            if name in self.in_step or name not in queues:
+                continue
+            queue = queues[name]
+            if (queue.running or any(queue.serves(c) for c in waiting)) and self.core.in_plan(name):
                 self._start_step(name)
 
     def _start_step(self, name: str) -> None:
@@ -227,6 +233,10 @@ class Simulation:
     def _tick(self) -> None:
         if self.switching:
             return
+        controller = self.core.controller
+        if not self._changed and self.core.pending_switch is None and controller is not None and controller.settled:
+            return  # the same load as the last tick, which stayed: the controller would stay again
+        self._changed = False
         pending = self.core.tick(self.now)
         if pending:
             self.switching = True
