@@ -95,6 +95,42 @@ def profile_step(lane, inputs, steps=5) -> list[dict]:
     return [total] + [{"kernel": k[:120], "ms_per_step": round(v, 4)} for k, v in top]
 
 
+def profile_lane(results, ps, impl, chunks, tp, batch, batches, context, rng) -> None:
+    """The kernel profile of one decode step of the lane of degree `tp`, into results["profiles"]."""
+    lane = next((l for l in ps.lanes.values() if l.spec.tp == tp), None)
+    if lane is None or batch not in batches:
+        return
+    try:
+        results["profiles"][f"{impl}_tp{tp}_c{chunks}_b{batch}"] = prof = profile_step(
+            lane, decode_inputs(lane, batch, context, rng))
+        print(f"profile {impl} tp{tp} c{chunks} b{batch} (ms per step):")
+        for p in prof:
+            print(f"  {p['ms_per_step']:8.3f}  {p['kernel']}")
+    except Exception as e:
+        print(f"profile failed: {type(e).__name__}: {e}")
+
+
+def chunked_lanes(cfg, chunks: int, num_pages: int, grid, knobs) -> dict:
+    """A TP1 lane on the first device holding `chunks` weight-chunk slots, as a lane of a
+    plan set with TP up to `chunks` holds them (each slot its own buffers), built on one device."""
+    from jax.sharding import Mesh
+
+    from nitsum_jax.model import ChunkLayout
+    from nitsum_jax.plans import Lane
+    from nitsum_jax.plans.spec import LaneSpec
+    from nitsum_jax.plans.weights import WeightStore
+
+    devices = jax.devices()[:1]
+    layout = ChunkLayout(chunks, (tuple(range(chunks)),))
+    store = WeightStore.random(cfg, {0: set(range(chunks))}, devices)
+    spec = LaneSpec(("all",), 1, (0,))
+    mesh = Mesh(np.array(devices), ("tp",))
+    lane = Lane(f"tp1@0/c{chunks}", spec, cfg, layout, mesh, store.lane_params((0,), layout, mesh), num_pages, 16,
+                grid, knobs)
+    lane.compile()
+    return {(0,): lane}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b")
@@ -105,10 +141,12 @@ def main():
     ap.add_argument("--impls", default="kernel,reference")
     ap.add_argument("--reference-batches", default="8,64")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--profile", default="1:32")
+    ap.add_argument("--profile", default="1:32", help="TP:BATCH[,TP:BATCH...] to profile (kernel times)")
     ap.add_argument("--copy-gib", type=float, default=None,
                     help=f"copy buffer for the bandwidth figure (default {copy_bandwidth.GPU_GIB:g} GiB on a GPU, "
                          f"{copy_bandwidth.HOST_GIB:g} on host devices)")
+    ap.add_argument("--chunks", default="1", help="weight-chunk slots of the TP1 lane, one run each: 1 is a "
+                    "one-chunk plan set; C > 1 builds on one device the lane of a plan set with TP up to C")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -128,7 +166,10 @@ def main():
                "context": args.context, "max_seq_len": args.max_seq_len, "hbm_GBps": bw / 1e9,
                "copy_bandwidth": copies, "rows": [], "profiles": {}}
     rng = np.random.default_rng(0)
-    for impl in args.impls.split(","):
+    # "chunked": the kernel impl on a TP1 lane of C chunk slots built on one device (--chunks)
+    runs = [(impl, 1) for impl in args.impls.split(",")] + [("chunked", int(c)) for c in args.chunks.split(",")
+                                                               if int(c) > 1]
+    for impl, chunks in runs:
         # kernel: Pallas attention + our XLA step options; reference: plain-JAX attention, same
         # options; xla_default: Pallas attention with XLA's default options (the earlier baseline).
         # oneshot: as kernel, plus XLA's own one-shot all-reduce kernel for the small all-reduces
@@ -136,13 +177,16 @@ def main():
         one_shot = (("xla_gpu_unsupported_use_all_reduce_one_shot_kernel", True),) if impl == "oneshot" else ()
         knobs = dataclasses.replace(settings(), attention="reference" if impl == "reference" else "auto",
                                     xla_options=impl != "xla_default", xla_extra_options=one_shot)
-        batches = [int(b) for b in (args.batches if impl in ("kernel", "oneshot") else args.reference_batches).split(",")]
+        batches = [int(b) for b in (args.reference_batches if impl in ("reference", "xla_default") else args.batches).split(",")]
         pages = max(batches) * -(-args.context // 16) + 64
         grid = BucketGrid(decode_batch=tuple(batches), prefill_len=(), max_seq_len=args.max_seq_len,
                           min_move_pages=args.max_seq_len // 16)
         t0 = time.perf_counter()
         try:
-            ps = PlanSet(cfg, None, plans, num_pages=pages, page_size=16, grid=grid, settings=knobs)
+            if chunks > 1:
+                ps = argparse.Namespace(lanes=chunked_lanes(cfg, chunks, pages, grid, knobs))
+            else:
+                ps = PlanSet(cfg, None, plans, num_pages=pages, page_size=16, grid=grid, settings=knobs)
         except Exception as e:  # report and go on with the other impl
             print(f"{impl}: start-up failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
             results[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:4000]}"
@@ -159,31 +203,22 @@ def main():
                 tokens, logprobs = jax.device_get(lane.dispatch(*inputs))
                 kv = b * args.context * per_token / lane.spec.tp
                 floor = (wbytes + kv) / bw
-                row = {"impl": impl, "tp": lane.spec.tp, "batch": b, "step_ms": t * 1e3, "spread_ms": spread * 1e3,
+                row = {"impl": impl, "chunks": lane.layout.slots, "tp": lane.spec.tp, "batch": b, "step_ms": t * 1e3, "spread_ms": spread * 1e3,
                        "weight_GB_per_device": wbytes / 1e9, "kv_GB_per_device": kv / 1e9,
                        "floor_ms": floor * 1e3, "mbu": floor / t,
                        "mbu_spec": (wbytes + kv) / (spec * 1e9) / t if spec else None, "tokens_per_s": b / t,
                        "tokens": tokens.tolist(), "logprobs": [round(float(x), 4) for x in logprobs]}
                 results["rows"].append(row)
                 mbu_spec = f"{row['mbu_spec']:.1%}" if spec else "-"
-                print(f"{impl:9s} tp{lane.spec.tp} b{b:3d}: {t * 1e3:7.2f} ms (spread {spread * 1e3:.2f}) "
+                print(f"{impl:9s} tp{lane.spec.tp} c{lane.layout.slots} b{b:3d}: {t * 1e3:7.2f} ms (spread {spread * 1e3:.2f}) "
                       f"floor {floor * 1e3:6.2f} ms  MBU {floor / t:5.1%} (spec sheet: {mbu_spec})  "
                       f"{b / t:8.0f} tok/s", flush=True)
-        ptp, pb = (int(x) for x in args.profile.split(":"))
-        lane = next((l for l in ps.lanes.values() if l.spec.tp == ptp), None)
-        if lane is not None and pb in batches:
-            try:
-                results["profiles"][f"{impl}_tp{ptp}_b{pb}"] = prof = profile_step(
-                    lane, decode_inputs(lane, pb, args.context, rng))
-                print(f"profile {impl} tp{ptp} b{pb} (ms per step):")
-                for p in prof:
-                    print(f"  {p['ms_per_step']:8.3f}  {p['kernel']}")
-            except Exception as e:
-                print(f"profile failed: {type(e).__name__}: {e}")
+        for ptp, pb in ([int(x) for x in p.split(":")] for p in args.profile.split(",") if p):
+            profile_lane(results, ps, impl, chunks, ptp, pb, batches, args.context, rng)
         del ps
     by_key: dict = {}
     for row in results["rows"]:  # every impl against the first one measured, same tp and batch
-        first = by_key.setdefault((row["tp"], row["batch"]), row)
+        first = by_key.setdefault((row["tp"], row["batch"], row["chunks"]), row)
         if first is not row:
             same = np.mean(np.array(row["tokens"]) == np.array(first["tokens"]))
             diff = np.max(np.abs(np.array(row["logprobs"]) - np.array(first["logprobs"])))

@@ -324,8 +324,20 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     return rms_norm(x, params.final_norm, cfg.norm_eps), KVCache(k=k_slots, v=v_slots)
 
 
+MIN_LOGIT_ROWS = 8  # the LM head's rows at least (a gemm, not a gemv: `logits_from_hidden`)
+
+
 def logits_from_hidden(params: Params, hidden: jax.Array, layout: ChunkLayout = UNSPLIT) -> jax.Array:
-    """hidden: [..., D] -> fp32 logits [..., V]: a sum over the model-dim pieces of each slot."""
+    """hidden: [..., D] -> fp32 logits [..., V]: a sum over the model-dim pieces of each slot.
+
+    A single row is padded to `MIN_LOGIT_ROWS` rows first: as a vector-matrix product with
+    float32 output, XLA on a GPU upcasts the whole LM head to float32 every step and runs a
+    float32 gemv (1.5 ms of a 7.5 ms Llama-3.1-8B batch-1 step on an H200, BENCHMARKS.md, "Decode
+    roofline"); with two or more rows it is the bf16 gemm of every other batch."""
+    if hidden.ndim >= 1 and math.prod(hidden.shape[:-1]) == 1:
+        rows = hidden.reshape(1, hidden.shape[-1])
+        padded = jnp.concatenate([rows, jnp.zeros((MIN_LOGIT_ROWS - 1, hidden.shape[-1]), hidden.dtype)])
+        return logits_from_hidden(params, padded, layout)[:1].reshape(*hidden.shape[:-1], -1)
     if layout.num_chunks > 1:
         hidden = hidden[..., layout.dim_order(hidden.shape[-1])]
     pieces = jnp.split(hidden, len(params.chunks), axis=-1)

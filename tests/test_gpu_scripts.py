@@ -36,8 +36,13 @@ def test_gpu_transfer_moves_equal_contents_every_way(tmp_path):
 def test_gpu_step_times_and_compares_impls_on_the_same_inputs(tmp_path):
     out = run_script(["bench/gpu_step.py", "--preset", "tiny", "--tps", "1,2", "--batches", "4",
                       "--impls", "kernel,oneshot", "--context", "32", "--max-seq-len", "64", "--repeats", "2",
-                      "--profile", "2:4"], 2, tmp_path)
-    rows = {(r["impl"], r["tp"]): r for r in out["rows"]}
+                      "--profile", "2:4", "--chunks", "1,2"], 2, tmp_path)
+    chunked = [r for r in out["rows"] if r["impl"] == "chunked"]
+    # a TP1 lane of a two-chunk set, built on one device: its weights in two slots, both read
+    assert [(r["tp"], r["chunks"], r["batch"]) for r in chunked] == [(1, 2, 4)] and chunked[0]["step_ms"] > 0
+    assert chunked[0]["weight_GB_per_device"] == pytest.approx(
+        next(r for r in out["rows"] if r["tp"] == 1)["weight_GB_per_device"])
+    rows = {(r["impl"], r["tp"]): r for r in out["rows"] if r["impl"] != "chunked"}
     assert set(rows) == {(i, t) for i in ("kernel", "oneshot") for t in (1, 2)}
     for tp in (1, 2):
         assert rows[("oneshot", tp)]["vs_kernel"]["same_tokens"] == 1.0
