@@ -161,3 +161,48 @@ def test_plan_writes_a_plan_toml_the_engine_loads(tmp_path):
     plans = load_plans_toml(out)
     assert {p.name for p in plans} == {"shared", "reserved", "throughput"}
     assert "[controller]" in out.read_text()
+
+
+def _one_lane_results(points, rates) -> dict:
+    """A bench results.json of one lane: runs whose idle time per unchained step is `gap_ms` at
+    `rows` output tokens per step (the test's inputs)."""
+    runs = []
+    for (rows, gap_ms), rate in zip(points, rates):
+        steps, chained, busy = 1000, 400, 10.0
+        span = busy + gap_ms / 1e3 * (steps - chained)
+        runs.append({"rate_rps": rate, "steps": {"tp1@0": steps}, "chained_steps": {"tp1@0": chained},
+                     "lane_busy_s": {"tp1@0": busy}, "span_s": span, "output_tokens_per_s": rows * steps / span})
+    two_lanes = dict(runs[0], lane_busy_s={"tp1@0": 5.0, "tp1@1": 5.0}, rate_rps=99.0)
+    return {"configs": {"static": {"by_rate": runs + [two_lanes]}},
+            "machine": {"device_kind": "test card", "device_count": 1}, "date": "2026-12-02T00:00:00", "git": None}
+
+
+def test_a_host_fit_is_the_line_through_the_fitted_runs_with_the_rest_held_out(tmp_path):
+    from nitsum_jax.cli import main
+
+    points = [(10.0, 0.3 + 0.01 * 10), (40.0, 0.3 + 0.01 * 40), (80.0, 1.5)]
+    (tmp_path / "p.json").write_text(json.dumps(tiny_profile(tps=(1,))))
+    (tmp_path / "r.json").write_text(json.dumps(_one_lane_results(points, (10.0, 24.0, 32.0))))
+    assert main(["profile", "host", str(tmp_path / "p.json"), str(tmp_path / "r.json"), "--fit-rates", "10,24",
+                 "--commit", "abc1234", "--out", str(tmp_path / "q.json")]) == 0
+    fitted = P.load(tmp_path / "q.json")
+    host = fitted["host"]
+    assert host["per_step_ms"] == pytest.approx(0.3) and host["per_row_ms"] == pytest.approx(0.01)
+    assert [(p["rate_rps"], p["held_out"]) for p in host["points"]] == [(10.0, False), (24.0, False), (32.0, True)]
+    assert host["points"][2]["fit_ms"] == pytest.approx(1.1) and host["points"][2]["gap_ms"] == pytest.approx(1.5)
+    assert fitted["sources"][host["source"]]["commit"] == "abc1234"  # the run of two lanes is not a point
+    with pytest.raises(P.ProfileError, match="two loads"):
+        P.host_fit(tiny_profile(tps=(1,)), [_one_lane_results(points[:1], (10.0,))], "h", {})
+
+
+def test_the_host_time_idles_the_device_before_steps_that_are_not_chained():
+    config = Config("static", adaptive_candidates(4, default_classes())[0][1][:1], None)
+    plain = tiny_profile()
+    slow = dict(plain, host={"per_step_ms": 2.0, "per_row_ms": 0.5, "points": [], "source": "fixture"})
+    runs = [simulate_once(StepModel(P.validate(p)), default_classes(), config, _workload(n=200), SETTINGS)
+            for p in (plain, slow)]
+    assert [{r["status"] for r in run["records"]} for run in runs] == [{"completed"}] * 2
+    busy = [run["backend"]["device_busy_fraction"] for run in runs]
+    assert busy[1] < busy[0] - 0.05
+    finish = [max(r["finish_s"] for r in run["records"]) for run in runs]
+    assert finish[1] > finish[0]

@@ -47,9 +47,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("profile", help="measure step, move and switch costs on this machine for the simulator",
                               description="`profile --out P.json` measures; `profile merge A.json B.json --out C.json` "
-                                          "merges (figures of a lane shape come from the first file that has them).")
-    p.add_argument("inputs", nargs="*", help="`merge` followed by profile files")
+                                          "merges (figures of a lane shape come from the first file that has them); "
+                                          "`profile host P.json BENCH/results.json ... --out Q.json` fits the engine's "
+                                          "host time between unchained steps to real one-lane bench runs.")
+    p.add_argument("inputs", nargs="*", help="`merge` followed by profile files, or `host`, a profile and bench results")
     p.add_argument("--out", required=True)
+    p.add_argument("--commit", default=None, help="`host`: the commit the bench ran (default: its results' git field)")
+    p.add_argument("--fit-rates", type=_floats, default=None,
+                   help="`host`: fit only the runs at these rates; the others are held out (default: fit all)")
     p.add_argument("--preset", default="tiny", help="model shape, random weights (default: tiny)")
     p.add_argument("--num-devices", type=int, default=None, help="devices to use (default: all)")
     p.add_argument("--batches", type=_ints, default=(1, 4, 8), help="decode batch buckets")
@@ -84,9 +89,12 @@ def register(subparsers) -> None:
 def _profile(args) -> int:
     from nitsum_jax.sim import profile as P
 
+    if args.inputs and args.inputs[0] == "host":
+        return _host_fit(args)
     if args.inputs:
         if args.inputs[0] != "merge" or len(args.inputs) < 3:
-            print("nitsum-jax: error: expected `profile merge A.json B.json ... --out C.json`", file=sys.stderr)
+            print("nitsum-jax: error: expected `profile merge A.json B.json ... --out C.json` or "
+                  "`profile host P.json RESULTS.json ... --out Q.json`", file=sys.stderr)
             return 2
         P.save(P.merge([P.load(path) for path in args.inputs[1:]]), args.out)
         print(f"wrote {args.out}")
@@ -105,6 +113,39 @@ def _profile(args) -> int:
                               repeats=args.repeats, move_tokens=args.move_tokens, log=print)
     P.save(profile, args.out)
     print(f"wrote {args.out}: {len(profile['lanes'])} lane shapes, {len(profile['moves'])} moves")
+    return 0
+
+
+def _host_fit(args) -> int:
+    import json
+
+    from nitsum_jax.sim import profile as P
+
+    if len(args.inputs) < 3:
+        print("nitsum-jax: error: expected `profile host P.json RESULTS.json ... --out Q.json`", file=sys.stderr)
+        return 2
+    base = P.load(args.inputs[1])
+    runs = []
+    for path in args.inputs[2:]:
+        try:
+            runs.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise P.ProfileError(f"{path}: cannot read bench results ({e})") from None
+    first = runs[0]
+    machine = first.get("machine", {})
+    commit = args.commit or (first.get("git") or {}).get("commit")
+    source = {"card": machine.get("device_kind", "?"), "devices": machine.get("device_count", 0),
+              "date": str(first.get("date", ""))[:10], "commit": commit,
+              "how": "fit of the host time between unchained steps to bench runs: " + ", ".join(args.inputs[2:])}
+    sid = f"host-{source['date']}-{(commit or 'unknown')[:7]}"
+    fitted = P.host_fit(base, runs, sid, source, args.fit_rates)
+    P.save(fitted, args.out)
+    host = fitted["host"]
+    print(f"host time per unchained step = {host['per_step_ms']:.3f} ms + {host['per_row_ms']:.4f} ms x rows")
+    for p in host["points"]:
+        print(f"  {p['config']} {p['rate_rps']:g} req/s: {p['rows']:.1f} rows a step, measured {p['gap_ms']:.3f} ms, "
+              f"fit {p['fit_ms']:.3f}{' (held out)' if p['held_out'] else ''}")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -64,7 +64,8 @@ class Simulation:
             for spec in plan.lanes:
                 if spec.name not in self.lanes:
                     self.lanes[spec.name] = SimLane(spec, settings.num_pages, settings.page_size,
-                                                    model.lane(spec.tp, chunks), settings.grid)
+                                                    model.lane(spec.tp, chunks), settings.grid,
+                                                    model.profile.get("host"))
         self.moves = MoveCosts(model.profile)
         switch = model.profile.get("switch_ms")
         self.switch_s = switch["ms"] / 1e3 if switch else 0.0
@@ -174,15 +175,17 @@ class Simulation:
         work = self.core.next_step(name, self.now)
         self._flush_finished()
         if work:
-            self._dispatch(name, work, self.chain[name])
+            self._dispatch(name, work, self.chain[name], self.lanes[name].host_seconds(work))
 
-    def _dispatch(self, name: str, work: list[Work], chain_left: int) -> None:
+    def _dispatch(self, name: str, work: list[Work], chain_left: int, host_s: float = 0.0) -> None:
+        """`host_s`: the engine's host time before the step starts (a step that is not chained;
+        a chained one was enqueued while the last ran)."""
         lane = self.lanes[name]
         seconds = lane.step_seconds(work)
         self.in_step[name] = InStep(work, seconds, None, chain_left)
         if chain_left > 0 and not self.switching and lane.programs(work) == 1:
             self.in_step[name].follow = self.core.chain_step(name, work, self.now)
-        self._push(self.now + seconds, STEP, name)
+        self._push(self.now + host_s + seconds, STEP, name)
 
     def _step_ended(self, name: str) -> None:
         step = self.in_step.pop(name)

@@ -36,10 +36,18 @@ class Grid:
 class SimLane:
     """What the engine core reads of a lane (`name`, `spec`, `allocator`), and its step time."""
 
-    def __init__(self, spec: LaneSpec, num_pages: int, page_size: int, model: LaneModel, grid: Grid):
+    def __init__(self, spec: LaneSpec, num_pages: int, page_size: int, model: LaneModel, grid: Grid,
+                 host: dict | None = None):
         self.name, self.spec = spec.name, spec
         self.allocator = PageAllocator(num_pages, page_size)
         self.model, self.grid = model, grid
+        self._host = (host["per_step_ms"] / 1e3, host["per_row_ms"] / 1e3) if host else (0.0, 0.0)
+
+    def host_seconds(self, work: list[Work]) -> float:
+        """The engine's host time before a step that is not chained (the profile's `host` fit;
+        0 without one): the device idles for it."""
+        per_step, per_row = self._host
+        return per_step + per_row * len(work) if per_step or per_row else 0.0
 
     def programs(self, work: list[Work]) -> int:
         """How many step programs `engine.dispatch.dispatch_work` enqueues for `work`."""

@@ -13,7 +13,12 @@ where each number came from. Layout:
                           "prefill": [{"tokens", "context", "ms", "source"}],
                           "sampler": [{"batch", "ms", "source"}]}},
      "moves": [{"src_tp", "dst_tp", "shared_device", "tokens", "GB_per_s", "source"}],
-     "switch_ms": {"ms", "source"} | null}
+     "switch_ms": {"ms", "source"} | null,
+     "host": {"per_step_ms", "per_row_ms", "points": [{"rows", "gap_ms", "rate_rps"}], "source"} | null}
+
+`host` is the engine's own time between steps that are not chained (it plans the step, reads the
+last tokens and streams them while the device waits), linear in the step's rows, fitted by
+`host_fit` to the real engine's bench runs; absent, the simulator charges no host time.
 
 `chunks` is the number of weight chunks of the plan set the lane was measured in (the largest
 TP degree of that set): a TP1 lane in a set that also holds a TP4 lane runs 4 chunk matmuls per
@@ -74,6 +79,8 @@ def validate(profile: dict, where: str = "<profile>") -> dict:
         _check_row(row, ("src_tp", "dst_tp", "tokens", "GB_per_s"), sources, f"{where}: moves")
     if profile.get("switch_ms") is not None:
         _check_row(profile["switch_ms"], ("ms",), sources, f"{where}: switch_ms")
+    if profile.get("host") is not None:
+        _check_row(profile["host"], ("per_step_ms", "per_row_ms"), sources, f"{where}: host")
     if not profile.get("lanes"):
         raise ProfileError(f"{where}: no lanes")
     return profile
@@ -125,6 +132,7 @@ def merge(profiles: list[dict]) -> dict:
         kinds = {_move_kind(m) for m in out["moves"]}
         out["moves"] += [copy.deepcopy(m) for m in other["moves"] if _move_kind(m) not in kinds]
         out["switch_ms"] = out["switch_ms"] or copy.deepcopy(other["switch_ms"])
+        out["host"] = out.get("host") or copy.deepcopy(other.get("host"))
         out["device_memory_bytes"] = out["device_memory_bytes"] or other.get("device_memory_bytes")
         if out["platform"] != other["platform"]:
             raise ProfileError(f"cannot merge a {out['platform']} profile with a {other['platform']} one")
@@ -133,3 +141,49 @@ def merge(profiles: list[dict]) -> dict:
 
 def _move_kind(move: dict) -> tuple:
     return move["src_tp"], move["dst_tp"], bool(move.get("shared_device")), move["tokens"]
+
+
+def host_points(results: dict) -> list[dict]:
+    """From a bench `results.json` of the real engine: per run, the device's idle time per step
+    that was not chained (span minus the lanes' busy time, over the unchained steps) and the
+    step's mean rows (output tokens per step: each decode row draws one)."""
+    points = []
+    for name, config in results["configs"].items():
+        for run in config["by_rate"]:
+            steps = sum(run.get("steps", {}).values())
+            unchained = steps - sum((run.get("chained_steps") or {}).values())
+            if steps == 0 or unchained <= 0 or not run.get("lane_busy_s") or len(run["lane_busy_s"]) != 1:
+                continue  # one lane only: the idle time of several lanes does not add up to one gap
+            busy = sum(run["lane_busy_s"].values())
+            points.append({"rows": run["output_tokens_per_s"] * run["span_s"] / steps,
+                           "gap_ms": max(run["span_s"] - busy, 0.0) * 1e3 / unchained,
+                           "rate_rps": run["rate_rps"], "config": name})
+    return points
+
+
+def host_fit(profile: dict, results: list[dict], source_id: str, source: dict,
+             fit_rates: tuple[float, ...] | None = None) -> dict:
+    """`profile` with its `host` figure: the least-squares line gap_ms = per_step_ms + per_row_ms x
+    rows through the runs' points (at least two, of different rows; both terms >= 0). With
+    `fit_rates`, only the runs at those rates are fitted; the others are held out (`held_out`),
+    their measured gap beside the fit's."""
+    import numpy as np
+
+    points = [p for r in results for p in host_points(r)]
+    for p in points:
+        p["held_out"] = fit_rates is not None and not any(abs(p["rate_rps"] - r) < 1e-9 for r in fit_rates)
+    fitted = [p for p in points if not p["held_out"]]
+    if len({round(p["rows"], 6) for p in fitted}) < 2:
+        raise ProfileError(f"a host fit needs runs of one lane at two loads or more; got {len(fitted)} run(s)")
+    x = np.array([p["rows"] for p in fitted])
+    y = np.array([p["gap_ms"] for p in fitted])
+    slope, intercept = np.polyfit(x, y, 1)
+    slope, intercept = max(float(slope), 0.0), max(float(intercept), 0.0)
+    for p in points:
+        p["fit_ms"] = intercept + slope * p["rows"]
+    out = copy.deepcopy(profile)
+    if source_id in out["sources"] and out["sources"][source_id] != source:
+        raise ProfileError(f"source id {source_id!r} names two different sources")
+    out["sources"][source_id] = source
+    out["host"] = {"per_step_ms": intercept, "per_row_ms": slope, "points": points, "source": source_id}
+    return validate(out, "<profile with host fit>")
