@@ -59,6 +59,23 @@ class ChunkWeights:
     w_down: jax.Array | Fp8Weight  # [layers, ffn/R, dim]
     embed: jax.Array  # [vocab, dim/R]
     lm_head: jax.Array | None  # [dim/R, vocab]; None when tied to `embed`
+    # A lane's placed weights hold q, k and v as one buffer (`fuse_qkv`), so that a step reads them
+    # with one gemm: [layers, dim, tp, heads/C + 2 x kv heads/C, head_dim] (the device's chunk on
+    # axis 2); wq, wk and wv are then None. Checkpoints and `declare` keep them apart.
+    wqkv: jax.Array | Fp8Weight | None = None
+
+
+def fuse_qkv(chunk: ChunkWeights) -> ChunkWeights:
+    """One device's chunk with wq, wk and wv concatenated into `wqkv` ([layers, dim, 1, q + 2 kv
+    heads, head_dim]; an fp8 weight's values and scales alike); unfused already: unchanged."""
+    if chunk.wq is None:
+        return chunk
+
+    def cat(q, k, v):
+        return jnp.concatenate([q, k, v], axis=2)[:, :, None]
+
+    fused = jax.tree.map(cat, chunk.wq, chunk.wk, chunk.wv)
+    return chunk.replace(wq=None, wk=None, wv=None, wqkv=fused)
 
 
 @struct.dataclass
@@ -275,6 +292,15 @@ def _own(h: jax.Array, tag: int) -> jax.Array:
     return jax.lax.optimization_barrier((h, jnp.int32(tag)))[0]
 
 
+def _split_qkv(qkv: jax.Array, q_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[B, T, tp, q + 2 kv heads, H] -> q [B, T, tp x q, H], k and v [B, T, tp x kv, H], heads in
+    the order of the devices' chunks (as wq, wk and wv shard them)."""
+    B, T, C, X, H = qkv.shape
+    kv_heads = (X - q_heads) // 2
+    parts = qkv[:, :, :, :q_heads], qkv[:, :, :, q_heads:q_heads + kv_heads], qkv[:, :, :, q_heads + kv_heads:]
+    return tuple(p.reshape(B, T, C * p.shape[3], H) for p in parts)
+
+
 def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
             layout: ChunkLayout = UNSPLIT, attention: str = "auto") -> tuple[jax.Array, KVCache]:
     """Run the new tokens of every sequence through the model, appending their K/V to the pages.
@@ -299,9 +325,14 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
             h = rms_norm(x, attn_norm, cfg.norm_eps)
             out = jnp.zeros_like(x)
             for r, w in enumerate(chunks):
-                q = apply_rope(matmul("BTD,DNH->BTNH", _own(h, 3 * r), w.wq), positions, inv_freq)
-                k = apply_rope(matmul("BTD,DKH->BTKH", _own(h, 3 * r + 1), w.wk), positions, inv_freq)
-                v = matmul("BTD,DKH->BTKH", _own(h, 3 * r + 2), w.wv)
+                if w.wqkv is not None:  # one gemm for the three (a lane's placed weights)
+                    q, k, v = _split_qkv(matmul("BTD,DCXH->BTCXH", _own(h, 3 * r), w.wqkv),
+                                         cfg.num_heads // layout.num_chunks)
+                else:
+                    q = matmul("BTD,DNH->BTNH", _own(h, 3 * r), w.wq)
+                    k = matmul("BTD,DKH->BTKH", _own(h, 3 * r + 1), w.wk)
+                    v = matmul("BTD,DKH->BTKH", _own(h, 3 * r + 2), w.wv)
+                q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
                 k_slots[r], v_slots[r] = write_kv_pages(k_slots[r], v_slots[r], layer_idx, k, v, positions,
                                                         valid, step.page_table)
                 attn = paged_attention(q, k_slots[r], v_slots[r], layer_idx, positions, step.page_table,

@@ -126,7 +126,8 @@ def with_weights(params, weights: str):
 
 def weights_format(params) -> str:
     """The format of a params tree (concrete or abstract): "fp8" when its weights are quantized."""
-    return "fp8" if isinstance(params.chunks[0].wq, Fp8Weight) else "bf16"
+    chunk = params.chunks[0]
+    return "fp8" if isinstance(chunk.wq if chunk.wqkv is None else chunk.wqkv, Fp8Weight) else "bf16"
 
 
 def is_abstract(params) -> bool:

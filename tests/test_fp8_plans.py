@@ -41,7 +41,7 @@ def test_every_lane_of_every_plan_matches_the_single_device_fp8_model(tiny_cfg, 
                      max_seq_len=64).generate(prompts(), GREEDY)
     for plan in fp8_set.plans:
         for lane in fp8_set.lanes_of(plan):
-            assert isinstance(lane.params.chunks[0].wq, Fp8Weight)
+            assert isinstance(lane.params.chunks[0].wqkv, Fp8Weight) and lane.params.chunks[0].wq is None
             for got, ref in zip(lane_generator(tiny_cfg, lane).generate(prompts(), GREEDY), want):
                 assert got.token_ids == ref.token_ids, (plan, lane.name)
                 np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, err_msg=f"{plan} {lane.name}")
@@ -72,6 +72,19 @@ def test_memory_report_agrees_with_the_fp8_buffers_held(fp8_set):
     assert report["weight_overhead"] == pytest.approx(1.0)
 
 
+def _placed(chunk, name: str, q_heads: int):
+    """Weight `name` of a placed chunk; q, k and v are read back out of the fused `wqkv`."""
+    if name not in ("wq", "wk", "wv"):
+        return getattr(chunk, name)
+
+    def part(a):
+        a = np.asarray(a)[:, :, 0]  # [layers, dim, q + 2 kv heads, head_dim]
+        kv = (a.shape[2] - q_heads) // 2
+        start, stop = {"wq": (0, q_heads), "wk": (q_heads, q_heads + kv), "wv": (q_heads + kv, a.shape[2])}[name]
+        return a[:, :, start:stop]
+    return jax.tree.map(part, chunk.wqkv)
+
+
 def test_random_fp8_weights_are_the_random_weights_quantized_whole(tiny_cfg):
     """Chunks of wo and w_down split their input: each must hold the scale of the whole weight
     (one replicated array on a lane), as quantizing the unsplit weight gives."""
@@ -81,10 +94,11 @@ def test_random_fp8_weights_are_the_random_weights_quantized_whole(tiny_cfg):
     assert fp8.weights_format == "fp8" and dense.weights_format == "bf16"
     for name, contracted in CONTRACTED.items():
         axis = CHUNK_AXIS[name]
-        whole = np.concatenate([np.asarray(getattr(dense.chunks[(0, c)], name)) for c in range(4)], axis=axis)
+        q_heads = tiny_cfg.num_heads // 4
+        whole = np.concatenate([np.asarray(_placed(dense.chunks[(0, c)], name, q_heads)) for c in range(4)], axis=axis)
         want = jax.tree.map(np.asarray, quantize(whole, contracted))
         for c in range(4):
-            got = getattr(fp8.chunks[(0, c)], name)
+            got = _placed(fp8.chunks[(0, c)], name, q_heads)
             np.testing.assert_array_equal(np.asarray(got.q, np.float32),
                                           chunk_slice(tiny_cfg, name, want.q, c, 4).astype(np.float32), err_msg=name)
             np.testing.assert_array_equal(np.asarray(got.scale), chunk_slice(tiny_cfg, name, want.scale, c, 4))

@@ -90,7 +90,7 @@ def test_lanes_share_weight_buffers_across_plans(default_set):
     tp2 = default_set.lanes[(0, 1)]
 
     def buffers(lane):
-        return {s.data.unsafe_buffer_pointer() for slot in lane.params.chunks for s in slot.wq.addressable_shards
+        return {s.data.unsafe_buffer_pointer() for slot in lane.params.chunks for s in slot.wqkv.addressable_shards
                 if s.device == jax.devices()[0]}
 
     # Device 0 holds chunks {0,1,2,3} for the TP2 lane; the TP4 and TP8 lanes reuse some of them.

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nitsum_jax.config import LlamaConfig
-from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, ChunkWeights, Params, param_specs
+from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, ChunkWeights, Params, fuse_qkv, param_specs
 from nitsum_jax.quant import CONTRACTED, Fp8Weight, channel_amax, check_format, quantize
 
 REPLICATED = ("attn_norm", "mlp_norm", "final_norm")
@@ -55,7 +55,7 @@ class WeightStore:
             for ch in sorted(held_chunks):
                 pieces = {n: jax.tree.map(lambda a, n=n: jax.device_put(chunk_slice(cfg, n, a, ch, c), dev), w)
                           for n, w in host.items()}
-                chunks[(d, ch)] = ChunkWeights(**pieces)
+                chunks[(d, ch)] = fuse_qkv(ChunkWeights(**pieces))
         return cls(cfg, c, chunks, replicated)
 
     @classmethod
@@ -72,6 +72,8 @@ class WeightStore:
             drawn = _quantize_chunks(drawn)
         chunks, replicated = {}, {}
         for ch, first in drawn.items():
+            fused = fuse_qkv(ChunkWeights(**first))
+            first = {f.name: getattr(fused, f.name) for f in dataclasses.fields(ChunkWeights)}
             for d in sorted(d for d, h in held.items() if ch in h):
                 chunks[(d, ch)] = ChunkWeights(**{n: jax.tree.map(lambda a: jax.device_put(a, devices[d]), w)
                                                   for n, w in first.items()})
@@ -84,7 +86,10 @@ class WeightStore:
     def lane_params(self, lane_devices: tuple[int, ...], layout: ChunkLayout, mesh: Mesh) -> Params:
         """The lane's Params: slot r is a global array over the lane mesh assembled from the
         buffers of chunk layout.assign[i][r] on device i. No data is copied."""
-        specs = param_specs(self.cfg, weights=self.weights_format).chunks[0]
+        fp8 = self.weights_format == "fp8"
+        qkv_spec = PartitionSpec(None, None, "tp", None, None)  # `fuse_qkv`: the device's chunk on axis 2
+        specs = param_specs(self.cfg, weights=self.weights_format).chunks[0].replace(
+            wqkv=Fp8Weight(q=qkv_spec, scale=qkv_spec) if fp8 else qkv_spec)
 
         def assemble(spec: PartitionSpec, *pieces: jax.Array) -> jax.Array:
             # the global shape: pieces side by side on the axis `tp` shards, if any (an fp8 scale
@@ -108,7 +113,7 @@ class WeightStore:
 
     @property
     def weights_format(self) -> str:
-        return "fp8" if isinstance(next(iter(self.chunks.values())).wq, Fp8Weight) else "bf16"
+        return "fp8" if isinstance(next(iter(self.chunks.values())).wqkv, Fp8Weight) else "bf16"
 
     def bytes_per_device(self) -> dict[int, int]:
         out: dict[int, int] = {}
