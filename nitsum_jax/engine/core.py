@@ -239,7 +239,7 @@ class EngineCore:
             work.extend(rows)
             for w, token, logprob in zip(rows, tokens, logprobs):
                 req = w.request
-                if req.state is not running or w.start_pos + w.num_tokens < req.prompt_len + req.num_output:
+                if req.state is not running or w.start_pos + w.num_tokens < req.total_len:
                     continue  # a prompt chunk that is not the last draws nothing
                 entry = entries[req.request_id]
                 seq = entry.seq

@@ -73,10 +73,8 @@ class WeightStore:
         chunks, replicated = {}, {}
         for ch, first in drawn.items():
             fused = fuse_qkv(ChunkWeights(**first))
-            first = {f.name: getattr(fused, f.name) for f in dataclasses.fields(ChunkWeights)}
             for d in sorted(d for d, h in held.items() if ch in h):
-                chunks[(d, ch)] = ChunkWeights(**{n: jax.tree.map(lambda a: jax.device_put(a, devices[d]), w)
-                                                  for n, w in first.items()})
+                chunks[(d, ch)] = jax.tree.map(lambda a, d=d: jax.device_put(a, devices[d]), fused)
         full = declare(cfg)
         for d in held:
             replicated[d] = {n: jax.device_put(np.ones(getattr(full, n).shape, cfg.jnp_dtype), devices[d])

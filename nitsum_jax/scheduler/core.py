@@ -78,7 +78,7 @@ class Scheduler(SwitchPlanning, PrefixReuse):
     @property
     def waiting(self) -> list[Request]:
         """Every waiting request, most urgent first (a copy: change them through the methods)."""
-        return self.queues.all(self.urgency)
+        return self.queues.all(self.urgency_at(self.clock()))
 
     def waiting_count(self, class_name: str) -> int:
         return self.queues.count(class_name)
@@ -89,12 +89,9 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         return done
 
     # -- one step ------------------------------------------------------------------------
-    def urgency(self, request: Request) -> tuple[float, float]:
-        """Sort key: effective rank (class rank minus aging), then arrival."""
-        return self._urgency_at(self.clock())(request)
-
-    def _urgency_at(self, now: float) -> Callable[[Request], tuple[float, float]]:
-        """`urgency` with the clock read once (a step's decisions are all made at one time)."""
+    def urgency_at(self, now: float) -> Callable[[Request], tuple[float, float]]:
+        """The sort key of requests at time `now`: effective rank (class rank minus aging), then
+        arrival (the clock is read once for a whole step's decisions)."""
         classes = self.classes
 
         def key(request: Request) -> tuple[float, float]:
@@ -110,7 +107,7 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         stalled: list[tuple[Request, int]] = []  # running requests with no page to grow into
         budget = self.budget_for(lane_name)
         prefill_left = self.prefill_limit.get(lane_name, budget)
-        urgency = self._urgency_at(self.clock())
+        urgency = self.urgency_at(self.clock())
         # 1. Running decodes grow by one token; running prefills continue.
         for req in sorted(lane.running, key=urgency):
             if req.state is not State.RUNNING or req.lane != lane.name:

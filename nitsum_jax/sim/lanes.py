@@ -47,7 +47,7 @@ class SimLane:
         """The engine's host time before a step that is not chained (the profile's `host` fit;
         0 without one): the device idles for it."""
         per_step, per_row = self._host
-        return per_step + per_row * len(work) if per_step or per_row else 0.0
+        return per_step + per_row * len(work)
 
     def programs(self, work: list[Work]) -> int:
         """How many step programs `engine.dispatch.dispatch_work` enqueues for `work`."""
