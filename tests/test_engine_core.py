@@ -1,6 +1,8 @@
 """The engine core's decisions with fake lanes and a fake clock, in milliseconds: no threads, no
 JAX. Switch (move or recompute by measured costs), lane failure, deadlines, N-tier ordering."""
 
+import dataclasses
+
 import pytest
 
 from fakes import FakeLane
@@ -192,6 +194,40 @@ def test_an_urgent_lane_limits_its_prefill_tokens_to_keep_the_tpot_target_and_a_
     assert core.scheduler.prefill_limit == {"tp1@0": 35}
     work = core.next_step("tp1@0", 0.09)
     assert sum(w.num_tokens for w in work if w.num_tokens > 1) <= 35
+
+
+def test_the_prefill_limit_counts_each_chunk_as_the_program_that_runs_it():
+    """Prefill programs have fixed lengths (8 and 16 here): a 5-token chunk runs, and costs, as
+    an 8-token program. The limit is learned and spent in program lengths, so a short chunk does
+    not make prefill look dear, and chunks are cut to the longest program that fits."""
+    classes = tiers(2)  # realtime TPOT 0.05 s
+    core = make_core("a: realtime=tp1@0", classes, num_pages=64, tpot_budget=True, prefill_buckets=(8, 16))
+    submit(core, "r0", "realtime", now=0.0, prompt=8, max_tokens=40)
+    work = core.next_step("tp1@0", 0.0)
+    core.step_done("tp1@0", work, [(work, [7], [-0.5])], 0.05, 0.0)
+    work = core.next_step("tp1@0", 0.06)
+    core.step_done("tp1@0", work, [(work, [7], [-0.5])], 0.010, 0.06)  # decode: 10 ms
+    submit(core, "r1", "realtime", now=0.07, prompt=5, max_tokens=5)
+    work = core.next_step("tp1@0", 0.07)
+    assert sorted(w.num_tokens for w in work) == [1, 5]
+    core.step_done("tp1@0", work, [(work, [7] * len(work), [-0.5] * len(work))], 0.018, 0.08)  # + 8 ms
+    # 8 ms for the 8-token program: 1 ms a token, so (0.9 x 50 - 10) / 1 = 35 tokens of programs
+    # (counting the 5 real tokens, as before, would give 1.6 ms a token and 21).
+    assert core.prefill_s_per_token["tp1@0"] == pytest.approx(0.001)
+    assert core.scheduler.prefill_limit == {"tp1@0": 35}
+    for i in range(3):
+        submit(core, f"long-{i}", "realtime", now=0.09, prompt=60, max_tokens=2)
+    work = core.next_step("tp1@0", 0.09)
+    chunks = [w.num_tokens for w in work if w.num_tokens > 1]
+    assert chunks == [16, 16]  # two 16-token programs (32 <= 35); a third would need 16 more
+    core.scheduler.prefill_limit["tp1@0"] = 20
+    assert core.scheduler._prefill_take("tp1@0", 60, 64, 20) == (16, 16)
+    assert core.scheduler._prefill_take("tp1@0", 6, 64, 20) == (6, 8)
+    assert core.scheduler._prefill_take("tp1@0", 60, 64, 7) == (0, 0)  # no program fits: none runs
+    # A target no program fits still lets the shortest run, so prompts progress.
+    core.classes["realtime"] = dataclasses.replace(classes["realtime"], tpot_target_s=0.001)
+    core._learn_budget("tp1@0", work, 0.05)
+    assert core.scheduler.prefill_limit == {"tp1@0": 8}
 
 
 def test_a_stricter_per_request_target_judges_its_slo_attainment():

@@ -91,14 +91,15 @@ class EngineCore:
                  max_batch: int = 8, costs: CostModel | None = None, controller: PlanController | None = None,
                  tokenizer=None, eos_token_ids: Seq[int] = (), keep_finished: int = 1000,
                  mover: Callable[[Request, str, str], None] | None = None, recompute_sample_tokens: int = 0,
-                 tpot_budget: bool = False, prefix_cache: bool = True):
+                 tpot_budget: bool = False, prefix_cache: bool = True, prefill_buckets: Seq[int] = ()):
         """`lanes`: every lane of the plan set by name. `mover`: carries out a preemption victim's
         KV move at once (the driver's; None: victims are recomputed). `recompute_sample_tokens`:
         a step with more new tokens than this is a sample of the recompute cost. `tpot_budget`:
         a lane that serves an urgent tier limits the prefill tokens of its steps, from its measured
         step costs, so that a step stays within that tier's TPOT target (`_learn_budget`); lanes of
         relaxed tiers only keep `token_budget`. `prefix_cache`: requests reuse the cached K/V pages
-        of their prompt's prefix on a lane (keyed by content and `cache_salt`; docs/prefix-cache.md)."""
+        of their prompt's prefix on a lane (keyed by content and `cache_salt`; docs/prefix-cache.md).
+        `prefill_buckets`: the lengths of the lanes' prefill programs (`Scheduler`)."""
         self.classes, self.plans = classes, {p.name: p for p in plans}
         self.lanes, self.max_batch = lanes, max_batch
         self.tokenizer, self.eos_token_ids = tokenizer, tuple(eos_token_ids)
@@ -109,10 +110,11 @@ class EngineCore:
         self.now = 0.0  # the time of the latest event: the scheduler's clock
         self.scheduler = Scheduler(classes, self._queues(self.plan_name), clock=lambda: self.now,
                                    token_budget=token_budget, prefill_chunk=prefill_chunk, costs=self.costs,
-                                   mover=mover)
+                                   mover=mover, prefill_buckets=prefill_buckets)
         self.recompute_sample_tokens = recompute_sample_tokens
         self.tpot_budget = tpot_budget
-        self.prefill_s_per_token: dict[str, float] = {}  # lane -> marginal seconds of a prefill token (EMA)
+        # lane -> marginal seconds per token of the prefill programs a step ran, padding included (EMA)
+        self.prefill_s_per_token: dict[str, float] = {}
         self.entries: dict[str, Entry] = {}  # requests not finished yet
         self.recent: collections.deque[Finished] = collections.deque(maxlen=keep_finished)
         self.completed: dict[str, int] = {c: 0 for c in classes}  # requests finished since start
@@ -267,24 +269,27 @@ class EngineCore:
         req.page_keys += (next_page_key(req.page_keys[-1] if req.page_keys else None, page, entry.cache_salt),)
 
     def _learn_budget(self, lane_name: str, work: list[Work], seconds: float) -> None:
-        """Step time ~ decode step + prefill tokens x marginal cost, both measured on this lane
-        (EMA). The lane's prefill limit is what keeps a step within the tightest TPOT target of
-        the urgent tiers it serves (90% of it, for the estimate's noise): at least one page's
-        worth of tokens so prompts still progress; no limit on a lane of relaxed tiers only."""
-        prefill = sum(w.num_tokens for w in work if w.num_tokens > 1)
+        """Step time ~ decode step + the prefill programs' tokens x marginal cost, both measured
+        on this lane (EMA); a chunk counts as the length of the program that runs it (the
+        scheduler's `bucket_of`), since a padded program costs its whole length. The lane's
+        prefill limit is what keeps a step within the tightest TPOT target of the urgent tiers it
+        serves (90% of it, for the estimate's noise): at least the shortest prefill program (one
+        page without buckets) so prompts still progress; no limit on a lane of relaxed tiers only."""
+        sched = self.scheduler
+        prefill = sum(sched.bucket_of(w.num_tokens) for w in work if w.num_tokens > 1)
         decode_s = self.step_s.get(lane_name)
         if prefill and decode_s is not None:
             marginal = max(seconds - decode_s, 0.0) / prefill
             self.prefill_s_per_token[lane_name] = _ema(self.prefill_s_per_token.get(lane_name, marginal), marginal)
         targets = [c.tpot_target_s for c in self.classes.values() if c.name in self._urgent
-                   and any(q.serves(c.name) for q in [self.scheduler.lanes.get(lane_name)] if q is not None)]
+                   and any(q.serves(c.name) for q in [sched.lanes.get(lane_name)] if q is not None)]
         per_token = self.prefill_s_per_token.get(lane_name)
         if not targets or per_token is None or decode_s is None:
-            self.scheduler.prefill_limit.pop(lane_name, None)
+            sched.prefill_limit.pop(lane_name, None)
             return
         allowed = (0.9 * min(targets) - decode_s) / max(per_token, 1e-12)
-        floor = self.lanes[lane_name].allocator.page_size
-        self.scheduler.prefill_limit[lane_name] = int(max(floor, min(allowed, self.scheduler.budget_for(lane_name))) + 1e-9)
+        floor = sched.prefill_buckets[0] if sched.prefill_buckets else self.lanes[lane_name].allocator.page_size
+        sched.prefill_limit[lane_name] = int(max(floor, min(allowed, sched.budget_for(lane_name))) + 1e-9)
 
     def fail_running(self, lane_name: str, error: Exception) -> None:
         """Finish the lane's running requests with an error (their pages go back); waiting ones stay."""

@@ -86,7 +86,8 @@ class Engine:
                                max_batch=max(grid.decode_batch),
                                costs=CostModel(kv_bytes_per_token=kv_bytes_per_page(cfg, 1)), controller=controller,
                                tokenizer=tokenizer, eos_token_ids=cfg.eos_token_ids, mover=self._migrate,
-                               recompute_sample_tokens=max(grid.decode_batch), prefix_cache=prefix_cache)
+                               recompute_sample_tokens=max(grid.decode_batch), prefix_cache=prefix_cache,
+                               prefill_buckets=grid.prefill_len)
         self.core.reset_stats(time.monotonic())
         self._faults: dict[str, Exception] = {}  # test hook: lane name -> error its next step raises
         self._handles: dict[str, RequestHandle] = {}  # requests not finished yet

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from nitsum_jax.scheduler.classes import PriorityClass
 from nitsum_jax.scheduler.prefix import PrefixReuse
@@ -32,11 +32,13 @@ class Scheduler(SwitchPlanning, PrefixReuse):
     def __init__(self, classes: dict[str, PriorityClass], lanes: list[LaneQueue], *,
                  clock: Callable[[], float] = time.monotonic, token_budget: int = 512, prefill_chunk: int = 128,
                  max_preemptions: int = 1, costs: CostModel | None = None,
-                 mover: Callable[[Request, str, str], None] | None = None):
+                 mover: Callable[[Request, str, str], None] | None = None, prefill_buckets: Sequence[int] = ()):
         """`mover(request, src_lane, dst_lane)` moves a preemption victim's KV pages at once (it
         may raise: the victim is then recomputed); without one, victims are always recomputed.
         `token_budget`: new tokens a step of a lane may carry, an int for every lane or a
-        {lane name: int} (lanes absent from it take `default_budget`)."""
+        {lane name: int} (lanes absent from it take `default_budget`). `prefill_buckets`: the
+        lengths of the lanes' prefill programs; a chunk runs as the shortest that holds it, so a
+        lane with a `prefill_limit` is charged that length for each chunk (`bucket_of`)."""
         self.classes, self.clock = classes, clock
         self.costs, self.mover = costs or CostModel(), mover
         self.migrations: list[tuple[float, str, str, str]] = []  # (time, request, from lane, to lane)
@@ -47,6 +49,7 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         # Prefill tokens a lane's step may carry beside its decodes (absent: no limit beyond the
         # budget); the engine core sets it from measured step costs so urgent tiers keep their TPOT.
         self.prefill_limit: dict[str, int] = {}
+        self.prefill_buckets = tuple(sorted(prefill_buckets))
         self.queues = WaitingQueues(classes)
         # Requests with a deadline or a cancel, until they end (a dict: insertion order is deterministic).
         self._watched: dict[Request, None] = {}
@@ -62,6 +65,23 @@ class Scheduler(SwitchPlanning, PrefixReuse):
 
     def budget_for(self, lane_name: str) -> int:
         return self.lane_budget.get(lane_name, self.default_budget)
+
+    def bucket_of(self, n: int) -> int:
+        """The length of the prefill program that runs an n-token chunk (n without buckets)."""
+        return next((b for b in self.prefill_buckets if b >= n), n)
+
+    def _prefill_take(self, lane_name: str, want: int, budget: int, prefill_left: int) -> tuple[int, int]:
+        """(tokens, what they cost of `prefill_left`) of a prefill chunk of at most `want` tokens.
+        Under a lane's `prefill_limit` a chunk costs its program's length, and is cut to the
+        longest program that fits what is left, so the limit bounds the programs' work."""
+        n = min(self.prefill_chunk, want, budget, prefill_left)
+        if not self.prefill_buckets or lane_name not in self.prefill_limit or n <= 0:
+            return n, n
+        fits = [b for b in self.prefill_buckets if b <= prefill_left]
+        if not fits:
+            return 0, 0
+        n = min(n, fits[-1]) if want > fits[-1] else min(want, self.prefill_chunk, budget)
+        return n, self.bucket_of(n)
 
     # -- intake --------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -112,8 +132,8 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         for req in sorted(lane.running, key=urgency):
             if req.state is not State.RUNNING or req.lane != lane.name:
                 continue  # preempted below for a more urgent running request
-            n = 1 if not req.in_prefill else min(self.prefill_chunk, req.total_len - req.num_computed, budget,
-                                                 prefill_left)
+            n, cost = (1, 0) if not req.in_prefill else self._prefill_take(
+                lane_name, req.total_len - req.num_computed, budget, prefill_left)
             if n <= 0:
                 continue
             if not self._reserve(lane, req, req.num_computed + n):
@@ -121,7 +141,7 @@ class Scheduler(SwitchPlanning, PrefixReuse):
                 continue
             work.append(Work(req, req.num_computed, n))
             budget -= n
-            prefill_left -= n if req.in_prefill else 0
+            prefill_left -= cost
         # 2. Admit waiting requests the lane serves, most urgent first. In a full lane only a
         # request that can preempt is admitted, and whether one can depends on its class's rank
         # alone: once a rank finds no victim, no request of that rank or a less urgent one is tried.
@@ -145,7 +165,10 @@ class Scheduler(SwitchPlanning, PrefixReuse):
             if len(lane.running) >= lane.max_batch and not self._preempt_for(lane, req):
                 continue
             self._attach_cached(lane, req)
-            n = min(self.prefill_chunk, req.total_len - req.num_computed, budget, prefill_left)
+            n, cost = self._prefill_take(lane_name, req.total_len - req.num_computed, budget, prefill_left)
+            if n <= 0 and lane_name in self.prefill_limit:  # no prefill program fits what is left
+                self._detach_cached(lane, req)
+                break
             if not self._reserve(lane, req, req.num_computed + n):
                 self._detach_cached(lane, req)
                 continue
@@ -155,7 +178,7 @@ class Scheduler(SwitchPlanning, PrefixReuse):
             lane.running.append(req)
             work.append(Work(req, req.num_computed, n))
             budget -= n
-            prefill_left -= n
+            prefill_left -= cost
         # 3. Nothing could move: running requests each hold part of the lane and wait for each
         # other. The latest of the least urgent gives way so the most urgent stalled one grows.
         if not work:
