@@ -12,10 +12,11 @@ chunk of the weight and its scale are cut along the same axis; a weight whose ch
 input (wo, w_down) has a scale of size 1 on that axis, and every chunk holds all of it.
 
 The matmul upcasts q to the activation dtype inside the dot and applies the scale to the
-product: y = (x @ q) * scale. On a GPU, XLA's Triton gemm emitter fuses the layer's
-dynamic-slice of the stacked weights and the upcast into the gemm, so a decode step reads one
-byte per weight; cuBLAS has no bf16 x fp8 gemm, and without Triton XLA writes the upcast weights
-out first (`step_options`). On a CPU the same program computes with the upcast weights.
+product: y = (x @ q) * scale. On a GPU, XLA's Triton gemm emitter fuses the upcast into the gemm
+(cuBLAS has no bf16 x fp8 gemm; without Triton XLA writes the upcast weights out, `step_options`),
+but not the layer scan's dynamic slice of the stacked weights: XLA copies each layer's fp8 values
+out first, so an fp8 step is slower than a bf16 one (docs/fp8.md). On a CPU the same program
+computes with the upcast weights.
 """
 
 from __future__ import annotations
