@@ -1,12 +1,15 @@
 """The simulator: the engine core on a virtual clock, step times from a profile; baselines; plan."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from nitsum_jax.bench.workload import agent_workload, poisson_workload
 from nitsum_jax.config import preset
-from nitsum_jax.scheduler import default_classes
+from nitsum_jax.plans.spec import parse_plans
+from nitsum_jax.scheduler import PriorityClass, default_classes
 from nitsum_jax.sim import profile as P
 from nitsum_jax.sim.driver import Simulation, SimSettings
 from nitsum_jax.sim.lanes import Grid
@@ -145,6 +148,41 @@ def test_simulate_writes_the_bench_schema_with_best_static_comparison(tmp_path):
     statics = [n for n, c in results["configs"].items() if c["kind"] in ("shared", "dedicated")]
     assert row["best_static"] == max(results["configs"][n]["by_rate"][1]["goodput_rps"] for n in statics)
     assert (out / "report.md").exists() and (out / "requests.jsonl").exists()
+
+
+def _high_tpot_p99(run) -> float:
+    rows = [r for r in run["records"] if r["priority_class"] == "high" and (r["output_tokens"] or 0) > 1]
+    return float(np.percentile([(r["finish_s"] - r["first_token_s"]) / (r["output_tokens"] - 1) for r in rows], 99))
+
+
+def test_the_measured_token_budget_keeps_the_urgent_tpot_where_the_fixed_one_misses_it(tmp_path):
+    """As the engine's `--token-budget auto`: a step that carries a 32-token prefill program takes
+    about 10 ms in the fixture, past a 10 ms TPOT target once the batch grows; the measured budget
+    learns that from the simulated steps and runs 16-token programs instead."""
+    classes = {"high": PriorityClass("high", 0, ttft_target_s=2.0, tpot_target_s=0.010),
+               "low": PriorityClass("low", 1, ttft_target_s=30.0, tpot_target_s=0.5)}
+    workload = poisson_workload(40.0, num_requests=300, prompt_len="40-100", output_len="8-30", seed=0,
+                                with_ids=False, high_fraction=0.5)
+    static = Config("static", parse_plans("one: all=tp1@0"), None)
+    runs = {b: simulate_once(StepModel(tiny_profile()), classes, static, workload,
+                             dataclasses.replace(SETTINGS, token_budget=b)) for b in (64, "auto")}
+    assert _high_tpot_p99(runs[64]) > 0.012
+    assert _high_tpot_p99(runs["auto"]) <= 0.010
+    assert [r["status"] for r in runs[64]["records"]] == [r["status"] for r in runs["auto"]["records"]]
+    # the CLI takes it too, with a tiers file whose classes the workload splits evenly (as bench)
+    from nitsum_jax.cli import main
+
+    path, tiers = tmp_path / "p.json", tmp_path / "tiers.toml"
+    P.save(tiny_profile(), path)
+    tiers.write_text('[[class]]\nname = "rt"\nrank = 0\nttft_s = 2\ntpot_s = 0.01\n\n'
+                     '[[class]]\nname = "bulk"\nrank = 1\nttft_s = 30\ntpot_s = 0.5\n')
+    rc = main(["simulate", "--profile", str(path), "--rates", "40", "--num-requests", "100", "--prompt-len", "40-100",
+               "--output-len", "8-30", "--num-devices", "1", "--configs", "static", "--max-seq-len", "128",
+               "--num-pages", "64", "--page-size", "8", "--token-budget", "auto", "--classes", str(tiers),
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["workload"]["class_mix"]) == {"rt", "bulk"}
 
 
 def test_plan_writes_a_plan_toml_the_engine_loads(tmp_path):

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nitsum_jax.bench.cli import _floats, _ints
+from nitsum_jax.bench.cli import _budget, _floats, _ints
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,8 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--prompt-len", default="lognormal:1000:0.8", help="N, LO-HI or lognormal:MEDIAN:SIGMA")
     w.add_argument("--output-len", default="lognormal:130:0.8", help="same forms")
     w.add_argument("--high-fraction", type=float, default=0.3, help="share of class high (two default tiers)")
-    w.add_argument("--class-mix", default=None, help="CLASS=SHARE,... for other tiers (e.g. high=0.2,low=0.8)")
+    w.add_argument("--class-mix", default=None, help="CLASS=SHARE,... for other tiers (e.g. high=0.2,low=0.8); "
+                                                           "with --classes and no mix, its classes evenly (as bench)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--classes", default=None, help="tiers TOML ([[class]] tables); default: high and low")
 
@@ -40,7 +41,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--num-pages", type=int, default=None,
                    help="KV pages per lane (default: what fits the profile's device memory, else 4096)")
     e.add_argument("--page-size", type=int, default=16)
-    e.add_argument("--token-budget", type=int, default=512, help="new tokens per lane step")
+    e.add_argument("--token-budget", type=_budget, default=512,
+                   help="new tokens per lane step, or auto: lanes of urgent tiers limit their prefill work to keep "
+                        "the tier's TPOT target, from the simulated step costs they measure (as the engine's)")
     e.add_argument("--tick-ms", type=float, default=5.0, help="control loop period of virtual time (the runtime's: 5)")
 
 

@@ -56,6 +56,8 @@ def load_inputs(args) -> dict:
                 tuple(args.prefill_len or sorted({r["tokens"] for lane in lanes for r in lane["prefill"]})
                       or (256,)), args.max_seq_len)
     mix = parse_class_mix(args.class_mix) if args.class_mix else None
+    if args.classes and mix is None:
+        mix = {name: 1.0 / len(classes) for name in classes}  # as `bench`: a tiers file's classes evenly
     extra = {"limit": args.trace_limit} if args.trace else {}
     workloads = make_workloads(args.rates, trace=args.trace, time_scale=args.time_scale, target_rates=args.target_rates,
                                with_ids=False, burstiness=args.burstiness, class_mix=mix, **extra,
