@@ -12,7 +12,8 @@ def measured(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("profile") / "cpu.json"
     rc = main(["profile", "--out", str(path), "--num-devices", "2", "--batches", "1,2", "--contexts", "8,24",
-               "--prefill-lens", "8,16", "--prefill-contexts", "0,8", "--move-tokens", "16", "--repeats", "2"])
+               "--prefill-lens", "8,16", "--prefill-contexts", "0,8", "--move-tokens", "16", "--repeats", "2",
+               "--commit", "0123abc"])
     assert rc == 0
     return P.load(path)
 
@@ -29,6 +30,7 @@ def test_profile_on_host_devices_measures_every_lane_shape_moves_and_the_switch(
     assert measured["switch_ms"]["ms"] > 0
     (source,) = measured["sources"].values()
     assert source["devices"] == 2 and source["date"] and "nitsum-jax profile" in source["how"]
+    assert source["commit"] == "0123abc"  # as given (a copied tree's git may name another)
 
 
 def test_merge_keeps_each_lane_shape_from_its_first_profile_and_every_source(measured):

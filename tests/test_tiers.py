@@ -131,3 +131,6 @@ def test_bench_serves_the_tiers_of_a_classes_file_by_the_class_mix(tmp_path):
     per_class = results["configs"]["static"]["classes"]
     assert set(per_class) <= {"realtime", "interactive", "standard", "batch"} and len(per_class) >= 3
     assert sum(c["completed"] for c in per_class.values()) == 16
+    # the report's title gives the tiers' mix, not the unused --high-fraction
+    heading = (out / "report.md").read_text().splitlines()[2]
+    assert "25% realtime" in heading and "25% batch" in heading and "high" not in heading

@@ -86,9 +86,11 @@ def probe_lines(results: dict) -> list[str]:
 def title(results: dict) -> str:
     w, m = results["workload"], results["machine"]
     where = f"{m.get('device_count', '?')} x {m.get('device_kind', m.get('backend', '?'))}" if "jax" in m else "server"
+    mix = w.get("class_mix")  # a class mix (or a tiers file's even split) decides the classes, not high_fraction
+    classes = (", ".join(f"{100 * share:.0f}% {name}" for name, share in mix.items()) if mix
+               else f"{100 * w['high_fraction']:.0f}% high")
     return (f"{results['model']} on {where} ({m['hostname']}, {m['cpu_count']} CPU cores); "
-            f"{w['kind']} {results['headline_rate_rps']:.3g} req/s, {w['num_requests']} requests, "
-            f"{100 * w['high_fraction']:.0f}% high")
+            f"{w['kind']} {results['headline_rate_rps']:.3g} req/s, {w['num_requests']} requests, {classes}")
 
 
 def print_tables(results: dict, console) -> None:

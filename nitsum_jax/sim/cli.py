@@ -55,7 +55,9 @@ def register(subparsers) -> None:
                                           "host time between unchained steps to real one-lane bench runs.")
     p.add_argument("inputs", nargs="*", help="`merge` followed by profile files, or `host`, a profile and bench results")
     p.add_argument("--out", required=True)
-    p.add_argument("--commit", default=None, help="`host`: the commit the bench ran (default: its results' git field)")
+    p.add_argument("--commit", default=None,
+                   help="the commit measured, where the checkout's git says another (a copied tree); `host`: the "
+                        "commit the bench ran (default: the git of this checkout, or of the bench's results)")
     p.add_argument("--fit-rates", type=_floats, default=None,
                    help="`host`: fit only the runs at these rates; the others are held out (default: fit all)")
     p.add_argument("--preset", default="tiny", help="model shape, random weights (default: tiny)")
@@ -114,6 +116,9 @@ def _profile(args) -> int:
     profile = measure_profile(cfg, params, devices, batches=args.batches, contexts=args.contexts,
                               prefill_lens=args.prefill_lens, prefill_contexts=args.prefill_contexts,
                               repeats=args.repeats, move_tokens=args.move_tokens, log=print)
+    if args.commit:
+        for source in profile["sources"].values():
+            source["commit"] = args.commit
     P.save(profile, args.out)
     print(f"wrote {args.out}: {len(profile['lanes'])} lane shapes, {len(profile['moves'])} moves")
     return 0
