@@ -65,12 +65,15 @@ def paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     values = v_cache[layer, :, page_table]
     keys = keys.transpose(0, 2, 1, 3, 4).reshape(B, K, -1, H)
     values = values.transpose(0, 2, 1, 3, 4).reshape(B, K, -1, H)
-    qg = q.reshape(B, T, K, G, H)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys, preferred_element_type=jnp.float32)
+    # The products in float32 (exact for bf16 inputs, as a float32-accumulating dot would give
+    # them): XLA's CPU runtime has no bf16 x bf16 -> f32 batched dot for some shapes (a bf16
+    # model's batch-2 decode failed with "Unsupported element type for DotThunk").
+    qg = q.reshape(B, T, K, G, H).astype(jnp.float32)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys.astype(jnp.float32))
     scores = scores / jnp.sqrt(jnp.float32(H))
     key_pos = jnp.arange(keys.shape[2])
     mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)  # rounded as the model dtype, as before
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(jnp.float32), values.astype(jnp.float32))
     return out.reshape(B, T, N, H).astype(q.dtype)

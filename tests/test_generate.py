@@ -24,6 +24,21 @@ def test_batched_greedy_decode_equals_each_sequence_alone(tiny_cfg, tiny_params)
         assert len(out.token_ids) == 12 and out.finish_reason == "length"
 
 
+def test_a_bf16_model_decodes_batches_on_the_cpu(tiny_cfg):
+    """A converted Hugging Face model is bf16: its batched steps must run on a CPU too (XLA's CPU
+    runtime lacks some bf16 dots with float32 output; the attention reference computes in float32)."""
+    import jax
+
+    from nitsum_jax.model import init_params
+
+    cfg = tiny_cfg.replace(dtype="bfloat16", num_kv_heads=2)  # GQA, as a converted Llama
+    params = init_params(cfg, jax.random.key(0))
+    prompts = prompts_of_different_lengths()[:3]
+    outs = Generator(cfg, params, page_size=8, max_batch=4, max_seq_len=128).generate(
+        prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [6, 6, 6]
+
+
 def test_seeded_sampling_is_the_same_batched_or_alone(tiny_cfg, tiny_params):
     prompts = prompts_of_different_lengths(1)
     params = [SamplingParams(max_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=s, ignore_eos=True)
