@@ -6,7 +6,8 @@ Random weights give nearly flat logits, so agreement measured on them says littl
 says as much). This trains a small Llama with `transformers` (byte-level vocabulary, GQA) on this
 Python's standard-library sources, saves it as a Hugging Face folder, converts it twice with
 `nitsum-ckpt convert-hf` (`--dtype bf16` and `--dtype fp8`, the user's path), and on held-out
-files compares the two checkpoints through the model code: greedy continuations of `--tokens`
+files compares the two checkpoints through the model code (and, with `--reference`, bf16 against
+a float32 conversion, for scale): greedy continuations of `--tokens`
 tokens from `--prompts` prompts of real text (the share of tokens equal before the first
 difference, and of continuations equal throughout), teacher-forced argmax along the bf16
 continuation, and the NLL of held-out text. The model, data and seeds are fixed, so a run is
@@ -84,16 +85,18 @@ def convert(src: Path, dst: Path, dtype: str) -> None:
                     "--quiet"], check=True, cwd=ROOT)
 
 
-def compare(bf16_dir: Path, fp8_dir: Path, held: bytes, args) -> dict:
+def compare(base_dir: Path, other_dir: Path, held: bytes, args) -> dict:
+    """The checkpoint in `other_dir` against the one in `base_dir`, on the same held-out prompts."""
     from checkpoints_tools.store import load_params, read_config
     from gpu_fp8 import nll, sequence_logits  # bench/ is on sys.path when run as a script
     from nitsum_jax.generate import Generator
     from nitsum_jax.quant import weights_format
     from nitsum_jax.sampling import SamplingParams
 
-    cfg = read_config(bf16_dir)
-    dense, fp8 = load_params(bf16_dir, cfg), load_params(fp8_dir, read_config(fp8_dir))
-    formats = (weights_format(dense), weights_format(fp8))
+    cfg, other_cfg = read_config(base_dir), read_config(other_dir)
+    dense, fp8 = load_params(base_dir, cfg), load_params(other_dir, other_cfg)
+    formats = [c.dtype + (" + fp8 weights" if weights_format(p) == "fp8" else "")
+               for c, p in ((cfg, dense), (other_cfg, fp8))]
     rng = np.random.default_rng(1)
     text = np.frombuffer(held, np.uint8)
     starts = rng.integers(0, len(text) - args.prompt_len - args.nll_len, args.prompts)
@@ -101,29 +104,30 @@ def compare(bf16_dir: Path, fp8_dir: Path, held: bytes, args) -> dict:
     greedy = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     max_len = 16 * -(-(args.prompt_len + args.tokens) // 16)
     outs = {}
-    for name, params in (("bf16", dense), ("fp8", fp8)):
-        gen = Generator(cfg, params, page_size=16, max_batch=len(prompts), prefill_chunk=64, max_seq_len=max_len)
+    for name, c, params in (("base", cfg, dense), ("other", other_cfg, fp8)):
+        gen = Generator(c, params, page_size=16, max_batch=len(prompts), prefill_chunk=64, max_seq_len=max_len)
         outs[name] = [o.token_ids for o in gen.generate(prompts, greedy)]
     rows = []
-    for s, prompt, want, got in zip(starts, prompts, outs["bf16"], outs["fp8"]):
+    for s, prompt, want, got in zip(starts, prompts, outs["base"], outs["other"]):
         ids = prompt + want
-        dense_logits, fp8_logits = sequence_logits(cfg, dense, ids), sequence_logits(cfg, fp8, ids)
+        fp8_logits = sequence_logits(other_cfg, fp8, ids)
         same = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
         real = [int(t) for t in text[s:s + args.prompt_len + args.nll_len]]  # held-out text itself
         rows.append({"equal": want == got, "tokens_before_divergence": same,
                      "tokens_equal": float(np.mean(np.asarray(want) == np.asarray(got))),
                      "argmax_equal_teacher_forced": float(np.mean(
                          fp8_logits[len(prompt) - 1:-1].argmax(-1) == np.asarray(want))),
-                     "nll_text_bf16": nll(sequence_logits(cfg, dense, real), real, args.prompt_len),
-                     "nll_text_fp8": nll(sequence_logits(cfg, fp8, real), real, args.prompt_len),
+                     "nll_text_base": nll(sequence_logits(cfg, dense, real), real, args.prompt_len),
+                     "nll_text_other": nll(sequence_logits(other_cfg, fp8, real), real, args.prompt_len),
                      "continuation": bytes(t for t in want if t < 256).decode("utf-8", "replace")[:120]})
-    nll_b, nll_f = np.mean([r["nll_text_bf16"] for r in rows]), np.mean([r["nll_text_fp8"] for r in rows])
+    nll_b, nll_f = np.mean([r["nll_text_base"] for r in rows]), np.mean([r["nll_text_other"] for r in rows])
     return {"formats": formats, "prompts": len(rows), "prompt_len": args.prompt_len, "tokens": args.tokens,
             "continuations_equal": float(np.mean([r["equal"] for r in rows])),
             "tokens_before_divergence_mean": float(np.mean([r["tokens_before_divergence"] for r in rows])),
             "greedy_prefix_equal": float(np.mean([r["tokens_before_divergence"] for r in rows]) / args.tokens),
+            "tokens_equal": float(np.mean([r["tokens_equal"] for r in rows])),
             "argmax_equal_teacher_forced": float(np.mean([r["argmax_equal_teacher_forced"] for r in rows])),
-            "nll_text_bf16": float(nll_b), "nll_text_fp8": float(nll_f),
+            "nll_text_base": float(nll_b), "nll_text_other": float(nll_f),
             "nll_relative_diff": float((nll_f - nll_b) / nll_b), "per_prompt": rows}
 
 
@@ -142,6 +146,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=256, help="greedy tokens per continuation")
     ap.add_argument("--nll-len", type=int, default=256, help="held-out tokens scored after each prompt")
     ap.add_argument("--hf", default=None, help="a trained Hugging Face folder to reuse (skips training)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also bf16 against float32 on the same prompts: how far the precision alone moves them")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -153,14 +159,16 @@ def main():
     if not args.hf:
         result["training"] = train(hf, train_bytes, args)
     work = out / "ckpt"
-    for dtype in ("bf16", "fp8"):
+    for dtype in ("fp32", "bf16", "fp8") if args.reference else ("bf16", "fp8"):
         convert(hf, work / dtype, dtype)
-    result["agreement"] = compare(work / "bf16", work / "fp8", held, args)
-    a = result["agreement"]
-    print(f"fp8 against bf16 on {a['prompts']} held-out prompts: continuations equal {a['continuations_equal']:.0%}, "
-          f"greedy tokens equal before the first difference {a['greedy_prefix_equal']:.1%}, teacher-forced argmax "
-          f"{a['argmax_equal_teacher_forced']:.1%}, held-out NLL {a['nll_text_bf16']:.4f} -> {a['nll_text_fp8']:.4f} "
-          f"({a['nll_relative_diff']:+.2%})", flush=True)
+    pairs = [("agreement", "bf16", "fp8")] + ([("reference", "fp32", "bf16")] if args.reference else [])
+    for key, base, other in pairs:
+        a = result[key] = compare(work / base, work / other, held, args)
+        print(f"{other} against {base} on {a['prompts']} held-out prompts: continuations equal "
+              f"{a['continuations_equal']:.0%}, greedy tokens equal {a['tokens_equal']:.1%} (before the first "
+              f"difference {a['greedy_prefix_equal']:.1%}), teacher-forced argmax "
+              f"{a['argmax_equal_teacher_forced']:.1%}, held-out NLL {a['nll_text_base']:.4f} -> "
+              f"{a['nll_text_other']:.4f} ({a['nll_relative_diff']:+.2%})", flush=True)
     (out / "fp8_quality.json").write_text(json.dumps(result, indent=2))
 
 

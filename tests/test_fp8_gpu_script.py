@@ -23,11 +23,13 @@ def test_gpu_fp8_times_both_formats_and_compares_their_tokens(tmp_path):
 def test_fp8_quality_trains_converts_both_ways_and_compares_on_held_out_text(tmp_path):
     out = run_script(["bench/fp8_quality.py", "--steps", "3", "--batch", "2", "--seq", "64", "--dim", "64",
                       "--layers", "1", "--heads", "4", "--ffn", "128", "--prompts", "2", "--tokens", "16",
-                      "--nll-len", "32"], 1, tmp_path)
+                      "--nll-len", "32", "--reference"], 1, tmp_path)
     assert out["training"]["steps"] == 3 and out["training"]["params"] > 0
     assert out["corpus"]["train_bytes"] > out["corpus"]["held_out_bytes"] > 0
     agree = out["agreement"]
-    assert agree["formats"] == ["bf16", "fp8"]  # the two `nitsum-ckpt convert-hf` checkpoints, as stored
+    # the `nitsum-ckpt convert-hf` checkpoints as stored: bf16 activations, linear weights bf16 then fp8
+    assert agree["formats"] == ["bfloat16", "bfloat16 + fp8 weights"]
+    assert out["reference"]["formats"] == ["float32", "bfloat16"]
     assert agree["prompts"] == 2 and len(agree["per_prompt"]) == 2
     assert 0 <= agree["greedy_prefix_equal"] <= 1 and 0 <= agree["argmax_equal_teacher_forced"] <= 1
-    assert agree["nll_text_bf16"] > 0 and abs(agree["nll_relative_diff"]) < 0.05
+    assert agree["nll_text_base"] > 0 and abs(agree["nll_relative_diff"]) < 0.05
