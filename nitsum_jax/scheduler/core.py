@@ -80,7 +80,7 @@ class Scheduler(SwitchPlanning, PrefixReuse):
         fits = [b for b in self.prefill_buckets if b <= prefill_left]
         if not fits:
             return 0, 0
-        n = min(n, fits[-1]) if want > fits[-1] else min(want, self.prefill_chunk, budget)
+        n = min(n, fits[-1])
         return n, self.bucket_of(n)
 
     # -- intake --------------------------------------------------------------------------
