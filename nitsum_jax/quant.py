@@ -127,7 +127,11 @@ def with_weights(params, weights: str):
 
 def weights_format(params) -> str:
     """The format of a params tree (concrete or abstract): "fp8" when its weights are quantized."""
-    chunk = params.chunks[0]
+    return chunk_format(params.chunks[0])
+
+
+def chunk_format(chunk) -> str:
+    """The format of one chunk's weights, q/k/v fused (a placed chunk) or not."""
     return "fp8" if isinstance(chunk.wq if chunk.wqkv is None else chunk.wqkv, Fp8Weight) else "bf16"
 
 

@@ -87,14 +87,16 @@ class PlanSwitch:
 
 class EngineCore:
     def __init__(self, classes: dict[str, PriorityClass], plans: Seq[Plan], lanes: dict[str, LanePort], *,
-                 initial_plan: str | None = None, token_budget: int | dict[str, int] = 512, prefill_chunk: int = 128,
+                 initial_plan: str | None = None, token_budget: int | dict[str, int] | str = 512, prefill_chunk: int = 128,
                  max_batch: int = 8, costs: CostModel | None = None, controller: PlanController | None = None,
                  tokenizer=None, eos_token_ids: Seq[int] = (), keep_finished: int = 1000,
                  mover: Callable[[Request, str, str], None] | None = None, recompute_sample_tokens: int = 0,
                  tpot_budget: bool = False, prefix_cache: bool = True, prefill_buckets: Seq[int] = ()):
         """`lanes`: every lane of the plan set by name. `mover`: carries out a preemption victim's
         KV move at once (the driver's; None: victims are recomputed). `recompute_sample_tokens`:
-        a step with more new tokens than this is a sample of the recompute cost. `tpot_budget`:
+        a step with more new tokens than this is a sample of the recompute cost. `token_budget`:
+        new tokens a lane's step may carry (an int, {lane: int}, or "auto": 512 and `tpot_budget`).
+        `tpot_budget`:
         a lane that serves an urgent tier limits the prefill tokens of its steps, from its measured
         step costs, so that a step stays within that tier's TPOT target (`_learn_budget`); lanes of
         relaxed tiers only keep `token_budget`. `prefix_cache`: requests reuse the cached K/V pages
@@ -108,6 +110,8 @@ class EngineCore:
         self.controller = controller
         self._urgent = urgent_names(classes) if len(classes) > 1 else set()
         self.now = 0.0  # the time of the latest event: the scheduler's clock
+        if token_budget == "auto":
+            token_budget, tpot_budget = 512, True
         self.scheduler = Scheduler(classes, self._queues(self.plan_name), clock=lambda: self.now,
                                    token_budget=token_budget, prefill_chunk=prefill_chunk, costs=self.costs,
                                    mover=mover, prefill_buckets=prefill_buckets)

@@ -81,8 +81,7 @@ class Engine:
                                 grid=grid, settings=settings())
         self._lanes = {lane.name: lane for lane in self.plan_set.lanes.values()}
         self.core = EngineCore(self.classes, plans, self._lanes, initial_plan=initial_plan,
-                               token_budget=512 if token_budget == "auto" else token_budget,
-                               tpot_budget=token_budget == "auto", prefill_chunk=max(grid.prefill_len),
+                               token_budget=token_budget, prefill_chunk=max(grid.prefill_len),
                                max_batch=max(grid.decode_batch),
                                costs=CostModel(kv_bytes_per_token=kv_bytes_per_page(cfg, 1)), controller=controller,
                                tokenizer=tokenizer, eos_token_ids=cfg.eos_token_ids, mover=self._migrate,

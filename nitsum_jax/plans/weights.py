@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, ChunkWeights, Params, fuse_qkv, param_specs
-from nitsum_jax.quant import CONTRACTED, Fp8Weight, channel_amax, check_format, quantize
+from nitsum_jax.quant import CONTRACTED, Fp8Weight, channel_amax, check_format, chunk_format, quantize
 
 REPLICATED = ("attn_norm", "mlp_norm", "final_norm")
 
@@ -111,7 +111,7 @@ class WeightStore:
 
     @property
     def weights_format(self) -> str:
-        return "fp8" if isinstance(next(iter(self.chunks.values())).wqkv, Fp8Weight) else "bf16"
+        return chunk_format(next(iter(self.chunks.values())))
 
     def bytes_per_device(self) -> dict[int, int]:
         out: dict[int, int] = {}

@@ -36,7 +36,7 @@ class SimSettings:
     grid: Grid = Grid()
     num_pages: int = 4096  # KV pages per lane
     page_size: int = 16
-    token_budget: int | str = 512  # or "auto": the engine's measured budget (`EngineCore.tpot_budget`)
+    token_budget: int | str = 512  # or "auto": the engine's measured budget (`EngineCore`)
     tick_s: float = 0.005  # the runtime's control loop period
     chain_steps: int | None = None  # per single-program decode chain; None: as the runtime on the profile's platform
     keep_finished: int = 1000
@@ -71,8 +71,7 @@ class Simulation:
         self.switch_s = switch["ms"] / 1e3 if switch else 0.0
         grid = settings.grid
         self.core = EngineCore(classes, plans, self.lanes, initial_plan=initial_plan,
-                               token_budget=512 if settings.token_budget == "auto" else settings.token_budget,
-                               tpot_budget=settings.token_budget == "auto", prefill_buckets=grid.prefill_len,
+                               token_budget=settings.token_budget, prefill_buckets=grid.prefill_len,
                                prefill_chunk=grid.prefill_len[-1],
                                max_batch=grid.decode_batch[-1],
                                costs=CostModel(kv_bytes_per_token=model.profile["kv_bytes_per_token"]),
