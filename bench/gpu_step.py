@@ -65,6 +65,8 @@ def weight_bytes_read(lane) -> int:
             if a is None or name == "embed" and slot.lm_head is not None:
                 continue
             total += sum(s.data.nbytes for s in a.addressable_shards if s.device == dev)
+    for w in jax.tree.leaves(lane.params.groups):
+        total += sum(s.data.nbytes for s in w.addressable_shards if s.device == dev)
     for a in (lane.params.attn_norm, lane.params.mlp_norm, lane.params.final_norm):
         total += sum(s.data.nbytes for s in a.addressable_shards if s.device == dev)
     return total
@@ -120,13 +122,15 @@ def chunked_lanes(cfg, chunks: int, num_pages: int, grid, knobs) -> dict:
     from nitsum_jax.plans.spec import LaneSpec
     from nitsum_jax.plans.weights import WeightStore
 
+    from nitsum_jax.plans.layout import weight_runs
+
     devices = jax.devices()[:1]
-    layout = ChunkLayout(chunks, (tuple(range(chunks)),))
-    store = WeightStore.random(cfg, {0: set(range(chunks))}, devices)
+    runs = weight_runs({(0,): ChunkLayout(chunks, (tuple(range(chunks)),))})  # one run of every chunk
+    store = WeightStore.random(cfg, runs, devices)
     spec = LaneSpec(("all",), 1, (0,))
     mesh = Mesh(np.array(devices), ("tp",))
-    lane = Lane(f"tp1@0/c{chunks}", spec, cfg, layout, mesh, store.lane_params((0,), layout, mesh), num_pages, 16,
-                grid, knobs)
+    lane = Lane(f"tp1@0/c{chunks}", spec, cfg, runs.layouts[(0,)], mesh, store.lane_params((0,), mesh), num_pages,
+                16, grid, knobs)
     lane.compile()
     return {(0,): lane}
 

@@ -2,7 +2,10 @@
 
 Cache layout per layer: K and V are [kv_heads, num_pages, page_size, head_dim] (the layout of
 `jax.experimental.pallas.ops.gpu.paged_attention`), stacked over layers into
-[layers, kv_heads, num_pages, page_size, head_dim] so one `lax.scan` updates them in place.
+[layers, kv_heads, num_pages, page_size, head_dim] so the layer loop updates them in place, and
+over a lane's chunk positions into one array [positions, layers, kv_heads, ...]: position r holds
+the kv heads of the chunk in that position on each device (`model.ChunkLayout`), contiguous, so a
+KV move reads or writes one position as one block.
 Page tables map a sequence's logical page i to a physical page id; they are built on the host.
 """
 
@@ -15,37 +18,39 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    """One K and one V array per chunk slot of the lane (a single slot when unsplit)."""
+    """One K and one V array for the lane: [R, layers, tp x kv heads per chunk, num_pages,
+    page_size, head_dim], R chunk positions per device (1 when unsplit), sharded over `tp` on
+    the kv-head axis. `k[r]` is position r's [layers, kv_heads, num_pages, page_size, head_dim]."""
 
-    k: tuple[jax.Array, ...]  # slots x [layers, kv_heads/R, num_pages, page_size, head_dim]
-    v: tuple[jax.Array, ...]  # slots x [layers, kv_heads/R, num_pages, page_size, head_dim]
+    k: jax.Array
+    v: jax.Array
 
     @property
     def num_pages(self) -> int:
-        return self.k[0].shape[2]
+        return self.k.shape[3]
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[3]
+        return self.k.shape[4]
 
 
 def write_kv_pages(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, k: jax.Array, v: jax.Array,
                    positions: jax.Array, valid: jax.Array, page_table: jax.Array):
     """Scatter new K/V into their pages.
 
-    k_cache, v_cache: [layers, K, P, S, H]; layer: scalar; k, v: [B, T, K, H];
+    k_cache, v_cache: [R, layers, K, P, S, H]; layer: scalar; k, v: [B, T, R, K, H];
     positions: [B, T] absolute positions; valid: [B, T]; page_table: [B, pages_per_seq].
     Padding tokens get an out-of-range page id and are dropped by the scatter.
     """
-    num_pages, page_size = k_cache.shape[2], k_cache.shape[3]
+    num_pages, page_size = k_cache.shape[3], k_cache.shape[4]
     logical_page = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
     page = jnp.take_along_axis(page_table, logical_page, axis=1)  # [B, T]
     page = jnp.where(valid, page, num_pages)
     slot = positions % page_size
-    # Indices (layer, :, page, slot): the advanced indices are split by a slice, so the
-    # updated elements are laid out [B, T, K, H] - exactly the shape of k and v.
-    k_cache = k_cache.at[layer, :, page, slot].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[layer, :, page, slot].set(v.astype(v_cache.dtype), mode="drop")
+    # Indices (:, layer, :, page, slot): the advanced indices are split by slices, so the
+    # updated elements are laid out [B, T, R, K, H] - exactly the shape of k and v.
+    k_cache = k_cache.at[:, layer, :, page, slot].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[:, layer, :, page, slot].set(v.astype(v_cache.dtype), mode="drop")
     return k_cache, v_cache
 
 
@@ -53,10 +58,17 @@ def paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
                               positions: jax.Array, page_table: jax.Array) -> jax.Array:
     """Causal attention of new queries over each sequence's cached pages.
 
-    q: [B, T, N, H] (rotated); k_cache, v_cache: [layers, K, P, S, H]; positions: [B, T];
-    page_table: [B, pages_per_seq]. A query at position p sees cache positions 0..p.
-    Returns [B, T, N, H] in q's dtype.
+    q: [B, T, R, N, H] (rotated; N query heads of each chunk position); k_cache, v_cache:
+    [R, layers, K, P, S, H]; positions: [B, T]; page_table: [B, pages_per_seq]. A query at
+    position p sees cache positions 0..p. Returns [B, T, R, N, H] in q's dtype.
     """
+    return jnp.stack([_attend(q[:, :, r], k_cache[r], v_cache[r], layer, positions, page_table)
+                      for r in range(k_cache.shape[0])], axis=2)
+
+
+def _attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+            positions: jax.Array, page_table: jax.Array) -> jax.Array:
+    """One chunk position: q [B, T, N, H], caches [layers, K, P, S, H] -> [B, T, N, H]."""
     B, T, N, H = q.shape
     K = k_cache.shape[1]
     G = N // K

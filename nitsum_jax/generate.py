@@ -15,7 +15,7 @@ import numpy as np
 
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.kv import PageAllocator, allocate_kv_cache
-from nitsum_jax.model import Params, StepInput
+from nitsum_jax.model import Params, StepInput, place
 from nitsum_jax.sampling import SamplingBatch, SamplingParams
 from nitsum_jax.sequence import Completion, RequestError, Sequence, append_token, validate_prompt
 from nitsum_jax.settings import settings
@@ -39,7 +39,7 @@ class LocalRunner:
 
     def __init__(self, cfg: LlamaConfig, params: Params, num_pages: int, page_size: int, max_batch: int,
                  prefill_chunk: int, max_seq_len: int):
-        self.cfg, self.params = cfg, params
+        self.cfg, self.params = cfg, place(params)  # the layer weights as one group, built once
         self.allocator = PageAllocator(num_pages, page_size)
         self.kv = allocate_kv_cache(cfg, num_pages, page_size)
         self.max_batch, self.prefill_chunk = pow2_bucket(max_batch, 1 << 30), prefill_chunk

@@ -27,5 +27,5 @@ def kv_bytes_per_page(cfg: LlamaConfig, page_size: int) -> int:
 
 def allocate_kv_cache(cfg: LlamaConfig, num_pages: int, page_size: int) -> KVCache:
     """Zeroed pages of the unsplit model on the default device (lanes build their own, sharded)."""
-    shape = kv_cache_shape(cfg, num_pages, page_size)
-    return jax.jit(lambda: KVCache(k=(jnp.zeros(shape, cfg.jnp_dtype),), v=(jnp.zeros(shape, cfg.jnp_dtype),)))()
+    shape = (1,) + kv_cache_shape(cfg, num_pages, page_size)  # one chunk position
+    return jax.jit(lambda: KVCache(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype)))()

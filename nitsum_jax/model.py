@@ -59,23 +59,73 @@ class ChunkWeights:
     w_down: jax.Array | Fp8Weight  # [layers, ffn/R, dim]
     embed: jax.Array  # [vocab, dim/R]
     lm_head: jax.Array | None  # [dim/R, vocab]; None when tied to `embed`
-    # A lane's placed weights hold q, k and v as one buffer (`fuse_qkv`), so that a step reads them
-    # with one gemm: [layers, dim, tp, heads/C + 2 x kv heads/C, head_dim] (the device's chunk on
-    # axis 2); wq, wk and wv are then None. Checkpoints and `declare` keep them apart.
-    wqkv: jax.Array | Fp8Weight | None = None
 
 
-def fuse_qkv(chunk: ChunkWeights) -> ChunkWeights:
-    """One device's chunk with wq, wk and wv concatenated into `wqkv` ([layers, dim, 1, q + 2 kv
-    heads, head_dim]; an fp8 weight's values and scales alike); unfused already: unchanged."""
-    if chunk.wq is None:
-        return chunk
+@struct.dataclass
+class LayerGroup:
+    """The layer weights of a run of chunks as ONE buffer per weight on each device: a placed
+    lane's form (`plans.weights`). A lane's chunk positions on a device are read by one gemm per
+    weight, batched over the chunks, as a one-chunk lane reads its single chunk; checkpoints and
+    `declare` keep the per-chunk form (`ChunkWeights`).
 
-    def cat(q, k, v):
-        return jnp.concatenate([q, k, v], axis=2)[:, :, None]
+    The lane's devices are axis 1 (`tp`), the device's chunks axis 2 (n of them); a buffer may
+    hold more chunks than the lane uses: lanes of a plan set share it, each reading its first
+    `used` chunks in place (a contiguous block of each layer).
+    wqkv: [layers, tp, n, dim, q + 2 kv heads per chunk, head_dim]; wo: [layers, tp, n, heads per
+    chunk, head_dim, dim]; w_gate, w_up: [layers, tp, n, dim, ffn per chunk]; w_down: [layers,
+    tp, n, ffn per chunk, dim]. An fp8 weight's scale keeps the rank (`GROUP_CONTRACTED` axes of
+    size 1; wo's and w_down's are the whole weight's, the same for every chunk: [layers, 1, 1, ..., dim]).
+    """
 
-    fused = jax.tree.map(cat, chunk.wq, chunk.wk, chunk.wv)
-    return chunk.replace(wq=None, wk=None, wv=None, wqkv=fused)
+    wqkv: jax.Array | Fp8Weight
+    wo: jax.Array | Fp8Weight
+    w_gate: jax.Array | Fp8Weight
+    w_up: jax.Array | Fp8Weight
+    w_down: jax.Array | Fp8Weight
+    used: int = struct.field(pytree_node=False, default=1)
+
+    @property
+    def chunks_held(self) -> int:
+        return _values(self.wqkv).shape[2]
+
+    def at_layer(self, layer: jax.Array) -> "LayerGroup":
+        """Layer `layer`'s weights of the used chunks ([tp, used, ...]): one contiguous block per
+        device, a dynamic slice XLA reads in place inside the gemm."""
+        def cut(a):
+            sizes = (1, a.shape[1], min(self.used, a.shape[2])) + a.shape[3:]
+            return jax.lax.dynamic_slice(a, (layer,) + (0,) * (a.ndim - 1), sizes)[0]
+        return jax.tree.map(cut, self)
+
+
+# The axes each LayerGroup weight's matmul contracts (its fp8 scale has size 1 there).
+GROUP_CONTRACTED = {"wqkv": (3,), "wo": (1, 2, 3, 4), "w_gate": (3,), "w_up": (3,), "w_down": (1, 2, 3)}
+
+
+def _values(w):
+    return w.q if isinstance(w, Fp8Weight) else w
+
+
+def group_of(chunks: list["ChunkWeights"], used: int | None = None) -> LayerGroup:
+    """The LayerGroup of one device's run of chunks (per-chunk pieces as `plans.weights.chunk_slice`
+    cuts them, NumPy or JAX arrays alike), tp axis of size 1: q, k and v concatenated per chunk,
+    the chunks stacked on axis 2. `used`: how many the lane reads (default all)."""
+    first = _values(chunks[0].wq)
+    xp = np if isinstance(first, np.ndarray) else jnp
+
+    def stack(name: str, pieces_of=lambda c, name: getattr(c, name), shared_scale: bool = False):
+        ws = [pieces_of(c, name) for c in chunks]
+        if isinstance(ws[0], Fp8Weight):
+            q = xp.stack([w.q for w in ws], axis=1)[:, None]
+            scales = [ws[0].scale] if shared_scale else [w.scale for w in ws]
+            return Fp8Weight(q=q, scale=xp.stack(scales, axis=1)[:, None])
+        return xp.stack(ws, axis=1)[:, None]
+
+    def qkv(c, _):
+        return jax.tree.map(lambda q, k, v: xp.concatenate([q, k, v], axis=2), c.wq, c.wk, c.wv)
+
+    return LayerGroup(wqkv=stack("wqkv", qkv), wo=stack("wo", shared_scale=True), w_gate=stack("w_gate"),
+                      w_up=stack("w_up"), w_down=stack("w_down", shared_scale=True),
+                      used=len(chunks) if used is None else used)
 
 
 @struct.dataclass
@@ -83,7 +133,10 @@ class Params:
     attn_norm: jax.Array  # [layers, dim]
     mlp_norm: jax.Array  # [layers, dim]
     final_norm: jax.Array  # [dim]
-    chunks: tuple[ChunkWeights, ...]  # R chunk slots
+    chunks: tuple[ChunkWeights, ...]  # R chunk positions (a placed lane's: their vocabulary tables only)
+    # A placed lane's layer weights (`LayerGroup`s covering the R positions in order); empty in
+    # the checkpoint form, whose chunks hold every weight.
+    groups: tuple[LayerGroup, ...] = ()
 
 
 # The axis of each chunked weight that the chunks cut (the one `tp` shards); an fp8 weight's
@@ -219,10 +272,11 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x: [B, T, heads, H]; positions: [B, T]. Half-split rotation (the HF weight layout)."""
+    """x: [B, T, ..., H] (any head axes); positions: [B, T]. Half-split rotation (the HF weight layout)."""
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    heads = (1,) * (x.ndim - 3)
+    cos = jnp.cos(angles).reshape(angles.shape[:2] + heads + angles.shape[2:])
+    sin = jnp.sin(angles).reshape(angles.shape[:2] + heads + angles.shape[2:])
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -287,18 +341,40 @@ def embed_tokens(params: Params, tokens: jax.Array, layout: ChunkLayout) -> jax.
 
 def _own(h: jax.Array, tag: int) -> jax.Array:
     """`h` as a value of its own, so XLA's dot merger cannot fuse the matmuls that share it: it
-    would concatenate their weights (gate+up, q+k+v, and the chunk slots) into a new buffer on
+    would concatenate their weights (gate+up, and the groups of a lane) into a new buffer on
     every step, measured at 7.5 ms of a 21 ms Llama-3.1-8B TP1 step on an H100 (BENCHMARKS.md)."""
     return jax.lax.optimization_barrier((h, jnp.int32(tag)))[0]
 
 
-def _split_qkv(qkv: jax.Array, q_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[B, T, tp, q + 2 kv heads, H] -> q [B, T, tp x q, H], k and v [B, T, tp x kv, H], heads in
-    the order of the devices' chunks (as wq, wk and wv shard them)."""
-    B, T, C, X, H = qkv.shape
-    kv_heads = (X - q_heads) // 2
-    parts = qkv[:, :, :, :q_heads], qkv[:, :, :, q_heads:q_heads + kv_heads], qkv[:, :, :, q_heads + kv_heads:]
-    return tuple(p.reshape(B, T, C * p.shape[3], H) for p in parts)
+def _column_matmul(h: jax.Array, w, out: str) -> jax.Array:
+    """h [B, T, D] times a column-cut group weight [tp, R, D, *out] -> [B, T, tp, R, *out]. Over
+    several chunks a batched gemm (h broadcast over R): each chunk's [D, out] block is contiguous
+    in the buffer, so the gemm reads the weights in place."""
+    chunks = _values(w).shape[1]
+    if chunks == 1:
+        return matmul(f"BTD,CRD{out}->BTCR{out}", h, w)
+    return matmul(f"RBTD,CRD{out}->BTCR{out}", jnp.broadcast_to(h, (chunks,) + h.shape), w)
+
+
+def layer_groups(params: Params) -> tuple[LayerGroup, ...]:
+    """The layer weights as LayerGroups: a placed lane's own, or (checkpoint form, one chunk) one
+    group assembled in the program."""
+    if params.groups:
+        return params.groups
+    if len(params.chunks) != 1:
+        raise ValueError(f"params of {len(params.chunks)} chunk slots without layer groups: place them "
+                         f"with `plans.WeightStore`")
+    return (group_of(list(params.chunks)),)
+
+
+def place(params: Params) -> Params:
+    """Checkpoint-form params (one chunk) in the placed form a lane runs: the layer weights as one
+    LayerGroup, built once (`forward` would assemble it in every step)."""
+    if params.groups:
+        return params
+    group = jax.jit(lambda p: layer_groups(p)[0])(params)
+    vocab = params.chunks[0].replace(**{n: None for n in CONTRACTED})
+    return params.replace(chunks=(vocab,), groups=(group,))
 
 
 def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
@@ -308,51 +384,55 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     One function covers prefill, chunked prefill (start_pos > 0, T > 1) and decode (T == 1).
     `attention`: the paged-attention implementation (`kernels.paged_attention`'s `impl`), chosen
     by whoever builds the step program (`Settings.attention`), so tracing reads no environment.
-    Returns the final-norm hidden states [B, T, D] and the updated cache.
+    The layer loop slices each layer out of the stacked weights by the loop counter (a
+    `fori_loop`), which XLA folds into the gemms (dynamic-slice fusion), also for a group's first
+    `used` chunks. Returns the final-norm hidden states [B, T, D] and the updated cache.
     """
     B, T = step.tokens.shape
     positions = step.start_pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     valid = jnp.arange(T)[None, :] < step.num_new[:, None]  # [B, T]
     inv_freq = rope_inv_freq(cfg)
     x = embed_tokens(params, step.tokens, layout)
-    layer_weights = tuple(c.replace(embed=None, lm_head=None) for c in params.chunks)
+    groups = layer_groups(params)
+    q_heads = cfg.num_heads // layout.num_chunks  # per chunk; kv heads per chunk: the rest of wqkv / 2
+    starts = np.cumsum([0] + [g.used for g in groups])
+    if starts[-1] != layout.slots:
+        raise ValueError(f"layer groups cover {starts[-1]} chunk positions; the layout has {layout.slots}")
 
-    def layer(carry, xs):
-        x, k_slots, v_slots = carry
-        attn_norm, mlp_norm, chunks, layer_idx = xs
-        k_slots, v_slots = list(k_slots), list(v_slots)
+    def by_position(a):  # [B, T, tp, R, n, H] -> [B, T, R, tp x n, H]: the cache's order
+        return a.transpose(0, 1, 3, 2, 4, 5).reshape(B, T, a.shape[3], -1, a.shape[5])
+
+    def layer(i, carry):
+        x, k_cache, v_cache = carry
+        ws = [g.at_layer(i) for g in groups]
         with jax.named_scope("attn"):
-            h = rms_norm(x, attn_norm, cfg.norm_eps)
-            out = jnp.zeros_like(x)
-            for r, w in enumerate(chunks):
-                if w.wqkv is not None:  # one gemm for the three (a lane's placed weights)
-                    q, k, v = _split_qkv(matmul("BTD,DCXH->BTCXH", _own(h, 3 * r), w.wqkv),
-                                         cfg.num_heads // layout.num_chunks)
-                else:
-                    q = matmul("BTD,DNH->BTNH", _own(h, 3 * r), w.wq)
-                    k = matmul("BTD,DKH->BTKH", _own(h, 3 * r + 1), w.wk)
-                    v = matmul("BTD,DKH->BTKH", _own(h, 3 * r + 2), w.wv)
-                q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-                k_slots[r], v_slots[r] = write_kv_pages(k_slots[r], v_slots[r], layer_idx, k, v, positions,
-                                                        valid, step.page_table)
-                attn = paged_attention(q, k_slots[r], v_slots[r], layer_idx, positions, step.page_table,
-                                       impl=attention)
-                out = out + matmul("BTNH,NHD->BTD", attn, w.wo)
+            h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.attn_norm, i, keepdims=False), cfg.norm_eps)
+            qkv = [_column_matmul(_own(h, 3 * j), w.wqkv, "XH") for j, w in enumerate(ws)]
+            qkv = qkv[0] if len(qkv) == 1 else jnp.concatenate(qkv, axis=3)  # [B, T, tp, R, X, H]
+            tp, kv_heads = qkv.shape[2], (qkv.shape[4] - q_heads) // 2
+            q = by_position(qkv[:, :, :, :, :q_heads])
+            k = by_position(qkv[:, :, :, :, q_heads:q_heads + kv_heads])
+            v = by_position(qkv[:, :, :, :, q_heads + kv_heads:])
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            k_cache, v_cache = write_kv_pages(k_cache, v_cache, i, k, v, positions, valid, step.page_table)
+            attn = paged_attention(q, k_cache, v_cache, i, positions, step.page_table, impl=attention)
+            attn = attn.reshape(B, T, -1, tp, q_heads, attn.shape[-1]).transpose(0, 1, 3, 2, 4, 5)  # [B, T, tp, R, N, H]
+            out = sum(matmul("BTCRNH,CRNHD->BTD", attn[:, :, :, a:b], w.wo)
+                      for a, b, w in zip(starts[:-1], starts[1:], ws))
             x = x + out
         with jax.named_scope("mlp"):
-            h = rms_norm(x, mlp_norm, cfg.norm_eps)
-            out = jnp.zeros_like(x)
-            for r, w in enumerate(chunks):
-                gate = matmul("BTD,DF->BTF", _own(h, 2 * r), w.w_gate)
-                up = matmul("BTD,DF->BTF", _own(h, 2 * r + 1), w.w_up)
-                out = out + matmul("BTF,FD->BTD", jax.nn.silu(gate) * up, w.w_down)
+            h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.mlp_norm, i, keepdims=False), cfg.norm_eps)
+            out = None
+            for j, w in enumerate(ws):
+                gate = _column_matmul(_own(h, 3 * j + 1), w.w_gate, "F")
+                up = _column_matmul(_own(h, 3 * j + 2), w.w_up, "F")
+                part = matmul("BTCRF,CRFD->BTD", jax.nn.silu(gate) * up, w.w_down)
+                out = part if out is None else out + part
             x = x + out
-        return (x, tuple(k_slots), tuple(v_slots)), None
+        return x, k_cache, v_cache
 
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k_slots, v_slots), _ = jax.lax.scan(
-        layer, (x, tuple(kv.k), tuple(kv.v)), (params.attn_norm, params.mlp_norm, layer_weights, layer_ids))
-    return rms_norm(x, params.final_norm, cfg.norm_eps), KVCache(k=k_slots, v=v_slots)
+    x, k_cache, v_cache = jax.lax.fori_loop(0, cfg.num_layers, layer, (x, kv.k, kv.v))
+    return rms_norm(x, params.final_norm, cfg.norm_eps), KVCache(k=k_cache, v=v_cache)
 
 
 MIN_LOGIT_ROWS = 8  # the LM head's rows at least (a gemm, not a gemv: `logits_from_hidden`)

@@ -127,12 +127,8 @@ def with_weights(params, weights: str):
 
 def weights_format(params) -> str:
     """The format of a params tree (concrete or abstract): "fp8" when its weights are quantized."""
-    return chunk_format(params.chunks[0])
-
-
-def chunk_format(chunk) -> str:
-    """The format of one chunk's weights, q/k/v fused (a placed chunk) or not."""
-    return "fp8" if isinstance(chunk.wq if chunk.wqkv is None else chunk.wqkv, Fp8Weight) else "bf16"
+    weight = params.groups[0].wqkv if params.groups else params.chunks[0].wq  # placed, or checkpoint form
+    return "fp8" if isinstance(weight, Fp8Weight) else "bf16"
 
 
 def is_abstract(params) -> bool:

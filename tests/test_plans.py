@@ -90,12 +90,15 @@ def test_lanes_share_weight_buffers_across_plans(default_set):
     tp2 = default_set.lanes[(0, 1)]
 
     def buffers(lane):
-        return {s.data.unsafe_buffer_pointer() for slot in lane.params.chunks for s in slot.wqkv.addressable_shards
-                if s.device == jax.devices()[0]}
+        return {s.data.unsafe_buffer_pointer() for group in lane.params.groups
+                for w in jax.tree.leaves(group) for s in w.addressable_shards if s.device == jax.devices()[0]}
 
-    # Device 0 holds chunks {0,1,2,3} for the TP2 lane; the TP4 and TP8 lanes reuse some of them.
-    assert buffers(tp8) <= buffers(tp4) <= buffers(tp2)
-    assert len(buffers(tp2)) == 4
+    # Device 0 holds chunks {0,1,2,3} for the TP2 lane in ONE buffer per weight (a run of four
+    # chunks); the TP4 and TP8 lanes read the first two and the first of them in place.
+    assert buffers(tp8) == buffers(tp4) == buffers(tp2)
+    assert len(buffers(tp2)) == 5  # wqkv, wo, w_gate, w_up, w_down
+    assert [g.used for g in tp2.params.groups] == [4] and [g.used for g in tp8.params.groups] == [1]
+    assert tp2.params.groups[0].chunks_held == tp8.params.groups[0].chunks_held == 4
 
 
 def test_memory_report_agrees_with_the_arrays_held(default_set):
@@ -103,7 +106,7 @@ def test_memory_report_agrees_with_the_arrays_held(default_set):
     held = default_set.weights.bytes_per_device()
     kv_held = {}
     for lane in default_set.lanes.values():
-        for arr in lane.kv.k + lane.kv.v:
+        for arr in (lane.kv.k, lane.kv.v):
             for s in arr.addressable_shards:
                 kv_held[s.device.id] = kv_held.get(s.device.id, 0) + s.data.nbytes
     for d, use in report["devices"].items():
@@ -240,16 +243,16 @@ def test_packed_move_programs_carry_bf16_pages_as_words_bit_exactly():
     from nitsum_jax.plans.lane import _gather_packed, _scatter_packed
 
     keys = jax.random.split(jax.random.key(0), 4)
-    shape = (3, 2, 10, 4, 8)  # [layers, kv_heads, pages, page_size, head_dim]
-    src = KVCache(k=tuple(jax.random.normal(keys[i], shape).astype(jnp.bfloat16) for i in range(2)),
-                  v=tuple(jax.random.normal(keys[2 + i], shape).astype(jnp.bfloat16) for i in range(2)))
+    shape = (2, 3, 2, 10, 4, 8)  # [positions, layers, kv_heads, pages, page_size, head_dim]
+    src = KVCache(k=jax.random.normal(keys[0], shape).astype(jnp.bfloat16),
+                  v=jax.random.normal(keys[2], shape).astype(jnp.bfloat16))
     src_pages, dst_pages = jnp.array([7, 2, 5]), jnp.array([1, 4, 9])
     (buffer,) = _gather_packed(src, src_pages, ((0, 1),))
     assert buffer.dtype == jnp.uint32 and buffer.shape[-1] == shape[-1] // 2
-    dst = KVCache(k=tuple(jnp.full(shape, 3.0, jnp.bfloat16) for _ in range(2)),
-                  v=tuple(jnp.full(shape, 3.0, jnp.bfloat16) for _ in range(2)))
-    out = _scatter_packed(dst, dst_pages, (buffer,), ((0, 1), (0, 0)))  # slots swapped on the way
+    dst = KVCache(k=jnp.full(shape, 3.0, jnp.bfloat16), v=jnp.full(shape, 3.0, jnp.bfloat16))
+    out = _scatter_packed(dst, dst_pages, (buffer,), ((0, 1), (0, 0)))  # positions swapped on the way
     assert out.k[0].dtype == jnp.bfloat16
     assert jnp.array_equal(out.k[0][:, :, dst_pages], src.k[1][:, :, src_pages])
     assert jnp.array_equal(out.v[1][:, :, dst_pages], src.v[0][:, :, src_pages])
+    assert jnp.array_equal(out.k[1][:, :, dst_pages], src.k[0][:, :, src_pages])
     assert jnp.all(jnp.delete(out.k[0], dst_pages, axis=2) == 3.0)  # other pages untouched

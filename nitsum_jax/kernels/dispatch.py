@@ -26,8 +26,8 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer:
                     positions: jax.Array, page_table: jax.Array, *, impl: str = "auto") -> jax.Array:
     """Paged attention with the reference's signature; `impl` picks the implementation.
 
-    q: [B, T, N, H]; k_cache, v_cache: [layers, K, P, S, H]; layer: scalar; positions: [B, T];
-    page_table: [B, pages_per_seq]. Returns [B, T, N, H].
+    q: [B, T, R, N, H]; k_cache, v_cache: [R, layers, K, P, S, H] (R chunk positions); layer:
+    scalar; positions: [B, T]; page_table: [B, pages_per_seq]. Returns [B, T, R, N, H].
     "auto": the Pallas kernel when the default backend is a GPU, the plain-JAX reference
     otherwise (CPU CI); "kernel": the Pallas kernel; "interpret": the kernel in Pallas interpret
     mode (any backend, slow: for tests); "reference": `paged_attention_reference`.
@@ -39,21 +39,21 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer:
         return paged_attention_reference(q, k_cache, v_cache, layer, positions, page_table)
     if impl not in ("kernel", "interpret"):
         raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
-    B, T, N, H = q.shape
-    K = k_cache.shape[1]
+    B, T, R, N, H = q.shape
+    K = k_cache.shape[2]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     # Query heads grouped by kv head, so the partitioning rule needs no compound (k g) factor.
-    q_grouped = q.reshape(B, T, K, N // K, H)
+    q_grouped = q.reshape(B, T, R, K, N // K, H)
     out = _partitioned_kernel(q_grouped, layer, k_cache, v_cache, positions, page_table, impl == "interpret")
-    return out.reshape(B, T, N, H)
+    return out.reshape(B, T, R, N, H)
 
 
 def _kernel_on_shard(q_grouped, layer, k_cache, v_cache, positions, page_table, interpret):
-    """q_grouped: [B, T, K, G, H] (this shard's kv heads); layer: [1]. Returns [B, T, K, G, H]."""
-    B, T, K, G, H = q_grouped.shape
-    out = paged_attention_kernel(q_grouped.reshape(B, T, K * G, H), k_cache, v_cache, layer[0], positions,
+    """q_grouped: [B, T, R, K, G, H] (this shard's kv heads); layer: [1]. Returns [B, T, R, K, G, H]."""
+    B, T, R, K, G, H = q_grouped.shape
+    out = paged_attention_kernel(q_grouped.reshape(B, T, R, K * G, H), k_cache, v_cache, layer[0], positions,
                                  page_table, interpret=interpret)
-    return out.reshape(B, T, K, G, H)
+    return out.reshape(B, T, R, K, G, H)
 
 
 _partitioned_kernel = custom_partitioning(_kernel_on_shard, static_argnums=(6,))
@@ -61,14 +61,14 @@ _partitioned_kernel = custom_partitioning(_kernel_on_shard, static_argnums=(6,))
 
 def _kv_head_axis(k_sharding) -> str | tuple[str, ...] | None:
     spec = getattr(k_sharding, "spec", None)
-    if spec is None or len(spec) < 2:
+    if spec is None or len(spec) < 3:
         return None
-    return spec[1]
+    return spec[2]
 
 
 def _shardings(mesh, kv_axis):
-    q = NamedSharding(mesh, PartitionSpec(None, None, kv_axis, None, None))
-    kv = NamedSharding(mesh, PartitionSpec(None, kv_axis, None, None, None))
+    q = NamedSharding(mesh, PartitionSpec(None, None, None, kv_axis, None, None))
+    kv = NamedSharding(mesh, PartitionSpec(None, None, kv_axis, None, None, None))
     replicated = NamedSharding(mesh, PartitionSpec())
     return q, (q, replicated, kv, kv, replicated, replicated)
 
@@ -85,12 +85,12 @@ def _partition(interpret, mesh, arg_shapes, result_shape):
     return mesh, lower_fn, out_sharding, arg_shardings
 
 
-# Factors: b batch, t new tokens, k kv heads, g query heads per kv head, h head dim, u the
-# one-element layer index, l layers, p pages, s page slots, x page-table columns. Only k may be
+# Factors: b batch, t new tokens, r chunk positions, k kv heads, g query heads per kv head, h head
+# dim, u the one-element layer index, l layers, p pages, s page slots, x page-table columns. Only k may be
 # sharded: the kernel is independent per kv head, and a query head group stays with its kv head.
 _partitioned_kernel.def_partition(
     partition=_partition,
     infer_sharding_from_operands=_infer,
-    sharding_rule="b t k g h, u, l k p s h, l k p s h, b t, b x -> b t k g h",
-    need_replication_factors=("b", "t", "g", "h", "u", "l", "p", "s", "x"),
+    sharding_rule="b t r k g h, u, r l k p s h, r l k p s h, b t, b x -> b t r k g h",
+    need_replication_factors=("b", "t", "r", "g", "h", "u", "l", "p", "s", "x"),
 )

@@ -11,9 +11,9 @@ and 0.29 ms for XLA's gather / scatter of 4-byte words: on par on the device. Wh
 between multi-GPU lanes ran 7-15% faster with the kernels in the same run (4x H200), moves
 into or out of one GPU within 4%.
 
-Shapes are per device (callers wrap these in `shard_map`): a cache array is [L, K, P, S, H];
-a packed buffer is [A, L, K, n, S, H] with A arrays (K and V of the chunk slots it carries)
-for n pages. Page ids past the end (P) mark padding: the gather reads a clipped page for them, the
+Shapes are per device (callers wrap these in `shard_map`): a cache array is [R, L, K, P, S, H]
+(R chunk positions, each contiguous); a packed buffer is [A, L, K, n, S, H] with A pieces (K and
+V of the positions it carries) for n pages. Page ids past the end (P) mark padding: the gather reads a clipped page for them, the
 scatter drops them.
 """
 
@@ -30,58 +30,69 @@ _BLOCK_PAGES = 8  # pages one program copies: 8 x 4 KB (8B model) per array
 
 
 def supported(cache_shape: tuple[int, ...], n: int) -> bool:
-    """Whether the kernels handle this cache shape and page count (else XLA does the copy):
-    Triton tiles need power-of-two sizes, and row offsets must fit 32 bits."""
-    L, K, P, S, H = cache_shape
+    """Whether the kernels handle this cache shape ([R, L, K, P, S, H]) and page count (else XLA
+    does the copy): Triton tiles need power-of-two sizes, and row offsets must fit 32 bits."""
+    R, L, K, P, S, H = cache_shape
     row = S * H
-    return row & (row - 1) == 0 and n & (n - 1) == 0 and L * K * P * row < 2**31
+    return row & (row - 1) == 0 and n & (n - 1) == 0 and R * L * K * P * row < 2**31
 
 
-def _gather_kernel(pages_ref, *refs, num_pages: int, block: int, n: int, lk: int, row: int):
-    """Program (h, j): pages j*block.. of flattened (layer, kv head) h, from every array."""
+def _gather_kernel(pages_ref, *refs, pieces: tuple[tuple[int, int], ...], num_pages: int, block: int, n: int,
+                   lk: int, row: int):
+    """Program (h, j): pages j*block.. of flattened (layer, kv head) h, for every piece (input
+    cache, chunk position)."""
     *ins, out_ref = refs
     h, j = pl.program_id(0), pl.program_id(1)
     idx = j * block + jnp.arange(block, dtype=jnp.int32)
     page = jnp.clip(pages_ref[idx], 0, num_pages - 1)
     cols = jnp.arange(row, dtype=jnp.int32)[None, :]
-    for a, in_ref in enumerate(ins):
-        tile = pl_triton.load(in_ref.at[(h * num_pages + page)[:, None], cols])
+    for a, (i, r) in enumerate(pieces):
+        tile = pl_triton.load(ins[i].at[((r * lk + h) * num_pages + page)[:, None], cols])
         pl_triton.store(out_ref.at[((a * lk + h) * n + idx)[:, None], cols], tile)
 
 
-def _scatter_kernel(pages_ref, *refs, num_bufs: int, sources: tuple[tuple[int, int], ...], num_pages: int,
-                    block: int, n: int, lk: int, row: int):
-    """Program (h, j): array a takes position sources[a] = (buffer, index) of the incoming
-    buffers, for pages j*block.. of flattened (layer, kv head) h."""
+def _scatter_kernel(pages_ref, *refs, num_bufs: int, num_caches: int, sources: tuple[tuple[int, int], ...],
+                    num_pages: int, block: int, n: int, lk: int, row: int):
+    """Program (h, j): piece a (chunk position a // num_caches of cache a % num_caches) takes
+    entry sources[a] = (buffer, index) of the incoming buffers, for pages j*block.. of flattened
+    (layer, kv head) h."""
     bufs = refs[:num_bufs]
-    outs = refs[num_bufs + len(sources):]  # the aliased cache inputs come first; not read
+    outs = refs[num_bufs + num_caches:]  # the aliased cache inputs come first; not read
     h, j = pl.program_id(0), pl.program_id(1)
     idx = j * block + jnp.arange(block, dtype=jnp.int32)
     page = pages_ref[idx]
     keep = (page < num_pages)[:, None]
     page = jnp.clip(page, 0, num_pages - 1)
     cols = jnp.arange(row, dtype=jnp.int32)[None, :]
-    for out_ref, (u, a) in zip(outs, sources):
+    for piece, (u, a) in enumerate(sources):
+        r, out_ref = piece // num_caches, outs[piece % num_caches]
         tile = pl_triton.load(bufs[u].at[((a * lk + h) * n + idx)[:, None], cols])
-        pl_triton.store(out_ref.at[(h * num_pages + page)[:, None], cols], tile, mask=keep)
+        pl_triton.store(out_ref.at[((r * lk + h) * num_pages + page)[:, None], cols], tile, mask=keep)
 
 
 def _params():
     return pl_triton.CompilerParams(num_warps=4, num_stages=1)
 
 
-def gather_pages_kernel(arrays: tuple[jax.Array, ...], pages: jax.Array, *, interpret: bool = False) -> jax.Array:
-    """arrays: A caches [L, K, P, S, H]; pages: [n] page ids. Returns [A, L, K, n, S, H]."""
-    L, K, P, S, H = arrays[0].shape
+def gather_pages_kernel(arrays: tuple[tuple[jax.Array, int], ...], pages: jax.Array, *,
+                        interpret: bool = False) -> jax.Array:
+    """arrays: A pieces (cache [R, L, K, P, S, H], chunk position r); pages: [n] page ids.
+    Returns [A, L, K, n, S, H]: each piece's pages, read in place from the caches."""
+    caches = []
+    for a, _ in arrays:
+        if not any(a is c for c in caches):
+            caches.append(a)
+    pieces = tuple((next(i for i, c in enumerate(caches) if c is a), r) for a, r in arrays)
+    R, L, K, P, S, H = caches[0].shape
     n, A, row, lk = pages.shape[0], len(arrays), S * H, L * K
     block = min(_BLOCK_PAGES, n)
-    flat = [a.reshape(lk * P, row) for a in arrays]  # free reshapes (row-major)
+    flat = [a.reshape(R * lk * P, row) for a in caches]  # free reshapes (row-major)
     out = pl.pallas_call(
-        functools.partial(_gather_kernel, num_pages=P, block=block, n=n, lk=lk, row=row),
+        functools.partial(_gather_kernel, pieces=pieces, num_pages=P, block=block, n=n, lk=lk, row=row),
         grid=(lk, n // block),
         in_specs=[pl.BlockSpec((n,), lambda h, j: (0,))] + [pl.BlockSpec(f.shape, lambda h, j: (0, 0)) for f in flat],
         out_specs=pl.BlockSpec((A * lk * n, row), lambda h, j: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((A * lk * n, row), arrays[0].dtype),
+        out_shape=jax.ShapeDtypeStruct((A * lk * n, row), caches[0].dtype),
         compiler_params=_params(),
         interpret=interpret,
         name=f"kv_gather_pages_{n}",
@@ -93,18 +104,19 @@ def scatter_pages_kernel(arrays: tuple[jax.Array, ...], pages: jax.Array, buffer
                          sources: tuple[tuple[int, int], ...], interpret: bool = False) -> tuple[jax.Array, ...]:
     """Write page-packed buffers into caches in place.
 
-    arrays: caches [L, K, P, S, H] (written in place when the caller donates them);
-    pages: [n] destination page ids (>= P: dropped); buffers: [A_u, L, K, n, S, H] each; array i takes buffers[sources[i][0]][sources[i][1]].
+    arrays: caches [R, L, K, P, S, H] (K and V; written in place when the caller donates them);
+    pages: [n] destination page ids (>= P: dropped); buffers: [A_u, L, K, n, S, H] each; piece
+    i (position i // len(arrays) of cache i % len(arrays)) takes buffers[sources[i][0]][sources[i][1]].
     """
-    L, K, P, S, H = arrays[0].shape
+    R, L, K, P, S, H = arrays[0].shape
     n, row, lk = pages.shape[0], S * H, L * K
     block = min(_BLOCK_PAGES, n)
     flat_bufs = [b.reshape(b.shape[0] * lk * n, row) for b in buffers]
-    flat = [a.reshape(lk * P, row) for a in arrays]
+    flat = [a.reshape(R * lk * P, row) for a in arrays]
     first = 1 + len(flat_bufs)
     outs = pl.pallas_call(
-        functools.partial(_scatter_kernel, num_bufs=len(flat_bufs), sources=sources, num_pages=P, block=block,
-                          n=n, lk=lk, row=row),
+        functools.partial(_scatter_kernel, num_bufs=len(flat_bufs), num_caches=len(flat), sources=sources,
+                          num_pages=P, block=block, n=n, lk=lk, row=row),
         grid=(lk, n // block),
         in_specs=([pl.BlockSpec((n,), lambda h, j: (0,))]
                   + [pl.BlockSpec(b.shape, lambda h, j: (0, 0)) for b in flat_bufs]
@@ -116,4 +128,4 @@ def scatter_pages_kernel(arrays: tuple[jax.Array, ...], pages: jax.Array, buffer
         interpret=interpret,
         name=f"kv_scatter_pages_{n}",
     )(pages.astype(jnp.int32), *flat_bufs, *flat)
-    return tuple(o.reshape(L, K, P, S, H) for o in outs)
+    return tuple(o.reshape(R, L, K, P, S, H) for o in outs)

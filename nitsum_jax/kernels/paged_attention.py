@@ -62,12 +62,13 @@ def _is_pow2(x: int) -> bool:
 
 
 def _attention_kernel(layer_ref, row_pos_ref, page_table_ref, q_ref, k_ref, v_ref, *out_refs,
-                      num_kv_heads: int, num_pages: int, page_size: int, pages_per_seq: int,
+                      num_kv_heads: int, num_layers: int, num_pages: int, page_size: int, pages_per_seq: int,
                       block_n: int, num_splits: int, scale_log2: float):
     """One program: rows of one (sequence, kv head, query block) against one KV split.
 
     layer_ref: [1]; row_pos_ref: [block_m] positions of the rows (-1 for padding rows);
-    page_table_ref: [pages_per_seq]; q_ref: [block_m, H]; k_ref, v_ref: [layers * K * P, S, H].
+    page_table_ref: [pages_per_seq]; q_ref: [block_m, H]; k_ref, v_ref: [R * layers * K * P, S, H]
+    (program id 1 runs over the R x K kv heads of every chunk position).
     Outputs: [block_m, H] normalised (one split), else unnormalised o [block_m, H] and the
     base-2 running max m [block_m] and sum l [block_m] for the merge.
     """
@@ -75,8 +76,9 @@ def _attention_kernel(layer_ref, row_pos_ref, page_table_ref, q_ref, k_ref, v_re
     block_m, head_dim = q_ref.shape
     q = q_ref[...]  # [block_m, H]
     row_pos = row_pos_ref[...]  # [block_m]
-    # Physical row of page 0 of (layer, kv_head) in the flattened [layers * K * P] page axis.
-    base = (layer_ref[0] * num_kv_heads + kv_head) * num_pages
+    # Physical row of page 0 of (position, layer, kv head) in the flattened [R * layers * K * P] page axis.
+    position, head = kv_head // num_kv_heads, kv_head % num_kv_heads
+    base = ((position * num_layers + layer_ref[0]) * num_kv_heads + head) * num_pages
 
     # Cache positions 0..max(row_pos) are all these rows can see: the loop stops there, and
     # the loads of the last block are masked there too.
@@ -147,17 +149,23 @@ def paged_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            num_stages: int = 2, interpret: bool = False) -> jax.Array:
     """Causal paged attention of new queries over their sequences' cached pages (Pallas kernel).
 
-    q: [B, T, N, H] (rotated); k_cache, v_cache: [layers, K, P, S, H]; layer: scalar;
+    q: [B, T, R, N, H] (rotated, N query heads per chunk position); k_cache, v_cache:
+    [R, layers, K, P, S, H] (a rank-5 cache and a rank-4 q: one position); layer: scalar;
     positions: [B, T] absolute positions; page_table: [B, pages_per_seq] physical page ids.
-    Returns [B, T, N, H] in q's dtype. `block_m` query rows and `block_n` cache positions per
+    Returns q's shape and dtype. The R x K kv heads run in one launch. `block_m` query rows and `block_n` cache positions per
     step (powers of two, >= 16); `num_splits` KV splits per program (None: chosen from shapes).
     """
-    B, T, N, H = q.shape
-    L, K, P, S, H_cache = k_cache.shape
+    if k_cache.ndim == 5:  # one chunk position
+        out = paged_attention_kernel(q[:, :, None], k_cache[None], v_cache[None], layer, positions, page_table,
+                                     block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=num_warps,
+                                     num_stages=num_stages, interpret=interpret)
+        return out[:, :, 0]
+    B, T, R, N, H = q.shape
+    R_cache, L, K, P, S, H_cache = k_cache.shape
     pages_per_seq = page_table.shape[1]
-    if v_cache.shape != k_cache.shape or H_cache != H:
+    if v_cache.shape != k_cache.shape or H_cache != H or R_cache != R:
         raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be "
-                         f"[layers, kv_heads, pages, page_size, {H}]")
+                         f"[{R}, layers, kv_heads, pages, page_size, {H}]")
     if N % K:
         raise ValueError(f"query heads {N} must be a multiple of kv heads {K}")
     if not _is_pow2(H) or H < 16:
@@ -172,22 +180,23 @@ def paged_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     query_blocks = pl.cdiv(rows, block_m)
     rows_padded = query_blocks * block_m
     if num_splits is None:
-        num_splits = default_num_splits(B, K, query_blocks, pl.cdiv(pages_per_seq * S, block_n))
+        num_splits = default_num_splits(B, R * K, query_blocks, pl.cdiv(pages_per_seq * S, block_n))
 
-    # [B, T, K, G, H] -> [B, K, T * G, H]: the G query heads of a kv head, token-major.
-    q_rows = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, rows, H)
+    # [B, T, R x K, G, H] -> [B, R x K, T * G, H]: the G query heads of a kv head, token-major.
+    q_rows = q.reshape(B, T, R * K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, R * K, rows, H)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows_padded - rows), (0, 0)))
     # Positions past the table see the whole table (as in the reference); padding rows see none.
     row_pos = jnp.minimum(positions.astype(jnp.int32), pages_per_seq * S - 1)
     row_pos = jnp.pad(jnp.repeat(row_pos, G, axis=1), ((0, 0), (0, rows_padded - rows)), constant_values=-1)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    # A free reshape (row-major): page p of (layer l, kv head h) is row (l * K + h) * P + p.
-    k_flat = k_cache.reshape(L * K * P, S, H)
-    v_flat = v_cache.reshape(L * K * P, S, H)
+    # A free reshape (row-major): page p of (position r, layer l, kv head h) is row ((r * L + l) * K + h) * P + p.
+    k_flat = k_cache.reshape(R * L * K * P, S, H)
+    v_flat = v_cache.reshape(R * L * K * P, S, H)
 
     kernel = functools.partial(
-        _attention_kernel, num_kv_heads=K, num_pages=P, page_size=S, pages_per_seq=pages_per_seq,
+        _attention_kernel, num_kv_heads=K, num_layers=L, num_pages=P, page_size=S, pages_per_seq=pages_per_seq,
         block_n=block_n, num_splits=num_splits, scale_log2=_LOG2E / math.sqrt(H))
+    K = R * K  # the kernel's grid and outputs run over every position's kv heads
     grid = (B, K, query_blocks, num_splits)
     in_specs = [
         pl.BlockSpec((1,), lambda b, h, i, s: (0,)),  # layer
@@ -223,7 +232,7 @@ def paged_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     else:
         out = _merge_splits(*outs).astype(q.dtype)
     out = out[:, :, :rows].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
-    return out.reshape(B, T, N, H)
+    return out.reshape(B, T, R, N, H)
 
 
 def _merge_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:

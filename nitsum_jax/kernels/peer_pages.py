@@ -183,7 +183,7 @@ class PeerPageMover:
             return 0
         jax.block_until_ready((src.kv, dst.kv))
         src_ptr, dst_ptr = self.addresses(src), self.addresses(dst)
-        shape, itemsize = src.kv.k[0].sharding.shard_shape(src.kv_shape), src.kv.k[0].dtype.itemsize
+        shape, itemsize = src.slot_sharding.shard_shape(src.kv_shape), src.kv.k.dtype.itemsize
         dst_total = dst.kv_shape[2]
         if self.mode == "split":  # half the pages pushed, half pulled: two sets of pairs
             work = plan_launches(copy_plan(src.layout.assign, dst.layout.assign), src_ptr, dst_ptr,
@@ -211,18 +211,22 @@ class PeerPageMover:
         return groups
 
     def addresses(self, lane) -> dict[tuple[int, int, int], int]:
-        """(0 for K / 1 for V, slot, device index in the lane) -> device address of that shard.
+        """(0 for K / 1 for V, chunk position, device index in the lane) -> device address of that
+        position's [L, K, P, S, H] block on that device.
         Read again whenever the lane's cache arrays were replaced (every step replaces them; the
         moves of one plan switch, back to back, read them once)."""
         cached = self._addresses.get(lane)
         if cached is not None and cached[0]() is lane.kv:  # (a weak reference keeps no old cache alive)
             return cached[1]
         index = {d.id: i for i, d in enumerate(lane.devices)}
+        # position r of a device's shard [R, L, K, P, S, H] starts r shards of one position in
+        per_position = int(np.prod(lane.slot_sharding.shard_shape(lane.kv_shape))) * lane.kv.k.dtype.itemsize
         out = {}
-        for kind, arrays in enumerate((lane.kv.k, lane.kv.v)):
-            for r, arr in enumerate(arrays):
-                for shard in arr.addressable_shards:
-                    out[(kind, r, index[shard.device.id])] = shard.data.unsafe_buffer_pointer()
+        for kind, arr in enumerate((lane.kv.k, lane.kv.v)):
+            for shard in arr.addressable_shards:
+                base = shard.data.unsafe_buffer_pointer()
+                for r in range(lane.cache_shape[0]):
+                    out[(kind, r, index[shard.device.id])] = base + r * per_position
         self._addresses[lane] = (weakref.ref(lane.kv), out)
         return out
 

@@ -94,13 +94,16 @@ class Lane:
         self.pages_per_seq = -(-grid.max_seq_len // page_size)
         self.allocator = PageAllocator(num_pages, page_size)
         kv_heads = spec.tp * max(1, cfg.num_kv_heads // layout.num_chunks)
+        # One chunk position's cache (`kv_shape`, sharded `slot_sharding`); the lane's K and V are
+        # each one array of all positions (`cache_shape`), position r contiguous on each device.
         self.kv_shape = (cfg.num_layers, kv_heads, num_pages, page_size, cfg.head_dim)
-        self.kv_sharding = NamedSharding(mesh, P(None, "tp"))
+        self.cache_shape = (layout.slots,) + self.kv_shape
+        self.slot_sharding = NamedSharding(mesh, P(None, "tp"))
+        self.kv_sharding = NamedSharding(mesh, P(None, None, "tp"))
         self.replicated = NamedSharding(mesh, P())
-        slots = layout.slots
-        zeros = jax.jit(lambda: KVCache(k=tuple(jnp.zeros(self.kv_shape, cfg.jnp_dtype) for _ in range(slots)),
-                                        v=tuple(jnp.zeros(self.kv_shape, cfg.jnp_dtype) for _ in range(slots))),
-                        out_shardings=KVCache(k=(self.kv_sharding,) * slots, v=(self.kv_sharding,) * slots))
+        zeros = jax.jit(lambda: KVCache(k=jnp.zeros(self.cache_shape, cfg.jnp_dtype),
+                                        v=jnp.zeros(self.cache_shape, cfg.jnp_dtype)),
+                        out_shardings=KVCache(k=self.kv_sharding, v=self.kv_sharding))
         self.kv: KVCache = zeros()
         self._steps: dict[tuple[int, int], object] = {}
         self._feeds: dict[int, object] = {}
@@ -114,7 +117,7 @@ class Lane:
         self._packed_gathers: dict[tuple, object] = {}  # (pages, groups) -> program
         self._packed_scatters: dict[tuple, object] = {}  # (pages, placement, sources, per_buffer) -> program
         self.move_copy = move_copy_impl(self.devices, self.settings)
-        if self.move_copy != "xla" and not all(page_copy.supported(self.kv_shape, n) for n in self.move_sizes()):
+        if self.move_copy != "xla" and not all(page_copy.supported(self.cache_shape, n) for n in self.move_sizes()):
             self.move_copy = "xla"
 
     # -- ahead-of-time compilation -------------------------------------------------------
@@ -153,10 +156,10 @@ class Lane:
         for n in pow2_upto(self.pages_per_seq, self.grid.min_move_pages):
             pages = self._abstract((n,), jnp.int32)
             self._gathers[n] = jax.jit(_gather_pages).lower(kv_abs, pages).compile()
-            pieces = tuple(jax.ShapeDtypeStruct(a.shape[:2] + (n,) + a.shape[3:], a.dtype, sharding=a.sharding)
-                           for a in kv_abs.k)
+            piece = jax.ShapeDtypeStruct(self.cache_shape[:3] + (n,) + self.cache_shape[4:], self.kv.k.dtype,
+                                         sharding=self.kv_sharding)
             self._scatters[n] = jax.jit(_scatter_pages, donate_argnames=("kv",)).lower(
-                kv_abs, pages, pieces, pieces).compile()
+                kv_abs, pages, piece, piece).compile()
         self.warm_up()
         return len(self._steps) + len(self._samplers) + len(self._feeds) + len(self._gathers) + len(self._scatters)
 
@@ -228,13 +231,13 @@ class Lane:
         if self.move_copy == "xla":
             return _gather_packed
         interpret = self.move_copy == "interpret"
-        kv_spec = KVCache(k=(P(None, "tp"),) * self.layout.slots, v=(P(None, "tp"),) * self.layout.slots)
+        kv_spec = KVCache(k=P(None, None, "tp"), v=P(None, None, "tp"))
 
         def gather(kv, pages, groups):
             def local(kv, pages):
                 out = []
                 for group in groups:
-                    arrays = tuple(a for r in group for a in (kv.k[r], kv.v[r]))
+                    arrays = tuple((a, r) for r in group for a in (kv.k, kv.v))
                     packed = page_copy.gather_pages_kernel(arrays, pages, interpret=interpret)
                     out.append(packed.reshape((len(group), 2) + packed.shape[1:]))
                 return tuple(out)
@@ -246,16 +249,15 @@ class Lane:
         if self.move_copy == "xla":
             return _scatter_packed
         interpret = self.move_copy == "interpret"
-        slots = self.layout.slots
-        kv_spec = KVCache(k=(P(None, "tp"),) * slots, v=(P(None, "tp"),) * slots)
+        kv_spec = KVCache(k=P(None, None, "tp"), v=P(None, None, "tp"))
 
         def scatter(kv, pages, buffers, placement):
             def local(kv, pages, buffers):
-                arrays = tuple(a for r in range(slots) for a in (kv.k[r], kv.v[r]))
                 flat = tuple(b.reshape((-1,) + b.shape[2:]) for b in buffers)  # [q, 2, ...] -> [2q, ...]
+                # position r of K (array 0) and of V (array 1) takes (buffer, index) sources[2r + kind]
                 sources = tuple((u, 2 * q + kind) for u, q in placement for kind in (0, 1))
-                out = page_copy.scatter_pages_kernel(arrays, pages, flat, sources=sources, interpret=interpret)
-                return KVCache(k=out[0::2], v=out[1::2])
+                k, v = page_copy.scatter_pages_kernel((kv.k, kv.v), pages, flat, sources=sources, interpret=interpret)
+                return KVCache(k=k, v=v)
             return jax.shard_map(local, mesh=self.mesh,
                                  in_specs=(kv_spec, P(), tuple(P(None, None, None, "tp") for _ in buffers)),
                                  out_specs=kv_spec, check_vma=False)(kv, pages, buffers)
@@ -324,8 +326,8 @@ class Lane:
 
 
 def _gather_pages(kv: KVCache, pages: jax.Array):
-    """Each slot's pages [layers, kv_heads, n, page_size, head_dim], still sharded over tp."""
-    return tuple(a[:, :, pages] for a in kv.k), tuple(a[:, :, pages] for a in kv.v)
+    """The pages of every position [R, layers, kv_heads, n, page_size, head_dim], still sharded over tp."""
+    return kv.k[:, :, :, pages], kv.v[:, :, :, pages]
 
 
 def _as_words(a):
@@ -346,22 +348,24 @@ def _from_words(w, dtype):
 
 
 def _gather_packed(kv: KVCache, pages: jax.Array, groups: tuple[tuple[int, ...], ...]):
-    """One buffer per group of slots: [q, K|V, layers, kv_heads, n, page_size, head_dim (as words)],
-    sharded over tp on kv_heads, so each device's shard is its slots' pages, contiguous."""
-    return tuple(jnp.stack([jnp.stack([_as_words(kv.k[r])[:, :, pages], _as_words(kv.v[r])[:, :, pages]])
-                            for r in group]) for group in groups)
+    """One buffer per group of positions: [q, K|V, layers, kv_heads, n, page_size, head_dim (as
+    words)], sharded over tp on kv_heads, so each device's shard is its positions' pages, contiguous."""
+    k, v = _as_words(kv.k), _as_words(kv.v)
+    return tuple(jnp.stack([jnp.stack([k[r][:, :, pages], v[r][:, :, pages]]) for r in group]) for group in groups)
 
 
 def _scatter_packed(kv: KVCache, pages: jax.Array, buffers, placement: tuple[tuple[int, int], ...]) -> KVCache:
-    """Slot r takes position q of incoming buffer u, where placement[r] = (u, q)."""
-    def put(a, update):
-        return _from_words(_as_words(a).at[:, :, pages].set(update, mode="drop"), a.dtype)
+    """Position r takes entry q of incoming buffer u, where placement[r] = (u, q)."""
+    def put(a, kind):
+        words = _as_words(a)
+        for r, (u, q) in enumerate(placement):
+            words = words.at[r:r + 1, :, :, pages].set(buffers[u][q, kind][None], mode="drop")
+        return _from_words(words, a.dtype)
 
-    return KVCache(k=tuple(put(a, buffers[u][q, 0]) for a, (u, q) in zip(kv.k, placement)),
-                   v=tuple(put(a, buffers[u][q, 1]) for a, (u, q) in zip(kv.v, placement)))
+    return KVCache(k=put(kv.k, 0), v=put(kv.v, 1))
 
 
 def _scatter_pages(kv: KVCache, pages: jax.Array, k_pieces, v_pieces) -> KVCache:
-    return KVCache(k=tuple(a.at[:, :, pages].set(p, mode="drop") for a, p in zip(kv.k, k_pieces)),
-                   v=tuple(a.at[:, :, pages].set(p, mode="drop") for a, p in zip(kv.v, v_pieces)))
+    return KVCache(k=kv.k.at[:, :, :, pages].set(k_pieces, mode="drop"),
+                   v=kv.v.at[:, :, :, pages].set(v_pieces, mode="drop"))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -14,7 +15,7 @@ from nitsum_jax.config import LlamaConfig
 from nitsum_jax.kernels import peer_pages
 from nitsum_jax.model import Params
 from nitsum_jax.plans.lane import BucketGrid, Lane
-from nitsum_jax.plans.layout import assign_chunks, device_chunks
+from nitsum_jax.plans.layout import assign_chunks, weight_runs
 from nitsum_jax.plans.memory import MemoryBudget, memory_report
 from nitsum_jax.plans.moves import MoveRoute, plan_route
 from nitsum_jax.plans.spec import LaneSpec, Plan, validate_plans
@@ -50,13 +51,13 @@ class PlanSet:
         self.move_sync: bool | None = settings.move_sync  # None: chosen per move (_sync_for)
         validate_plans(plans, len(self.devices), cfg)
         t0 = time.perf_counter()
-        self.layouts = assign_chunks(plans, cfg)
-        held = device_chunks(self.layouts)
+        runs = weight_runs(assign_chunks(plans, cfg))
+        self.layouts = runs.layouts
         if params is None or is_abstract(params):  # abstract: random weights of that form (fp8 or not)
-            self.weights = WeightStore.random(cfg, held, self.devices, random_seed,
+            self.weights = WeightStore.random(cfg, runs, self.devices, random_seed,
                                               "bf16" if params is None else weights_format(params))
         else:
-            self.weights = WeightStore.build(cfg, params, held, self.devices)
+            self.weights = WeightStore.build(cfg, params, runs, self.devices)
         self.lanes: dict[tuple[int, ...], Lane] = {}
         self.num_programs = 0
         for plan in plans:
@@ -64,7 +65,7 @@ class PlanSet:
                 if spec.devices in self.lanes:
                     continue
                 mesh = Mesh(np.array([self.devices[d] for d in spec.devices]), ("tp",))
-                lane_params = self.weights.lane_params(spec.devices, self.layouts[spec.devices], mesh)
+                lane_params = self.weights.lane_params(spec.devices, mesh)
                 lane = Lane(lane_name(spec), spec, cfg, self.layouts[spec.devices], mesh, lane_params,
                             num_pages, page_size, grid, settings)
                 self.num_programs += lane.compile()
@@ -116,9 +117,9 @@ class PlanSet:
         if name == "direct" and self.peer_mover is None:
             raise ValueError("the direct KV-move transport was not built (no GPU or no NVRTC)")
         self.move_transport = name
-        shard = {key: lane.kv.k[0].sharding.shard_shape(lane.kv_shape) for key, lane in self.lanes.items()}
+        shard = {key: lane.slot_sharding.shard_shape(lane.kv_shape) for key, lane in self.lanes.items()}
         self.direct_pairs = {(a, b) for a, x in self.lanes.items() for b in self.lanes if a != b and name == "direct"
-                             and peer_pages.supported(shard[a], shard[b], x.kv.k[0].dtype.itemsize)}
+                             and peer_pages.supported(shard[a], shard[b], x.kv.k.dtype.itemsize)}
 
     def lanes_of(self, plan_name: str) -> list[Lane]:
         return [self.lanes[spec.devices] for spec in self.plans[plan_name].lanes]
@@ -202,31 +203,28 @@ class PlanSet:
 
     def _move_pieces(self, src: Lane, dst: Lane, src_pages: list[int], dst_pages: list[int]) -> int:
         """Fallback for layouts without a packed route: one transfer per (chunk, K or V) piece."""
-        k_src, v_src, n = src.gather_pages(src_pages)
+        k_src, v_src, n = src.gather_pages(src_pages)  # [R, layers, kv heads, n, S, H] each
         where = {c: (i, r) for i, row in enumerate(src.layout.assign) for r, c in enumerate(row)}
         src_devices = src.devices
         # Every (chunk, K or V) piece goes from its source device to its destination device in
         # one batched device_put, so the transfers between device pairs run concurrently.
         pieces, targets = [], []
-        for arrays in (k_src, v_src):
-            shards = [{s.device: s.data for s in arr.addressable_shards} for arr in arrays]
-            for r in range(dst.layout.slots):
-                for i, device in enumerate(dst.devices):
+        for arr in (k_src, v_src):
+            shards = {s.device: s.data for s in arr.addressable_shards}
+            for i, device in enumerate(dst.devices):
+                for r in range(dst.layout.slots):
                     si, sr = where[dst.layout.assign[i][r]]
-                    pieces.append(shards[sr][src_devices[si]])
+                    pieces.append(shards[src_devices[si]][sr])
                     targets.append(device)
         placed = iter(jax.device_put(pieces, targets))
         moved = sum(p.nbytes for p in pieces)
 
         def assemble():
-            out = []
-            for _ in range(dst.layout.slots):
-                parts = [next(placed) for _ in dst.devices]
-                shape = list(parts[0].shape)
-                shape[1] *= len(parts)
-                out.append(jax.make_array_from_single_device_arrays(
-                    tuple(shape), NamedSharding(dst.mesh, P(None, "tp")), parts))
-            return tuple(out)
+            parts = [jnp.stack([next(placed) for _ in range(dst.layout.slots)]) for _ in dst.devices]
+            shape = list(parts[0].shape)
+            shape[2] *= len(parts)
+            return jax.make_array_from_single_device_arrays(tuple(shape), NamedSharding(dst.mesh, P(None, None, "tp")),
+                                                            parts)
 
         k_dst = assemble()
         v_dst = assemble()

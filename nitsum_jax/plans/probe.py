@@ -18,9 +18,9 @@ def fill_random(lane, seed: int) -> None:
     """Random KV contents in every page of `lane` (never time or check moves on zeros). Only for a
     lane that holds no live sequence: every page is overwritten."""
     def rnd(kv):
-        keys = jax.random.split(jax.random.key(seed), 2 * len(kv.k))
-        return jax.tree.map(lambda a, k: jax.random.normal(k, a.shape, a.dtype), kv,
-                            type(kv)(k=tuple(keys[:len(kv.k)]), v=tuple(keys[len(kv.k):])))
+        keys = jax.random.split(jax.random.key(seed), 2)
+        return type(kv)(k=jax.random.normal(keys[0], kv.k.shape, kv.k.dtype),
+                        v=jax.random.normal(keys[1], kv.v.shape, kv.v.dtype))
     with lane.kv_lock:
         lane.kv = jax.jit(rnd, out_shardings=jax.tree.map(lambda a: a.sharding, lane.kv))(lane.kv)
 

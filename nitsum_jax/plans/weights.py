@@ -1,6 +1,11 @@
-"""Weight buffers for a plan set: one buffer per (device, chunk, weight), shared by every lane
-that places that chunk on that device; lanes see them through
-`jax.make_array_from_single_device_arrays`, so nothing is copied per lane or per plan."""
+"""Weight buffers for a plan set, shared by every lane that reads them; lanes see them through
+`jax.make_array_from_single_device_arrays`, so nothing is copied per lane or per plan.
+
+A device keeps its layer weights as runs of chunks, one buffer per weight and run
+(`model.LayerGroup`, `layout.weight_runs`): usually one run of every chunk it holds, ordered so
+that each lane on it reads a prefix, so a TP1 lane that holds four chunks for the TP2 and TP4
+lanes reads each weight with one gemm, like a lane of a one-chunk set. The vocabulary tables
+stay one buffer per (device, chunk)."""
 
 from __future__ import annotations
 
@@ -12,10 +17,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nitsum_jax.config import LlamaConfig
-from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, ChunkWeights, Params, fuse_qkv, param_specs
-from nitsum_jax.quant import CONTRACTED, Fp8Weight, channel_amax, check_format, chunk_format, quantize
+from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, ChunkWeights, LayerGroup, Params, group_of, param_specs
+from nitsum_jax.plans.layout import WeightRuns
+from nitsum_jax.quant import CONTRACTED, Fp8Weight, channel_amax, check_format, quantize
 
 REPLICATED = ("attn_norm", "mlp_norm", "final_norm")
+VOCAB = ("embed", "lm_head")
 
 
 def chunk_slice(cfg: LlamaConfig, name: str, full: np.ndarray, chunk: int, num_chunks: int) -> np.ndarray:
@@ -32,62 +39,86 @@ def chunk_slice(cfg: LlamaConfig, name: str, full: np.ndarray, chunk: int, num_c
     return np.take(full, np.arange(chunk * width, (chunk + 1) * width), axis=axis)
 
 
+def _vocab(pieces: dict) -> ChunkWeights:
+    """A chunk's vocabulary tables, its layer weights left out (they live in the runs)."""
+    return ChunkWeights(**{f.name: pieces.get(f.name) if f.name in VOCAB else None
+                           for f in dataclasses.fields(ChunkWeights)})
+
+
+def _layers(pieces: dict) -> ChunkWeights:
+    return ChunkWeights(**{f.name: None if f.name in VOCAB else pieces[f.name] for f in dataclasses.fields(ChunkWeights)})
+
+
 @dataclasses.dataclass
 class WeightStore:
-    """Per-device buffers: `chunks[(device_id, chunk)]` is a ChunkWeights of single-device arrays."""
+    """Per-device buffers: `runs[(device_id, i)]` is the LayerGroup of run i of `layout.runs[device_id]`,
+    `vocab[(device_id, chunk)]` a ChunkWeights of that chunk's vocabulary tables (single-device arrays)."""
 
     cfg: LlamaConfig
     num_chunks: int
-    chunks: dict[tuple[int, int], ChunkWeights]
+    layout: WeightRuns
+    runs: dict[tuple[int, int], LayerGroup]
+    vocab: dict[tuple[int, int], ChunkWeights]
     replicated: dict[int, dict[str, jax.Array]]
 
     @classmethod
-    def build(cls, cfg: LlamaConfig, params: Params, held: dict[int, set[int]], devices: list) -> "WeightStore":
-        """Slice the unsplit `params` into the chunks each device holds and place them."""
+    def build(cls, cfg: LlamaConfig, params: Params, layout: WeightRuns, devices: list) -> "WeightStore":
+        """Slice the unsplit `params` into the chunks each device holds and place them, each run
+        assembled on the host and placed once."""
         full = params.chunks[0]
-        c = max(max(ch) for ch in held.values()) + 1
+        c = next(iter(layout.layouts.values())).num_chunks
         # a weight is an array or an Fp8Weight of two; tree maps cut and place either
         host = {f.name: jax.tree.map(np.asarray, getattr(full, f.name)) for f in dataclasses.fields(ChunkWeights)}
-        chunks, replicated = {}, {}
-        for d, held_chunks in sorted(held.items()):
+
+        def piece(name, ch):
+            return None if host[name] is None else jax.tree.map(lambda a: chunk_slice(cfg, name, a, ch, c), host[name])
+
+        runs, vocab, replicated = {}, {}, {}
+        for d, device_runs in sorted(layout.runs.items()):
             dev = devices[d]
             replicated[d] = {n: jax.device_put(getattr(params, n), dev) for n in REPLICATED}
-            for ch in sorted(held_chunks):
-                pieces = {n: jax.tree.map(lambda a, n=n: jax.device_put(chunk_slice(cfg, n, a, ch, c), dev), w)
-                          for n, w in host.items()}
-                chunks[(d, ch)] = fuse_qkv(ChunkWeights(**pieces))
-        return cls(cfg, c, chunks, replicated)
+            for i, run in enumerate(device_runs):
+                group = group_of([_layers({n: piece(n, ch) for n in CONTRACTED}) for ch in run])
+                runs[(d, i)] = jax.device_put(group, dev)
+                for ch in run:
+                    vocab[(d, ch)] = jax.device_put(_vocab({n: piece(n, ch) for n in VOCAB}), dev)
+        return cls(cfg, c, layout, runs, vocab, replicated)
 
     @classmethod
-    def random(cls, cfg: LlamaConfig, held: dict[int, set[int]], devices: list, seed: int = 0,
+    def random(cls, cfg: LlamaConfig, layout: WeightRuns, devices: list, seed: int = 0,
                weights: str = "bf16") -> "WeightStore":
         """Random weights made on the devices themselves (benchmarks of large shapes): each chunk
         is drawn once on the first device that holds it and copied device to device to the rest.
         `weights="fp8"`: the same weights, quantized there as `build` would quantize them."""
         from nitsum_jax.model import declare
 
-        c = max(max(ch) for ch in held.values()) + 1
+        c = next(iter(layout.layouts.values())).num_chunks
+        held = {d: {ch for run in rs for ch in run} for d, rs in layout.runs.items()}
         drawn = _draw_chunks(cfg, held, devices, seed, c)
         if check_format(weights) == "fp8":
             drawn = _quantize_chunks(drawn)
-        chunks, replicated = {}, {}
-        for ch, first in drawn.items():
-            fused = fuse_qkv(ChunkWeights(**first))
-            for d in sorted(d for d, h in held.items() if ch in h):
-                chunks[(d, ch)] = jax.tree.map(lambda a, d=d: jax.device_put(a, devices[d]), fused)
+        runs, vocab, replicated = {}, {}, {}
+        for d, device_runs in sorted(layout.runs.items()):
+            dev = devices[d]
+            for i, run in enumerate(device_runs):
+                pieces = [jax.device_put(_layers(drawn[ch]), dev) for ch in run]
+                runs[(d, i)] = jax.block_until_ready(group_of(pieces))
+                del pieces
+                for ch in run:
+                    vocab[(d, ch)] = jax.device_put(_vocab(drawn[ch]), dev)
+        del drawn
         full = declare(cfg)
-        for d in held:
+        for d in layout.runs:
             replicated[d] = {n: jax.device_put(np.ones(getattr(full, n).shape, cfg.jnp_dtype), devices[d])
                              for n in REPLICATED}
-        return cls(cfg, c, chunks, replicated)
+        return cls(cfg, c, layout, runs, vocab, replicated)
 
-    def lane_params(self, lane_devices: tuple[int, ...], layout: ChunkLayout, mesh: Mesh) -> Params:
-        """The lane's Params: slot r is a global array over the lane mesh assembled from the
-        buffers of chunk layout.assign[i][r] on device i. No data is copied."""
-        fp8 = self.weights_format == "fp8"
-        qkv_spec = PartitionSpec(None, None, "tp", None, None)  # `fuse_qkv`: the device's chunk on axis 2
-        specs = param_specs(self.cfg, weights=self.weights_format).chunks[0].replace(
-            wqkv=Fp8Weight(q=qkv_spec, scale=qkv_spec) if fp8 else qkv_spec)
+    def lane_params(self, lane_devices: tuple[int, ...], mesh: Mesh) -> Params:
+        """The lane's Params: each of its layer groups one global array per weight over the lane
+        mesh, assembled from the run each device holds for it (`layout.lanes`); position r's
+        vocabulary tables from the buffers of chunk layout.assign[i][r] on device i. No data is copied."""
+        layout = self.layout.layouts[lane_devices]
+        tp = PartitionSpec(None, "tp")
 
         def assemble(spec: PartitionSpec, *pieces: jax.Array) -> jax.Array:
             # the global shape: pieces side by side on the axis `tp` shards, if any (an fp8 scale
@@ -96,27 +127,42 @@ class WeightStore:
                      for i, n in enumerate(pieces[0].shape)]
             return jax.make_array_from_single_device_arrays(tuple(shape), NamedSharding(mesh, spec), list(pieces))
 
+        def group_spec(name, w):
+            if not isinstance(w, Fp8Weight):
+                return tp
+            return Fp8Weight(q=tp, scale=PartitionSpec() if name in ("wo", "w_down") else tp)
+
+        groups = []
+        for run_of, used in self.layout.lanes[lane_devices]:
+            pieces = [self.runs[(d, run_of[i])] for i, d in enumerate(lane_devices)]
+            fields = {}
+            for f in ("wqkv", "wo", "w_gate", "w_up", "w_down"):
+                ws = [getattr(p, f) for p in pieces]
+                fields[f] = jax.tree.map(assemble, group_spec(f, ws[0]), *ws,
+                                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+            groups.append(LayerGroup(**fields, used=used))
+
+        specs = param_specs(self.cfg).chunks[0]
         slots = []
         for r in range(layout.slots):
             fields = {}
-            for f in dataclasses.fields(ChunkWeights):
-                pieces = [getattr(self.chunks[(d, layout.assign[i][r])], f.name) for i, d in enumerate(lane_devices)]
-                fields[f.name] = None if pieces[0] is None else jax.tree.map(
-                    assemble, getattr(specs, f.name), *pieces, is_leaf=lambda x: isinstance(x, PartitionSpec))
-            slots.append(ChunkWeights(**fields))
+            for name in VOCAB:
+                pieces = [getattr(self.vocab[(d, layout.assign[i][r])], name) for i, d in enumerate(lane_devices)]
+                fields[name] = None if pieces[0] is None else assemble(getattr(specs, name), *pieces)
+            slots.append(_vocab(fields))
         rep = {n: jax.make_array_from_single_device_arrays(
             self.replicated[lane_devices[0]][n].shape, NamedSharding(mesh, PartitionSpec()),
             [self.replicated[d][n] for d in lane_devices]) for n in REPLICATED}
-        return Params(chunks=tuple(slots), **rep)
+        return Params(chunks=tuple(slots), groups=tuple(groups), **rep)
 
     @property
     def weights_format(self) -> str:
-        return chunk_format(next(iter(self.chunks.values())))
+        return "fp8" if isinstance(next(iter(self.runs.values())).wqkv, Fp8Weight) else "bf16"
 
     def bytes_per_device(self) -> dict[int, int]:
         out: dict[int, int] = {}
-        for (d, _), cw in self.chunks.items():
-            out[d] = out.get(d, 0) + sum(a.nbytes for a in jax.tree.leaves(cw))
+        for (d, _), buffers in list(self.runs.items()) + list(self.vocab.items()):
+            out[d] = out.get(d, 0) + sum(a.nbytes for a in jax.tree.leaves(buffers))
         for d, rep in self.replicated.items():
             out[d] = out.get(d, 0) + sum(a.nbytes for a in rep.values())
         return out
