@@ -171,7 +171,7 @@ def main():
                "copy_bandwidth": copies, "rows": [], "profiles": {}}
     rng = np.random.default_rng(0)
     # "chunked": the kernel impl on a TP1 lane of C chunk slots built on one device (--chunks)
-    runs = [(impl, 1) for impl in args.impls.split(",")] + [("chunked", int(c)) for c in args.chunks.split(",")
+    runs = [(impl, 1) for impl in args.impls.split(",") if impl != "none"] + [("chunked", int(c)) for c in args.chunks.split(",")
                                                                if int(c) > 1]
     for impl, chunks in runs:
         # kernel: Pallas attention + our XLA step options; reference: plain-JAX attention, same
