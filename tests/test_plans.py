@@ -240,17 +240,17 @@ def test_converted_gqa_model_with_replicated_kv_heads_matches_on_every_lane(tmp_
 
 def test_packed_move_programs_carry_bf16_pages_as_words_bit_exactly():
     from nitsum_jax.attention import KVCache
-    from nitsum_jax.plans.lane import _gather_packed, _scatter_packed
+    from nitsum_jax.plans.lane import _gather_words, _scatter_words
 
     keys = jax.random.split(jax.random.key(0), 4)
     shape = (2, 3, 2, 10, 4, 8)  # [positions, layers, kv_heads, pages, page_size, head_dim]
     src = KVCache(k=jax.random.normal(keys[0], shape).astype(jnp.bfloat16),
                   v=jax.random.normal(keys[2], shape).astype(jnp.bfloat16))
     src_pages, dst_pages = jnp.array([7, 2, 5]), jnp.array([1, 4, 9])
-    (buffer,) = _gather_packed(src, src_pages, ((0, 1),))
+    buffer = _gather_words(src, src_pages, jnp.array([0, 1]))
     assert buffer.dtype == jnp.uint32 and buffer.shape[-1] == shape[-1] // 2
     dst = KVCache(k=jnp.full(shape, 3.0, jnp.bfloat16), v=jnp.full(shape, 3.0, jnp.bfloat16))
-    out = _scatter_packed(dst, dst_pages, (buffer,), ((0, 1), (0, 0)))  # positions swapped on the way
+    out = _scatter_words(dst, dst_pages, (buffer,), jnp.array([[1, 0]]))  # positions swapped on the way
     assert out.k[0].dtype == jnp.bfloat16
     assert jnp.array_equal(out.k[0][:, :, dst_pages], src.k[1][:, :, src_pages])
     assert jnp.array_equal(out.v[1][:, :, dst_pages], src.v[0][:, :, src_pages])

@@ -37,25 +37,26 @@ def supported(cache_shape: tuple[int, ...], n: int) -> bool:
     return row & (row - 1) == 0 and n & (n - 1) == 0 and R * L * K * P * row < 2**31
 
 
-def _gather_kernel(pages_ref, *refs, pieces: tuple[tuple[int, int], ...], num_pages: int, block: int, n: int,
+def _gather_kernel(pages_ref, positions_ref, *refs, kinds: tuple[int, ...], num_pages: int, block: int, n: int,
                    lk: int, row: int):
-    """Program (h, j): pages j*block.. of flattened (layer, kv head) h, for every piece (input
-    cache, chunk position)."""
+    """Program (h, j): pages j*block.. of flattened (layer, kv head) h, for every piece a (cache
+    kinds[a], chunk position positions[a])."""
     *ins, out_ref = refs
     h, j = pl.program_id(0), pl.program_id(1)
     idx = j * block + jnp.arange(block, dtype=jnp.int32)
     page = jnp.clip(pages_ref[idx], 0, num_pages - 1)
     cols = jnp.arange(row, dtype=jnp.int32)[None, :]
-    for a, (i, r) in enumerate(pieces):
+    for a, i in enumerate(kinds):
+        r = positions_ref[a]
         tile = pl_triton.load(ins[i].at[((r * lk + h) * num_pages + page)[:, None], cols])
         pl_triton.store(out_ref.at[((a * lk + h) * n + idx)[:, None], cols], tile)
 
 
-def _scatter_kernel(pages_ref, *refs, num_bufs: int, num_caches: int, sources: tuple[tuple[int, int], ...],
-                    num_pages: int, block: int, n: int, lk: int, row: int):
-    """Program (h, j): piece a (chunk position a // num_caches of cache a % num_caches) takes
-    entry sources[a] = (buffer, index) of the incoming buffers, for pages j*block.. of flattened
-    (layer, kv head) h."""
+def _scatter_kernel(pages_ref, positions_ref, *refs, num_bufs: int, num_caches: int,
+                    sources: tuple[tuple[int, int, int], ...], num_pages: int, block: int, n: int, lk: int, row: int):
+    """Program (h, j): piece a takes entry e of incoming buffer u, sources[a] = (u, e, cache),
+    into chunk position positions[a] of that cache, for pages j*block.. of flattened (layer, kv
+    head) h."""
     bufs = refs[:num_bufs]
     outs = refs[num_bufs + num_caches:]  # the aliased cache inputs come first; not read
     h, j = pl.program_id(0), pl.program_id(1)
@@ -64,61 +65,60 @@ def _scatter_kernel(pages_ref, *refs, num_bufs: int, num_caches: int, sources: t
     keep = (page < num_pages)[:, None]
     page = jnp.clip(page, 0, num_pages - 1)
     cols = jnp.arange(row, dtype=jnp.int32)[None, :]
-    for piece, (u, a) in enumerate(sources):
-        r, out_ref = piece // num_caches, outs[piece % num_caches]
-        tile = pl_triton.load(bufs[u].at[((a * lk + h) * n + idx)[:, None], cols])
-        pl_triton.store(out_ref.at[((r * lk + h) * num_pages + page)[:, None], cols], tile, mask=keep)
+    for a, (u, e, i) in enumerate(sources):
+        r = positions_ref[a]
+        tile = pl_triton.load(bufs[u].at[((e * lk + h) * n + idx)[:, None], cols])
+        pl_triton.store(outs[i].at[((r * lk + h) * num_pages + page)[:, None], cols], tile, mask=keep)
 
 
 def _params():
     return pl_triton.CompilerParams(num_warps=4, num_stages=1)
 
 
-def gather_pages_kernel(arrays: tuple[tuple[jax.Array, int], ...], pages: jax.Array, *,
-                        interpret: bool = False) -> jax.Array:
-    """arrays: A pieces (cache [R, L, K, P, S, H], chunk position r); pages: [n] page ids.
+def gather_pages_kernel(caches: tuple[jax.Array, ...], pages: jax.Array, positions: jax.Array, *,
+                        kinds: tuple[int, ...], interpret: bool = False) -> jax.Array:
+    """caches: [R, L, K, P, S, H] each (K and V); pages: [n] page ids; piece a is chunk position
+    positions[a] (an int32 array, so it may differ from device to device) of caches[kinds[a]].
     Returns [A, L, K, n, S, H]: each piece's pages, read in place from the caches."""
-    caches = []
-    for a, _ in arrays:
-        if not any(a is c for c in caches):
-            caches.append(a)
-    pieces = tuple((next(i for i, c in enumerate(caches) if c is a), r) for a, r in arrays)
     R, L, K, P, S, H = caches[0].shape
-    n, A, row, lk = pages.shape[0], len(arrays), S * H, L * K
+    n, A, row, lk = pages.shape[0], len(kinds), S * H, L * K
     block = min(_BLOCK_PAGES, n)
     flat = [a.reshape(R * lk * P, row) for a in caches]  # free reshapes (row-major)
     out = pl.pallas_call(
-        functools.partial(_gather_kernel, pieces=pieces, num_pages=P, block=block, n=n, lk=lk, row=row),
+        functools.partial(_gather_kernel, kinds=kinds, num_pages=P, block=block, n=n, lk=lk, row=row),
         grid=(lk, n // block),
-        in_specs=[pl.BlockSpec((n,), lambda h, j: (0,))] + [pl.BlockSpec(f.shape, lambda h, j: (0, 0)) for f in flat],
+        in_specs=([pl.BlockSpec((n,), lambda h, j: (0,)), pl.BlockSpec((A,), lambda h, j: (0,))]
+                  + [pl.BlockSpec(f.shape, lambda h, j: (0, 0)) for f in flat]),
         out_specs=pl.BlockSpec((A * lk * n, row), lambda h, j: (0, 0)),
         out_shape=jax.ShapeDtypeStruct((A * lk * n, row), caches[0].dtype),
         compiler_params=_params(),
         interpret=interpret,
         name=f"kv_gather_pages_{n}",
-    )(pages.astype(jnp.int32), *flat)
+    )(pages.astype(jnp.int32), positions.astype(jnp.int32), *flat)
     return out.reshape(A, L, K, n, S, H)
 
 
-def scatter_pages_kernel(arrays: tuple[jax.Array, ...], pages: jax.Array, buffers: tuple[jax.Array, ...], *,
-                         sources: tuple[tuple[int, int], ...], interpret: bool = False) -> tuple[jax.Array, ...]:
+def scatter_pages_kernel(caches: tuple[jax.Array, ...], pages: jax.Array, buffers: tuple[jax.Array, ...],
+                         positions: jax.Array, *, sources: tuple[tuple[int, int, int], ...],
+                         interpret: bool = False) -> tuple[jax.Array, ...]:
     """Write page-packed buffers into caches in place.
 
-    arrays: caches [R, L, K, P, S, H] (K and V; written in place when the caller donates them);
-    pages: [n] destination page ids (>= P: dropped); buffers: [A_u, L, K, n, S, H] each; piece
-    i (position i // len(arrays) of cache i % len(arrays)) takes buffers[sources[i][0]][sources[i][1]].
+    caches: [R, L, K, P, S, H] each (K and V; written in place when the caller donates them);
+    pages: [n] destination page ids (>= P: dropped); buffers: [A_u, L, K, n, S, H] each; piece a
+    takes entry e of buffers[u], sources[a] = (u, e, cache index), into chunk position
+    positions[a] (an int32 array) of that cache.
     """
-    R, L, K, P, S, H = arrays[0].shape
+    R, L, K, P, S, H = caches[0].shape
     n, row, lk = pages.shape[0], S * H, L * K
     block = min(_BLOCK_PAGES, n)
     flat_bufs = [b.reshape(b.shape[0] * lk * n, row) for b in buffers]
-    flat = [a.reshape(R * lk * P, row) for a in arrays]
-    first = 1 + len(flat_bufs)
+    flat = [a.reshape(R * lk * P, row) for a in caches]
+    first = 2 + len(flat_bufs)
     outs = pl.pallas_call(
         functools.partial(_scatter_kernel, num_bufs=len(flat_bufs), num_caches=len(flat), sources=sources,
                           num_pages=P, block=block, n=n, lk=lk, row=row),
         grid=(lk, n // block),
-        in_specs=([pl.BlockSpec((n,), lambda h, j: (0,))]
+        in_specs=([pl.BlockSpec((n,), lambda h, j: (0,)), pl.BlockSpec((len(sources),), lambda h, j: (0,))]
                   + [pl.BlockSpec(b.shape, lambda h, j: (0, 0)) for b in flat_bufs]
                   + [pl.BlockSpec(f.shape, lambda h, j: (0, 0)) for f in flat]),
         out_specs=[pl.BlockSpec(f.shape, lambda h, j: (0, 0)) for f in flat],
@@ -127,5 +127,5 @@ def scatter_pages_kernel(arrays: tuple[jax.Array, ...], pages: jax.Array, buffer
         compiler_params=_params(),
         interpret=interpret,
         name=f"kv_scatter_pages_{n}",
-    )(pages.astype(jnp.int32), *flat_bufs, *flat)
+    )(pages.astype(jnp.int32), positions.astype(jnp.int32), *flat_bufs, *flat)
     return tuple(o.reshape(R, L, K, P, S, H) for o in outs)

@@ -156,10 +156,11 @@ class Lane:
         for n in pow2_upto(self.pages_per_seq, self.grid.min_move_pages):
             pages = self._abstract((n,), jnp.int32)
             self._gathers[n] = jax.jit(_gather_pages).lower(kv_abs, pages).compile()
-            piece = jax.ShapeDtypeStruct(self.cache_shape[:3] + (n,) + self.cache_shape[4:], self.kv.k.dtype,
-                                         sharding=self.kv_sharding)
+            piece = jax.ShapeDtypeStruct(self.kv_shape[:2] + (n,) + self.kv_shape[3:], self.kv.k.dtype,
+                                         sharding=self.slot_sharding)
+            pieces = (piece,) * self.layout.slots
             self._scatters[n] = jax.jit(_scatter_pages, donate_argnames=("kv",)).lower(
-                kv_abs, pages, piece, piece).compile()
+                kv_abs, pages, pieces, pieces).compile()
         self.warm_up()
         return len(self._steps) + len(self._samplers) + len(self._feeds) + len(self._gathers) + len(self._scatters)
 
@@ -173,48 +174,48 @@ class Lane:
     def _packed_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(None, None, None, "tp"))  # [q, K|V, layers, kv_heads, n, S, H]
 
-    def compile_packed_gather(self, groups: tuple[tuple[int, ...], ...]) -> int:
-        """Programs that copy a sequence's pages out as one buffer per transfer group (moves.py)."""
+    def compile_packed_gather(self, table: tuple[tuple[tuple[int, ...], ...], ...]) -> int:
+        """Programs that copy a sequence's pages out as one buffer per transfer group: table[i][t]
+        lists the positions device i packs into buffer t (moves.py)."""
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv)
         count = 0
         for n in self.move_sizes():
-            if (n, groups) in self._packed_gathers:
+            if (n, table) in self._packed_gathers:
                 continue
-            fn = jax.jit(self._gather_fn(), static_argnames=("groups",),
-                         out_shardings=tuple(self._packed_sharding() for _ in groups))
-            self._packed_gathers[(n, groups)] = fn.lower(kv_abs, self._abstract((n,), jnp.int32),
-                                                         groups=groups).compile()
+            fn = jax.jit(self._gather_fn(), static_argnames=("table",),
+                         out_shardings=tuple(self._packed_sharding() for _ in table[0]))
+            self._packed_gathers[(n, table)] = fn.lower(kv_abs, self._abstract((n,), jnp.int32),
+                                                        table=table).compile()
             count += 1
         return count
 
-    def compile_packed_scatter(self, placement: tuple[tuple[int, int], ...], sources: int, per_buffer: int) -> int:
-        """Programs that write incoming packed buffers into this lane's pages (moves.py)."""
+    def compile_packed_scatter(self, table: tuple[tuple[tuple[int, ...], ...], ...]) -> int:
+        """Programs that write incoming packed buffers into this lane's pages: entry q of incoming
+        buffer u lands in position table[j][u][q] on device j (moves.py)."""
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv)
-        layers, kv_heads, _, page_size, head_dim = self.kv_shape
+        incoming, per_buffer = len(table[0]), len(table[0][0])
         count = 0
         for n in self.move_sizes():
-            key = (n, placement, sources, per_buffer)
-            if key in self._packed_scatters:
+            if (n, table) in self._packed_scatters:
                 continue
             buf = jax.ShapeDtypeStruct(self.packed_buffer_shape(per_buffer, n), self._packed_dtype(),
                                        sharding=self._packed_sharding())
-            fn = jax.jit(self._scatter_fn(), static_argnames=("placement",), donate_argnames=("kv",))
-            self._packed_scatters[key] = fn.lower(kv_abs, self._abstract((n,), jnp.int32), (buf,) * sources,
-                                                  placement=placement).compile()
+            fn = jax.jit(self._scatter_fn(), static_argnames=("table",), donate_argnames=("kv",))
+            self._packed_scatters[(n, table)] = fn.lower(kv_abs, self._abstract((n,), jnp.int32),
+                                                         (buf,) * incoming, table=table).compile()
             count += 1
         return count
 
-    def gather_packed(self, pages: list[int], groups: tuple[tuple[int, ...], ...]):
+    def gather_packed(self, pages: list[int], table):
         n = _pick(self.move_sizes(), len(pages), "KV move")
         padded = np.zeros(n, np.int32)
         padded[:len(pages)] = pages
-        return self._packed_gathers[(n, groups)](self.kv, padded), n
+        return self._packed_gathers[(n, table)](self.kv, padded), n
 
-    def scatter_packed(self, pages: list[int], buffers: tuple[jax.Array, ...], placement, per_buffer: int,
-                       n: int) -> None:
+    def scatter_packed(self, pages: list[int], buffers: tuple[jax.Array, ...], table, n: int) -> None:
         padded = np.full(n, self.kv_shape[2], np.int32)  # out of range: padding rows are dropped
         padded[:len(pages)] = pages
-        self.kv = self._packed_scatters[(n, placement, len(buffers), per_buffer)](self.kv, padded, buffers)
+        self.kv = self._packed_scatters[(n, table)](self.kv, padded, buffers)
 
     def packed_buffer_shape(self, per_buffer: int, n: int) -> tuple[int, ...]:
         layers, kv_heads, _, page_size, head_dim = self.kv_shape
@@ -228,35 +229,44 @@ class Lane:
         return self.cfg.jnp_dtype
 
     def _gather_fn(self):
-        if self.move_copy == "xla":
-            return _gather_packed
-        interpret = self.move_copy == "interpret"
+        """gather(kv, pages, table) -> one packed buffer [q, K|V, layers, kv_heads, n, S, H] per
+        group, sharded over tp: each device packs its own positions (its row of `table`)."""
+        copy = self.move_copy
         kv_spec = KVCache(k=P(None, None, "tp"), v=P(None, None, "tp"))
 
-        def gather(kv, pages, groups):
+        def gather(kv, pages, table):
             def local(kv, pages):
+                mine = jnp.asarray(np.asarray(table, np.int32))[jax.lax.axis_index("tp")]  # [groups, q]
+                if copy == "xla":
+                    return tuple(_gather_words(kv, pages, mine[t]) for t in range(mine.shape[0]))
                 out = []
-                for group in groups:
-                    arrays = tuple((a, r) for r in group for a in (kv.k, kv.v))
-                    packed = page_copy.gather_pages_kernel(arrays, pages, interpret=interpret)
-                    out.append(packed.reshape((len(group), 2) + packed.shape[1:]))
+                for t in range(mine.shape[0]):
+                    q = mine.shape[1]
+                    packed = page_copy.gather_pages_kernel((kv.k, kv.v), pages, jnp.repeat(mine[t], 2),
+                                                           kinds=(0, 1) * q, interpret=copy == "interpret")
+                    out.append(packed.reshape((q, 2) + packed.shape[1:]))
                 return tuple(out)
             return jax.shard_map(local, mesh=self.mesh, in_specs=(kv_spec, P()),
-                                 out_specs=tuple(P(None, None, None, "tp") for _ in groups), check_vma=False)(kv, pages)
+                                 out_specs=tuple(P(None, None, None, "tp") for _ in table[0]),
+                                 check_vma=False)(kv, pages)
         return gather
 
     def _scatter_fn(self):
-        if self.move_copy == "xla":
-            return _scatter_packed
-        interpret = self.move_copy == "interpret"
+        """scatter(kv, pages, buffers, table): entry q of buffer u into position table[j][u][q] on device j."""
+        copy = self.move_copy
         kv_spec = KVCache(k=P(None, None, "tp"), v=P(None, None, "tp"))
 
-        def scatter(kv, pages, buffers, placement):
+        def scatter(kv, pages, buffers, table):
             def local(kv, pages, buffers):
+                mine = jnp.asarray(np.asarray(table, np.int32))[jax.lax.axis_index("tp")]  # [incoming, q]
+                if copy == "xla":
+                    return _scatter_words(kv, pages, buffers, mine)
                 flat = tuple(b.reshape((-1,) + b.shape[2:]) for b in buffers)  # [q, 2, ...] -> [2q, ...]
-                # position r of K (array 0) and of V (array 1) takes (buffer, index) sources[2r + kind]
-                sources = tuple((u, 2 * q + kind) for u, q in placement for kind in (0, 1))
-                k, v = page_copy.scatter_pages_kernel((kv.k, kv.v), pages, flat, sources=sources, interpret=interpret)
+                q = mine.shape[1]
+                sources = tuple((u, 2 * e + kind, kind) for u in range(len(buffers)) for e in range(q)
+                                for kind in (0, 1))
+                k, v = page_copy.scatter_pages_kernel((kv.k, kv.v), pages, flat, jnp.repeat(mine.reshape(-1), 2),
+                                                      sources=sources, interpret=copy == "interpret")
                 return KVCache(k=k, v=v)
             return jax.shard_map(local, mesh=self.mesh,
                                  in_specs=(kv_spec, P(), tuple(P(None, None, None, "tp") for _ in buffers)),
@@ -326,8 +336,10 @@ class Lane:
 
 
 def _gather_pages(kv: KVCache, pages: jax.Array):
-    """The pages of every position [R, layers, kv_heads, n, page_size, head_dim], still sharded over tp."""
-    return kv.k[:, :, :, pages], kv.v[:, :, :, pages]
+    """Per position r, its pages [layers, kv_heads, n, page_size, head_dim], sharded over tp:
+    one tuple for K, one for V, so each device's shard of an entry is one (chunk, K|V) piece."""
+    slots = kv.k.shape[0]
+    return tuple(kv.k[r][:, :, pages] for r in range(slots)), tuple(kv.v[r][:, :, pages] for r in range(slots))
 
 
 def _as_words(a):
@@ -347,25 +359,31 @@ def _from_words(w, dtype):
     return x.reshape(x.shape[:-2] + (x.shape[-2] * 2,))
 
 
-def _gather_packed(kv: KVCache, pages: jax.Array, groups: tuple[tuple[int, ...], ...]):
-    """One buffer per group of positions: [q, K|V, layers, kv_heads, n, page_size, head_dim (as
-    words)], sharded over tp on kv_heads, so each device's shard is its positions' pages, contiguous."""
+def _gather_words(kv: KVCache, pages: jax.Array, positions: jax.Array) -> jax.Array:
+    """One device's packed buffer [q, K|V, layers, kv_heads, n, S, H as words] of `positions` [q]."""
     k, v = _as_words(kv.k), _as_words(kv.v)
-    return tuple(jnp.stack([jnp.stack([k[r][:, :, pages], v[r][:, :, pages]]) for r in group]) for group in groups)
+    take = lambda a, r: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False)[:, :, pages]
+    return jnp.stack([jnp.stack([take(k, positions[e]), take(v, positions[e])]) for e in range(positions.shape[0])])
 
 
-def _scatter_packed(kv: KVCache, pages: jax.Array, buffers, placement: tuple[tuple[int, int], ...]) -> KVCache:
-    """Position r takes entry q of incoming buffer u, where placement[r] = (u, q)."""
+def _scatter_words(kv: KVCache, pages: jax.Array, buffers, positions: jax.Array) -> KVCache:
+    """One device's scatter: entry e of buffer u into position positions[u, e]."""
     def put(a, kind):
         words = _as_words(a)
-        for r, (u, q) in enumerate(placement):
-            words = words.at[r:r + 1, :, :, pages].set(buffers[u][q, kind][None], mode="drop")
+        for u, buf in enumerate(buffers):
+            for e in range(positions.shape[1]):
+                r = positions[u, e]
+                rows = jax.lax.dynamic_index_in_dim(words, r, 0, keepdims=False)
+                rows = rows.at[:, :, pages].set(buf[e, kind], mode="drop")
+                words = jax.lax.dynamic_update_index_in_dim(words, rows, r, 0)
         return _from_words(words, a.dtype)
 
     return KVCache(k=put(kv.k, 0), v=put(kv.v, 1))
 
 
 def _scatter_pages(kv: KVCache, pages: jax.Array, k_pieces, v_pieces) -> KVCache:
-    return KVCache(k=kv.k.at[:, :, :, pages].set(k_pieces, mode="drop"),
-                   v=kv.v.at[:, :, :, pages].set(v_pieces, mode="drop"))
-
+    k, v = kv.k, kv.v
+    for r, (kp, vp) in enumerate(zip(k_pieces, v_pieces)):
+        k = k.at[r:r + 1, :, :, pages].set(kp[None], mode="drop")
+        v = v.at[r:r + 1, :, :, pages].set(vp[None], mode="drop")
+    return KVCache(k=k, v=v)

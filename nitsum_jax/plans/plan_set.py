@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -77,9 +76,8 @@ class PlanSet:
                 route = plan_route(src.layout, dst.layout) if a != b else None
                 if route is not None:
                     self.routes[(a, b)] = route
-                    self.num_programs += src.compile_packed_gather(route.groups)
-                    self.num_programs += dst.compile_packed_scatter(route.placement, len(route.sources[0]),
-                                                                    route.per_buffer)
+                    self.num_programs += src.compile_packed_gather(route.gather)
+                    self.num_programs += dst.compile_packed_scatter(route.scatter)
         self.direct_pairs: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()  # lane pairs moved by the kernel
         self.move_transport, self.move_transport_note = self._build_transport(
             move_transport or settings.move_transport)
@@ -172,7 +170,7 @@ class PlanSet:
         want = -(-len(src_pages) // self.move_pieces)
         per = next((n for n in src.move_sizes() if n >= want), len(src_pages))
         starts = range(0, len(src_pages), per)
-        gathered = [src.gather_packed(src_pages[i:i + per], route.groups) for i in starts]
+        gathered = [src.gather_packed(src_pages[i:i + per], route.gather) for i in starts]
         targets = [dst.devices[j] for _, _, j in route.transfers]
         sent, moved = [], 0
         sync = self._sync_for(src, dst)
@@ -189,8 +187,8 @@ class PlanSet:
             shape = dst.packed_buffer_shape(route.per_buffer, n)
             incoming = tuple(jax.make_array_from_single_device_arrays(
                 shape, sharding, [arrived[(j, u)] for j in range(len(dst.devices))])
-                for u in range(len(route.sources[0])))
-            dst.scatter_packed(dst_pages[i:i + per], incoming, route.placement, route.per_buffer, n)
+                for u in range(route.incoming))
+            dst.scatter_packed(dst_pages[i:i + per], incoming, route.scatter, n)
         return moved
 
     def _sync_for(self, src: Lane, dst: Lane) -> bool:
@@ -203,30 +201,25 @@ class PlanSet:
 
     def _move_pieces(self, src: Lane, dst: Lane, src_pages: list[int], dst_pages: list[int]) -> int:
         """Fallback for layouts without a packed route: one transfer per (chunk, K or V) piece."""
-        k_src, v_src, n = src.gather_pages(src_pages)  # [R, layers, kv heads, n, S, H] each
+        k_src, v_src, n = src.gather_pages(src_pages)  # per position: [layers, kv heads, n, S, H]
         where = {c: (i, r) for i, row in enumerate(src.layout.assign) for r, c in enumerate(row)}
-        src_devices = src.devices
-        # Every (chunk, K or V) piece goes from its source device to its destination device in
-        # one batched device_put, so the transfers between device pairs run concurrently.
-        pieces, targets = [], []
-        for arr in (k_src, v_src):
-            shards = {s.device: s.data for s in arr.addressable_shards}
-            for i, device in enumerate(dst.devices):
-                for r in range(dst.layout.slots):
+        sharding = NamedSharding(dst.mesh, P(None, "tp"))
+        out, moved = [], 0
+        for arrays in (k_src, v_src):
+            shards = [{s.device: s.data for s in a.addressable_shards} for a in arrays]
+            # Every piece goes from its source device to its destination device in one batched
+            # device_put, so the transfers between device pairs run concurrently.
+            pieces, targets = [], []
+            for r in range(dst.layout.slots):
+                for i, device in enumerate(dst.devices):
                     si, sr = where[dst.layout.assign[i][r]]
-                    pieces.append(shards[src_devices[si]][sr])
+                    pieces.append(shards[sr][src.devices[si]])
                     targets.append(device)
-        placed = iter(jax.device_put(pieces, targets))
-        moved = sum(p.nbytes for p in pieces)
-
-        def assemble():
-            parts = [jnp.stack([next(placed) for _ in range(dst.layout.slots)]) for _ in dst.devices]
-            shape = list(parts[0].shape)
-            shape[2] *= len(parts)
-            return jax.make_array_from_single_device_arrays(tuple(shape), NamedSharding(dst.mesh, P(None, None, "tp")),
-                                                            parts)
-
-        k_dst = assemble()
-        v_dst = assemble()
-        dst.scatter_pages(dst_pages, k_dst, v_dst, n)
+            placed = jax.device_put(pieces, targets)
+            moved += sum(p.nbytes for p in pieces)
+            width = len(dst.devices)
+            shape = dst.kv_shape[:2] + (n,) + dst.kv_shape[3:]
+            out.append(tuple(jax.make_array_from_single_device_arrays(
+                shape, sharding, placed[r * width:(r + 1) * width]) for r in range(dst.layout.slots)))
+        dst.scatter_pages(dst_pages, out[0], out[1], n)
         return moved
