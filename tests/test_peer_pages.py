@@ -34,23 +34,21 @@ class HostExecutor(peer_pages.PeerPageMover):
         self._lanes[lane.name] = lane
         index = {d.id: i for i, d in enumerate(lane.devices)}
         return {(kind, r, index[s.device.id]): (lane.name, kind, r, s.device.id)
-                for kind, arrays in enumerate((lane.kv.k, lane.kv.v)) for r, arr in enumerate(arrays)
-                for s in arr.addressable_shards}
+                for kind, arr in enumerate((lane.kv.k, lane.kv.v)) for s in arr.addressable_shards
+                for r in range(lane.layout.slots)}
 
     def run(self, launches, dst):
         self.launches += launches
-        shards = {}
-        for kind, arrays in enumerate((dst.kv.k, dst.kv.v)):
-            for r, arr in enumerate(arrays):
-                for s in arr.addressable_shards:
-                    shards[(dst.name, kind, r, s.device.id)] = np.array(s.data)
+        shards = {(dst.name, kind, s.device.id): np.array(s.data)  # [positions, L, K, P, S, H]
+                  for kind, arr in enumerate((dst.kv.k, dst.kv.v)) for s in arr.addressable_shards}
+
         def views(skey, dkey, item):
             src_lane = self._lanes[skey[0]]
-            arr = (src_lane.kv.k, src_lane.kv.v)[skey[1]][skey[2]]
-            src = np.asarray(next(s.data for s in arr.addressable_shards if s.device.id == skey[3]))
+            arr = (src_lane.kv.k, src_lane.kv.v)[skey[1]]
+            src = np.asarray(next(s.data for s in arr.addressable_shards if s.device.id == skey[3]))[skey[2]]
             rows = src.shape[0] * src.shape[1]
             assert rows == item.rows
-            out = shards[dkey].reshape(rows, item.dst_total, -1)
+            out = shards[(dkey[0], dkey[1], dkey[3])][dkey[2]].reshape(rows, item.dst_total, -1)  # a view
             assert out.dtype.itemsize * out.shape[-1] == item.words * 16
             return src.reshape(rows, item.src_total, -1), out
 
@@ -66,10 +64,10 @@ class HostExecutor(peer_pages.PeerPageMover):
                 src, out = views(skey, dkey, item)
                 out[:, list(item.dst_pages)] = src[:, list(item.src_pages)]
 
-        def rebuild(kind, arrays):
-            return tuple(jax.make_array_from_single_device_arrays(
-                a.shape, a.sharding, [jax.device_put(shards[(dst.name, kind, r, s.device.id)], s.device)
-                                      for s in a.addressable_shards]) for r, a in enumerate(arrays))
+        def rebuild(kind, a):
+            return jax.make_array_from_single_device_arrays(
+                a.shape, a.sharding, [jax.device_put(shards[(dst.name, kind, s.device.id)], s.device)
+                                      for s in a.addressable_shards])
         dst.kv = type(dst.kv)(k=rebuild(0, dst.kv.k), v=rebuild(1, dst.kv.v))
 
 
@@ -161,19 +159,18 @@ def test_direct_and_packed_transports_leave_the_same_bits(plan_set, monkeypatch)
     for a, b in [((0, 1, 2, 3), (3,)), ((2,), (0, 1)), ((0, 1), (2, 3))]:
         src, dst = lanes[a], lanes[b]
         results = []
-        before = [np.asarray(x) for x in dst.kv.k + dst.kv.v]
-        shardings = [x.sharding for x in dst.kv.k + dst.kv.v]
-        half = len(dst.kv.k)
+        before = [np.asarray(dst.kv.k), np.asarray(dst.kv.v)]
+        shardings = [dst.kv.k.sharding, dst.kv.v.sharding]
         for transport, engine_runs in (("packed", 0), ("direct", 0), ("direct", 8)):
             restored = tuple(jax.device_put(x, s) for x, s in zip(before, shardings))
-            dst.kv = type(dst.kv)(k=restored[:half], v=restored[half:])
+            dst.kv = type(dst.kv)(k=restored[0], v=restored[1])
             use_direct(plan_set, HostExecutor("push", engine_runs), monkeypatch)
             plan_set.use_transport(transport)
             src.allocator.reserve("s", 40)
             dst.allocator.reserve("other", 8)  # destination page ids differ from the source's
             plan_set.move("s", src, dst)
             assert "s" not in src.allocator and len(dst.allocator.pages("s")) == 5
-            results.append([np.asarray(x) for x in dst.kv.k + dst.kv.v])
+            results.append([np.asarray(dst.kv.k), np.asarray(dst.kv.v)])
             dst.allocator.free("s")
             dst.allocator.free("other")
         for packed, direct, engine in zip(*results):
@@ -231,14 +228,17 @@ def test_shard_addresses_are_read_again_once_the_lane_replaces_its_cache(plan_se
     first = mover.addresses(lane)
     assert mover.addresses(lane) is first  # back-to-back moves read the shards once
     assert set(first) == {(kind, r, i) for kind in (0, 1) for r in range(lane.layout.slots) for i in range(2)}
-    assert first[(0, 0, 1)] == lane.kv.k[0].addressable_shards[1].data.unsafe_buffer_pointer()
+    shard = lane.kv.k.addressable_shards[1]
+    assert first[(0, 0, 1)] == shard.data.unsafe_buffer_pointer()
+    # position 1 of a device's shard [positions, L, K, P, S, H] starts one position's block further in
+    assert first[(0, 1, 1)] == first[(0, 0, 1)] + shard.data.nbytes // lane.layout.slots
     old = weakref.ref(lane.kv)
     fill_random(lane, 7)  # a new cache (as every step makes)
     gc.collect()
     assert old() is None  # the address book keeps no replaced cache alive
     second = mover.addresses(lane)
     assert second is not first
-    assert second[(1, 0, 0)] == lane.kv.v[0].addressable_shards[0].data.unsafe_buffer_pointer()
+    assert second[(1, 0, 0)] == lane.kv.v.addressable_shards[0].data.unsafe_buffer_pointer()
 
 
 class FailingTransport(peer_pages.PeerPageMover):
