@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from nitsum_jax.generate import Generator
-from nitsum_jax.model import CHUNK_AXIS, abstract_params
+from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, abstract_params
 from nitsum_jax.plans import BucketGrid, PlanSet, default_plans, parse_plans
+from nitsum_jax.plans.layout import WeightRuns
 from nitsum_jax.plans.weights import WeightStore, chunk_slice
 from nitsum_jax.quant import CONTRACTED, Fp8Weight, quantize, quantize_params
 from nitsum_jax.sampling import SamplingParams
@@ -41,7 +42,7 @@ def test_every_lane_of_every_plan_matches_the_single_device_fp8_model(tiny_cfg, 
                      max_seq_len=64).generate(prompts(), GREEDY)
     for plan in fp8_set.plans:
         for lane in fp8_set.lanes_of(plan):
-            assert isinstance(lane.params.chunks[0].wqkv, Fp8Weight) and lane.params.chunks[0].wq is None
+            assert isinstance(lane.params.groups[0].wqkv, Fp8Weight) and lane.params.chunks[0].wq is None
             for got, ref in zip(lane_generator(tiny_cfg, lane).generate(prompts(), GREEDY), want):
                 assert got.token_ids == ref.token_ids, (plan, lane.name)
                 np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, err_msg=f"{plan} {lane.name}")
@@ -72,33 +73,40 @@ def test_memory_report_agrees_with_the_fp8_buffers_held(fp8_set):
     assert report["weight_overhead"] == pytest.approx(1.0)
 
 
-def _placed(chunk, name: str, q_heads: int):
-    """Weight `name` of a placed chunk; q, k and v are read back out of the fused `wqkv`."""
+def _placed(group, chunk: int, name: str, q_heads: int):
+    """Chunk `chunk`'s piece of weight `name` in a placed run (`model.LayerGroup`, tp axis of one);
+    q, k and v are read back out of the fused `wqkv`, a shared scale (wo, w_down) is the run's one."""
+    def piece(a):
+        a = np.asarray(a)[:, 0]
+        return a[:, min(chunk, a.shape[1] - 1)]
     if name not in ("wq", "wk", "wv"):
-        return getattr(chunk, name)
+        return jax.tree.map(piece, getattr(group, name))
 
     def part(a):
-        a = np.asarray(a)[:, :, 0]  # [layers, dim, q + 2 kv heads, head_dim]
+        a = piece(a)  # [layers, dim, q + 2 kv heads, head_dim]
         kv = (a.shape[2] - q_heads) // 2
         start, stop = {"wq": (0, q_heads), "wk": (q_heads, q_heads + kv), "wv": (q_heads + kv, a.shape[2])}[name]
         return a[:, :, start:stop]
-    return jax.tree.map(part, chunk.wqkv)
+    return jax.tree.map(part, group.wqkv)
 
 
 def test_random_fp8_weights_are_the_random_weights_quantized_whole(tiny_cfg):
     """Chunks of wo and w_down split their input: each must hold the scale of the whole weight
     (one replicated array on a lane), as quantizing the unsplit weight gives."""
-    held, devices = {0: {0, 1, 2, 3}}, jax.devices()[:1]
-    dense = WeightStore.random(tiny_cfg, held, devices, seed=5)
-    fp8 = WeightStore.random(tiny_cfg, held, devices, seed=5, weights="fp8")
+    one_run = WeightRuns(runs={0: ((0, 1, 2, 3),)}, lanes={(0,): (((0,), 4),)},
+                         layouts={(0,): ChunkLayout(4, ((0, 1, 2, 3),))})
+    devices = jax.devices()[:1]
+    dense = WeightStore.random(tiny_cfg, one_run, devices, seed=5)
+    fp8 = WeightStore.random(tiny_cfg, one_run, devices, seed=5, weights="fp8")
     assert fp8.weights_format == "fp8" and dense.weights_format == "bf16"
     for name, contracted in CONTRACTED.items():
         axis = CHUNK_AXIS[name]
         q_heads = tiny_cfg.num_heads // 4
-        whole = np.concatenate([np.asarray(_placed(dense.chunks[(0, c)], name, q_heads)) for c in range(4)], axis=axis)
+        whole = np.concatenate([np.asarray(_placed(dense.runs[(0, 0)], c, name, q_heads)) for c in range(4)],
+                               axis=axis)
         want = jax.tree.map(np.asarray, quantize(whole, contracted))
         for c in range(4):
-            got = _placed(fp8.chunks[(0, c)], name, q_heads)
+            got = _placed(fp8.runs[(0, 0)], c, name, q_heads)
             np.testing.assert_array_equal(np.asarray(got.q, np.float32),
                                           chunk_slice(tiny_cfg, name, want.q, c, 4).astype(np.float32), err_msg=name)
             np.testing.assert_array_equal(np.asarray(got.scale), chunk_slice(tiny_cfg, name, want.scale, c, 4))

@@ -52,15 +52,6 @@ def assign_chunks(plans: tuple[Plan, ...], cfg: LlamaConfig) -> dict[tuple[int, 
     return layouts
 
 
-def device_chunks(layouts: dict[tuple[int, ...], ChunkLayout]) -> dict[int, set[int]]:
-    """Device id -> the chunks it holds (one buffer set each), over all lanes."""
-    held: dict[int, set[int]] = {}
-    for devices, layout in layouts.items():
-        for d, row in zip(devices, layout.assign):
-            held.setdefault(d, set()).update(row)
-    return held
-
-
 @dataclasses.dataclass(frozen=True)
 class WeightRuns:
     """How a plan set's layer weights sit in device buffers: `runs[d]` lists device d's buffers,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, abstract_params
-from nitsum_jax.plans.layout import device_chunks
+from nitsum_jax.plans.layout import weight_runs
 from nitsum_jax.plans.spec import Plan
 
 
@@ -22,13 +22,14 @@ class MemoryBudget:
     max_prefill: int
 
 
-def chunk_bytes(cfg: LlamaConfig, num_chunks: int, weights: str = "bf16") -> tuple[int, int]:
-    """(bytes of one chunk's weights, bytes of the replicated weights) - per device copy. fp8
-    weights count one byte a value plus their float32 scales (a chunk of wo or w_down holds all
-    of its scale: `plans.weights.chunk_slice`)."""
+def chunk_bytes(cfg: LlamaConfig, num_chunks: int, weights: str = "bf16") -> tuple[int, int, int]:
+    """(bytes of one chunk's weights, bytes of the replicated weights, bytes of one chunk's weights
+    that a run of chunks holds once) - per device copy. fp8 weights count one byte a value plus
+    their float32 scales; a chunk of wo or w_down needs all of its scale (`plans.weights.chunk_slice`),
+    and one buffer of a run's chunks (`model.LayerGroup`) holds it once."""
     full = abstract_params(cfg, weights=weights)
     rep = sum(a.size * a.dtype.itemsize for a in (full.attn_norm, full.mlp_norm, full.final_norm))
-    per_chunk = 0
+    per_chunk = shared = 0
     for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "lm_head"):
         for a in jax.tree.leaves(getattr(full.chunks[0], name)):  # an array, or an fp8 weight's two
             n = a.size
@@ -36,8 +37,16 @@ def chunk_bytes(cfg: LlamaConfig, num_chunks: int, weights: str = "bf16") -> tup
                 n = n // cfg.num_kv_heads  # one (replicated) kv head per chunk
             elif a.shape[CHUNK_AXIS[name]] > 1:
                 n = n // num_chunks
+            elif name in ("wo", "w_down"):
+                shared += n * a.dtype.itemsize
             per_chunk += n * a.dtype.itemsize
-    return per_chunk, rep
+    return per_chunk, rep, shared
+
+
+def run_bytes(cfg: LlamaConfig, num_chunks: int, chunks: int, weights: str = "bf16") -> int:
+    """Bytes of one device's run of `chunks` chunks (its layer buffers and vocabulary tables)."""
+    per_chunk, _, shared = chunk_bytes(cfg, num_chunks, weights)
+    return chunks * per_chunk - (chunks - 1) * shared if chunks else 0
 
 
 def lane_kv_bytes_per_device(cfg: LlamaConfig, layout: ChunkLayout, budget: MemoryBudget) -> int:
@@ -60,9 +69,10 @@ def lane_workspace_bytes(cfg: LlamaConfig, tp: int, budget: MemoryBudget) -> int
 def memory_report(cfg: LlamaConfig, plans: tuple[Plan, ...], layouts: dict[tuple[int, ...], ChunkLayout],
                   budget: MemoryBudget, weights_format: str = "bf16") -> dict:
     c = next(iter(layouts.values())).num_chunks
-    per_chunk, rep = chunk_bytes(cfg, c, weights_format)
-    held = device_chunks(layouts)
-    shared_weights = {d: len(ch) * per_chunk + rep for d, ch in held.items()}
+    per_chunk, rep, _ = chunk_bytes(cfg, c, weights_format)
+    runs = weight_runs(layouts).runs
+    shared_weights = {d: sum(run_bytes(cfg, c, len(run), weights_format) for run in rs) + rep
+                      for d, rs in runs.items()}
     kv, work = {}, {}
     for devices, layout in layouts.items():
         for d in devices:
@@ -70,7 +80,7 @@ def memory_report(cfg: LlamaConfig, plans: tuple[Plan, ...], layouts: dict[tuple
             work[d] = max(work.get(d, 0), lane_workspace_bytes(cfg, layout.tp, budget))
     per_plan = {}
     for plan in plans:
-        weights = {d: (c // lane.tp) * per_chunk + rep for lane in plan.lanes for d in lane.devices}
+        weights = {d: run_bytes(cfg, c, c // lane.tp, weights_format) + rep for lane in plan.lanes for d in lane.devices}
         per_plan[plan.name] = {"weights_per_device": weights, "weights_total": sum(weights.values())}
     largest = max(p["weights_total"] for p in per_plan.values())
     total = sum(shared_weights.values())
@@ -80,7 +90,7 @@ def memory_report(cfg: LlamaConfig, plans: tuple[Plan, ...], layouts: dict[tuple
         "chunk_bytes": per_chunk,
         "plans": per_plan,
         "devices": {d: {"weights": shared_weights[d], "kv": kv.get(d, 0), "workspace": work.get(d, 0),
-                        "total": shared_weights[d] + kv.get(d, 0) + work.get(d, 0)} for d in sorted(held)},
+                        "total": shared_weights[d] + kv.get(d, 0) + work.get(d, 0)} for d in sorted(runs)},
         "plan_set_weights_total": total,
         "largest_plan_weights_total": largest,
         "weight_overhead": total / largest,
