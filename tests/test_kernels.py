@@ -10,17 +10,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nitsum_jax.attention import paged_attention_reference
 from nitsum_jax.kernels import paged_attention, paged_attention_kernel
 
-LAYERS, NUM_PAGES, HEAD_DIM = 2, 24, 16
+LAYERS, NUM_PAGES, HEAD_DIM, POSITIONS = 2, 24, 16, 2  # POSITIONS: chunk positions of a lane
 
 
 def make_case(seed, *, batch, new_tokens, kv_heads, group, page_size, pages_per_seq, lengths, dtype):
     """Random cache and queries; sequence b holds `lengths[b]` cached tokens before the new ones,
     on distinct random (non-contiguous) physical pages."""
     rng = np.random.default_rng(seed)
-    cache_shape = (LAYERS, kv_heads, NUM_PAGES, page_size, HEAD_DIM)
+    cache_shape = (POSITIONS, LAYERS, kv_heads, NUM_PAGES, page_size, HEAD_DIM)
     k_cache = jnp.asarray(rng.standard_normal(cache_shape), dtype)
     v_cache = jnp.asarray(rng.standard_normal(cache_shape), dtype)
-    q = jnp.asarray(rng.standard_normal((batch, new_tokens, kv_heads * group, HEAD_DIM)), dtype)
+    q = jnp.asarray(rng.standard_normal((batch, new_tokens, POSITIONS, kv_heads * group, HEAD_DIM)), dtype)
     positions = jnp.asarray(np.asarray(lengths)[:, None] + np.arange(new_tokens)[None, :], jnp.int32)
     page_table = jnp.asarray(np.stack([rng.permutation(NUM_PAGES)[:pages_per_seq] for _ in range(batch)]),
                              jnp.int32)
@@ -77,8 +77,8 @@ def test_pages_past_the_positions_are_not_read():
         11, batch=1, new_tokens=1, kv_heads=1, group=2, page_size=4, pages_per_seq=8, lengths=[6],
         dtype=jnp.float32)
     unused = page_table[0, 2:]  # position 6 lives on logical page 1
-    k_poisoned = k_cache.at[:, :, unused].set(jnp.nan)
-    v_poisoned = v_cache.at[:, :, unused].set(jnp.nan)
+    k_poisoned = k_cache.at[:, :, :, unused].set(jnp.nan)
+    v_poisoned = v_cache.at[:, :, :, unused].set(jnp.nan)
     out = paged_attention_kernel(q, k_poisoned, v_poisoned, jnp.int32(0), positions, page_table, block_n=16,
                                  interpret=True)
     ref = paged_attention_reference(q, k_cache, v_cache, jnp.int32(0), positions, page_table)
@@ -116,7 +116,7 @@ def test_kernel_runs_per_kv_head_shard_inside_a_scanned_tp_step():
     q, k_cache, v_cache, positions, page_table = make_case(
         19, batch=2, new_tokens=1, kv_heads=2, group=2, page_size=4, pages_per_seq=4, lengths=[3, 12],
         dtype=jnp.float32)
-    q_layers = jnp.stack([q * (i + 1) for i in range(LAYERS)])  # [layers, B, T, N, H]
+    q_layers = jnp.stack([q * (i + 1) for i in range(LAYERS)])  # [layers, B, T, R, N, H]
 
     def step(impl):
         def f(q_layers, k_cache, v_cache, positions, page_table):
@@ -126,31 +126,36 @@ def test_kernel_runs_per_kv_head_shard_inside_a_scanned_tp_step():
             return jax.lax.scan(layer, 0, (q_layers, jnp.arange(LAYERS, dtype=jnp.int32)))[1]
         return jax.jit(f)
 
-    kv_sharding = NamedSharding(mesh, PartitionSpec(None, "tp"))
+    kv_sharding = NamedSharding(mesh, PartitionSpec(None, None, "tp"))
     replicated = NamedSharding(mesh, PartitionSpec())
-    args = (jax.device_put(q_layers, NamedSharding(mesh, PartitionSpec(None, None, None, "tp"))),
+    args = (jax.device_put(q_layers, NamedSharding(mesh, PartitionSpec(None, None, None, None, "tp"))),
             jax.device_put(k_cache, kv_sharding), jax.device_put(v_cache, kv_sharding),
             jax.device_put(positions, replicated), jax.device_put(page_table, replicated))
     out = step("interpret")(*args)
     ref = step("reference")(*args)
     assert rel_err(out, ref) < 1e-5
-    assert out.sharding.spec == PartitionSpec(None, None, None, "tp")
+    assert out.sharding.spec == PartitionSpec(None, None, None, None, "tp")
     assert "all-gather" not in step("interpret").lower(*args).compile().as_text()
 
 
 def test_page_copy_kernels_gather_and_scatter_whole_pages_exactly():
     from nitsum_jax.kernels.page_copy import gather_pages_kernel, scatter_pages_kernel
 
-    shape = (2, 2, 12, 4, 8)  # [layers, kv_heads, pages, page_size, head_dim]
-    src = [jax.random.normal(jax.random.key(i), shape).astype(jnp.bfloat16) for i in range(3)]
+    shape = (3, 2, 2, 12, 4, 8)  # [positions, layers, kv_heads, pages, page_size, head_dim]
+    k, v = (jax.random.normal(jax.random.key(i), shape).astype(jnp.bfloat16) for i in range(2))
     pages = jnp.array([3, 7, 1, 11, 0, 5, 12, 12], jnp.int32)  # the last two are padding (>= pages)
-    packed = gather_pages_kernel(tuple(src), pages, interpret=True)
+    # pieces: K of position 2, V of position 0, K of position 1 (positions are an input array)
+    packed = gather_pages_kernel((k, v), pages, jnp.array([2, 0, 1]), kinds=(0, 1, 0), interpret=True)
     assert packed.shape == (3, 2, 2, 8, 4, 8)
-    for a in range(3):
-        assert jnp.array_equal(packed[a, :, :, :6], src[a][:, :, pages[:6]])
-    dst = [jnp.full(shape, 3.0, jnp.bfloat16) for _ in range(2)]
+    for a, (src, r) in enumerate(((k, 2), (v, 0), (k, 1))):
+        assert jnp.array_equal(packed[a, :, :, :6], src[r][:, :, pages[:6]])
+    dst = (jnp.full(shape, 3.0, jnp.bfloat16), jnp.full(shape, 3.0, jnp.bfloat16))
     dst_pages = jnp.array([2, 4, 6, 8, 10, 1, 12, 12], jnp.int32)
-    out = scatter_pages_kernel(tuple(dst), dst_pages, (packed,), sources=((0, 2), (0, 0)), interpret=True)
-    assert jnp.array_equal(out[0][:, :, dst_pages[:6]], src[2][:, :, pages[:6]])
-    assert jnp.array_equal(out[1][:, :, dst_pages[:6]], src[0][:, :, pages[:6]])
-    assert jnp.all(jnp.delete(out[0], dst_pages[:6], axis=2) == 3.0)  # other pages untouched, padding dropped
+    # entry 2 into K position 0, entry 1 into V position 2, entry 0 into V position 1
+    out = scatter_pages_kernel(dst, dst_pages, (packed,), jnp.array([0, 2, 1]),
+                               sources=((0, 2, 0), (0, 1, 1), (0, 0, 1)), interpret=True)
+    assert jnp.array_equal(out[0][0][:, :, dst_pages[:6]], k[1][:, :, pages[:6]])
+    assert jnp.array_equal(out[1][2][:, :, dst_pages[:6]], v[0][:, :, pages[:6]])
+    assert jnp.array_equal(out[1][1][:, :, dst_pages[:6]], k[2][:, :, pages[:6]])
+    assert jnp.all(jnp.delete(out[0][0], dst_pages[:6], axis=2) == 3.0)  # other pages untouched, padding dropped
+    assert jnp.all(out[0][1:] == 3.0) and jnp.all(out[1][0] == 3.0)  # positions not written stay as they were
