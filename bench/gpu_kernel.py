@@ -4,6 +4,8 @@ Run on the device machine:  PYTHONPATH=. python bench/gpu_kernel.py --out $OUT
 (1) correctness at llama-3.1-8b attention shapes (N=32, K=8, H=128; per-shard K=4, K=2 for TP2 and
     TP4), fresh random bf16 data (one fp32 case), ||out - ref|| / ||ref|| with the reference run on
     fp32-upcast inputs; the kernel's output memory is poisoned with NaN first.
+    Also: one launch over four chunk positions (a lane holding several chunks), and the KV-move
+    page copies (kernels/page_copy.py) with per-piece chunk positions, bit for bit.
 (2) timing, kernel vs reference: each timed call runs `calls` attention layers inside one jitted
     loop over a stacked cache of `layers` distinct layers (the cache is far larger than L2), so
     the median per layer excludes dispatch. Decode at batch 1/8/32/64 x context 512/2048/4096;
@@ -82,6 +84,57 @@ def check(name, *, batch, new_tokens, kv_heads, lengths, pages_per_seq, dtype, s
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
     return dict(case=name, dtype=jnp.dtype(dtype).name, batch=batch, new_tokens=new_tokens, kv_heads=kv_heads,
                 rel_err=err, all_finite=finite, ok=finite and err < tol, tol=tol)
+
+
+def check_positions(seed, *, positions=4, batch=8, kv_heads=2):
+    """Attention over R chunk positions in one launch ([B, T, R, N, H] queries, [R, L, K, P, S, H]
+    caches), against the reference."""
+    parts = [make_inputs(seed + r, batch=batch, new_tokens=1, kv_heads=kv_heads, lengths=[700] * batch,
+                         pages_per_seq=64, layers=2, dtype=jnp.bfloat16) for r in range(positions)]
+    q = jnp.stack([p[0] for p in parts], axis=2)
+    k_cache, v_cache = (jnp.stack([p[i] for p in parts]) for i in (1, 2))
+    _, _, _, pos, table = parts[0]  # one page table: every position's pages are at the same ids
+    layer = jnp.int32(1)
+    out = jax.block_until_ready(paged_attention_kernel(q, k_cache, v_cache, layer, pos, table))
+    f32 = [x.astype(jnp.float32) for x in (q, k_cache, v_cache)]
+    err = rel_err(out, paged_attention_reference(*f32, layer, pos, table))
+    finite = bool(jnp.isfinite(out.astype(jnp.float32)).all())
+    return dict(case=f"decode B={batch} over {positions} positions", dtype="bfloat16", batch=batch, new_tokens=1,
+                kv_heads=kv_heads, rel_err=err, all_finite=finite, ok=finite and err < 2e-2, tol=2e-2)
+
+
+def check_page_copies(seed, *, positions=4, layers=4, kv_heads=2, num_pages=96, n=32):
+    """Gather n pages of random pieces (cache, chunk position) into one packed buffer and scatter
+    its entries to other positions of a second cache: every page must arrive bit for bit, and
+    nothing else may change."""
+    from nitsum_jax.kernels.page_copy import gather_pages_kernel, scatter_pages_kernel
+
+    rng = np.random.default_rng(seed)
+    shape = (positions, layers, kv_heads, num_pages, PAGE_SIZE, HEAD_DIM)
+    caches = tuple(jax.random.normal(jax.random.key(seed + i), shape, jnp.float32).astype(jnp.bfloat16)
+                   for i in range(2))
+    pages = rng.permutation(num_pages)[:n].astype(np.int32)
+    kinds = tuple(int(k) for k in rng.integers(0, 2, size=2 * positions))
+    src_pos = rng.integers(0, positions, size=len(kinds)).astype(np.int32)
+    packed = jax.block_until_ready(gather_pages_kernel(caches, jnp.asarray(pages), jnp.asarray(src_pos), kinds=kinds))
+    host = [np.asarray(c.astype(jnp.float32)) for c in caches]
+    want = np.stack([host[k][r][:, :, pages] for k, r in zip(kinds, src_pos)])
+    gathered_ok = bool(np.array_equal(np.asarray(packed.astype(jnp.float32)), want))
+    # scatter: entry a into (cache a % 2, position perm[a // 2]) - each (cache, position) once
+    perm = rng.permutation(positions).astype(np.int32)
+    sources = tuple((0, a, a % 2) for a in range(2 * positions))
+    dst_pos = np.repeat(perm, 2)
+    dst_pages = rng.permutation(num_pages)[:n].astype(np.int32)
+    base = tuple(jnp.full(shape, 3.0, jnp.bfloat16) for _ in range(2))
+    out = jax.block_until_ready(scatter_pages_kernel(base, jnp.asarray(dst_pages), (packed,), jnp.asarray(dst_pos),
+                                                     sources=sources))
+    expect = [np.full(shape, 3.0, np.float32) for _ in range(2)]
+    for a, (_, e, k) in enumerate(sources):
+        expect[k][dst_pos[a]][:, :, dst_pages] = want[e]
+    scattered_ok = all(np.array_equal(np.asarray(o.astype(jnp.float32)), x) for o, x in zip(out, expect))
+    return dict(case=f"page copies {n} pages x {len(kinds)} pieces", dtype="bfloat16", batch=0, new_tokens=0,
+                kv_heads=kv_heads, rel_err=0.0 if gathered_ok and scattered_ok else 1.0, all_finite=True,
+                gathered_ok=gathered_ok, scattered_ok=scattered_ok, ok=gathered_ok and scattered_ok, tol=0.0)
 
 
 def timed_loop(attention, layers, calls):
@@ -175,6 +228,8 @@ def main():
     attempt("checks", "prefill_fp32", lambda: check(
         "prefill T=64 over 300 tp2 fp32", batch=2, new_tokens=64, kv_heads=4, lengths=[300, 17],
         pages_per_seq=32, dtype=jnp.float32, seed=32))
+    attempt("checks", "positions", lambda: check_positions(40))
+    attempt("checks", "page_copies", lambda: check_page_copies(41))
 
     # (2) timing.
     batches, contexts = ((1, 64), (2048,)) if args.quick else ((1, 8, 32, 64), (512, 2048, 4096))

@@ -113,8 +113,9 @@ def profile_lane(results, ps, impl, chunks, tp, batch, batches, context, rng) ->
 
 
 def chunked_lanes(cfg, chunks: int, num_pages: int, grid, knobs) -> dict:
-    """A TP1 lane on the first device holding `chunks` weight-chunk slots, as a lane of a
-    plan set with TP up to `chunks` holds them (each slot its own buffers), built on one device."""
+    """A TP1 lane on the first device holding `chunks` weight chunks, as a lane of a plan set with
+    TP up to `chunks` holds them (one run of every chunk per weight, `layout.weight_runs`), built
+    on one device."""
     from jax.sharding import Mesh
 
     from nitsum_jax.model import ChunkLayout
