@@ -44,10 +44,10 @@ def make_inputs(seed, *, batch, new_tokens, kv_heads, lengths, pages_per_seq, la
     kq, kk, kv = jax.random.split(key, 3)
     need = [min(pages_per_seq, math.ceil((n + new_tokens) / PAGE_SIZE)) for n in lengths]
     num_pages = max(sum(need), 1)
-    cache_shape = (layers, kv_heads, num_pages, PAGE_SIZE, HEAD_DIM)
+    cache_shape = (1, layers, kv_heads, num_pages, PAGE_SIZE, HEAD_DIM)  # one chunk position
     k_cache = jax.random.normal(kk, cache_shape, jnp.float32).astype(dtype)
     v_cache = jax.random.normal(kv, cache_shape, jnp.float32).astype(dtype)
-    q = jax.random.normal(kq, (batch, new_tokens, kv_heads * GROUP, HEAD_DIM), jnp.float32).astype(dtype)
+    q = jax.random.normal(kq, (batch, new_tokens, 1, kv_heads * GROUP, HEAD_DIM), jnp.float32).astype(dtype)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(num_pages)
     table = np.zeros((batch, pages_per_seq), np.int32)
@@ -91,8 +91,8 @@ def check_positions(seed, *, positions=4, batch=8, kv_heads=2):
     caches), against the reference."""
     parts = [make_inputs(seed + r, batch=batch, new_tokens=1, kv_heads=kv_heads, lengths=[700] * batch,
                          pages_per_seq=64, layers=2, dtype=jnp.bfloat16) for r in range(positions)]
-    q = jnp.stack([p[0] for p in parts], axis=2)
-    k_cache, v_cache = (jnp.stack([p[i] for p in parts]) for i in (1, 2))
+    q = jnp.concatenate([p[0] for p in parts], axis=2)
+    k_cache, v_cache = (jnp.concatenate([p[i] for p in parts]) for i in (1, 2))
     _, _, _, pos, table = parts[0]  # one page table: every position's pages are at the same ids
     layer = jnp.int32(1)
     out = jax.block_until_ready(paged_attention_kernel(q, k_cache, v_cache, layer, pos, table))

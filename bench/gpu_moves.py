@@ -35,8 +35,8 @@ def use_copy(ps: PlanSet, impl: str) -> float:
         lane._packed_gathers.clear()
         lane._packed_scatters.clear()
     for (a, b), route in ps.routes.items():
-        ps.lanes[a].compile_packed_gather(route.groups)
-        ps.lanes[b].compile_packed_scatter(route.placement, len(route.sources[0]), route.per_buffer)
+        ps.lanes[a].compile_packed_gather(route.gather)
+        ps.lanes[b].compile_packed_scatter(route.scatter)
     return time.perf_counter() - t0
 
 

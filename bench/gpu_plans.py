@@ -59,7 +59,7 @@ def time_move_phases(plan_set, src, dst, tokens, repeats):
     phases = {"gather": [], "transfer": [], "scatter": [], "python_total": []}
     for i in range(repeats + 2):
         t0 = time.perf_counter()
-        buffers, n = src.gather_packed(src_pages, route.groups)
+        buffers, n = src.gather_packed(src_pages, route.gather)
         jax.block_until_ready(buffers)
         t1 = time.perf_counter()
         shards = [{s.device: s.data for s in b.addressable_shards} for b in buffers]
@@ -71,8 +71,8 @@ def time_move_phases(plan_set, src, dst, tokens, repeats):
         shape = dst.packed_buffer_shape(route.per_buffer, n)
         incoming = tuple(jax.make_array_from_single_device_arrays(
             shape, NamedSharding(dst.mesh, P(None, None, None, "tp")),
-            [arrived[(j, u)] for j in range(len(dst.devices))]) for u in range(len(route.sources[0])))
-        dst.scatter_packed(dst_pages, incoming, route.placement, route.per_buffer, n)
+            [arrived[(j, u)] for j in range(len(dst.devices))]) for u in range(route.incoming))
+        dst.scatter_packed(dst_pages, incoming, route.scatter, n)
         jax.block_until_ready(dst.kv)
         t3 = time.perf_counter()
         if i >= 2:

@@ -211,6 +211,7 @@ def main():
                 row = {"impl": impl, "chunks": lane.layout.slots, "tp": lane.spec.tp, "batch": b, "step_ms": t * 1e3, "spread_ms": spread * 1e3,
                        "weight_GB_per_device": wbytes / 1e9, "kv_GB_per_device": kv / 1e9,
                        "floor_ms": floor * 1e3, "mbu": floor / t,
+                       "temp_GB": lane._steps[(b, 1)].memory_analysis().temp_size_in_bytes / 1e9,
                        "mbu_spec": (wbytes + kv) / (spec * 1e9) / t if spec else None, "tokens_per_s": b / t,
                        "tokens": tokens.tolist(), "logprobs": [round(float(x), 4) for x in logprobs]}
                 results["rows"].append(row)

@@ -17,12 +17,13 @@ import jax.numpy as jnp
 def fill_random(lane, seed: int) -> None:
     """Random KV contents in every page of `lane` (never time or check moves on zeros). Only for a
     lane that holds no live sequence: every page is overwritten."""
-    def rnd(kv):
+    def rnd(kv):  # the old cache is donated: a lane's cache may not fit twice
         keys = jax.random.split(jax.random.key(seed), 2)
         return type(kv)(k=jax.random.normal(keys[0], kv.k.shape, kv.k.dtype),
                         v=jax.random.normal(keys[1], kv.v.shape, kv.v.dtype))
     with lane.kv_lock:
-        lane.kv = jax.jit(rnd, out_shardings=jax.tree.map(lambda a: a.sharding, lane.kv))(lane.kv)
+        lane.kv = jax.jit(rnd, out_shardings=jax.tree.map(lambda a: a.sharding, lane.kv), donate_argnums=0,
+                          keep_unused=True)(lane.kv)
 
 
 def kv_checksum(lane, pages: list[int]) -> float:
