@@ -349,11 +349,21 @@ def _own(h: jax.Array, tag: int) -> jax.Array:
 def _column_matmul(h: jax.Array, w, out: str) -> jax.Array:
     """h [B, T, D] times a column-cut group weight [tp, R, D, *out] -> [B, T, tp, R, *out]. Over
     several chunks a batched gemm (h broadcast over R): each chunk's [D, out] block is contiguous
-    in the buffer, so the gemm reads the weights in place."""
+    in the buffer, so the gemm reads the weights in place. Fewer than MIN_BATCHED_ROWS rows are
+    padded to that many first: cuBLAS's batched kernels for a single row were slower (a b1 step
+    of a four-chunk lane 6.30 ms against 5.96 at b8, BENCHMARKS.md "Decode roofline")."""
     chunks = _values(w).shape[1]
     if chunks == 1:
         return matmul(f"BTD,CRD{out}->BTCR{out}", h, w)
-    return matmul(f"RBTD,CRD{out}->BTCR{out}", jnp.broadcast_to(h, (chunks,) + h.shape), w)
+    B, T, D = h.shape
+    rows = h.reshape(B * T, 1, D)
+    if B * T < MIN_BATCHED_ROWS:
+        rows = jnp.pad(rows, ((0, MIN_BATCHED_ROWS - B * T), (0, 0), (0, 0)))
+    y = matmul(f"RBTD,CRD{out}->BTCR{out}", jnp.broadcast_to(rows, (chunks,) + rows.shape), w)
+    return y[:B * T].reshape((B, T) + y.shape[2:])
+
+
+MIN_BATCHED_ROWS = 8
 
 
 def layer_groups(params: Params) -> tuple[LayerGroup, ...]:
