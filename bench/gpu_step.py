@@ -169,8 +169,7 @@ def main():
     per_token = kv_bytes_per_page(cfg, 1)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
                "context": args.context, "max_seq_len": args.max_seq_len, "hbm_GBps": bw / 1e9,
-               "copy_bandwidth": copies, "rows": [], "profiles": {},
-               "layer_unroll": settings().layer_unroll}
+               "copy_bandwidth": copies, "rows": [], "profiles": {}}
     rng = np.random.default_rng(0)
     # "chunked": the kernel impl on a TP1 lane of C chunk slots built on one device (--chunks)
     runs = [(impl, 1) for impl in args.impls.split(",") if impl != "none"] + [("chunked", int(c)) for c in args.chunks.split(",")

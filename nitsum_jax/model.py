@@ -388,7 +388,7 @@ def place(params: Params) -> Params:
 
 
 def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
-            layout: ChunkLayout = UNSPLIT, attention: str = "auto", unroll: int = 1) -> tuple[jax.Array, KVCache]:
+            layout: ChunkLayout = UNSPLIT, attention: str = "auto") -> tuple[jax.Array, KVCache]:
     """Run the new tokens of every sequence through the model, appending their K/V to the pages.
 
     One function covers prefill, chunked prefill (start_pos > 0, T > 1) and decode (T == 1).
@@ -396,8 +396,7 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     by whoever builds the step program (`Settings.attention`), so tracing reads no environment.
     The layer loop slices each layer out of the stacked weights by the loop counter (a
     `fori_loop`), which XLA folds into the gemms (dynamic-slice fusion), also for a group's first
-    `used` chunks; `unroll` layers run in one iteration (`Settings.layer_unroll`). Returns the
-    final-norm hidden states [B, T, D] and the updated cache.
+    `used` chunks. Returns the final-norm hidden states [B, T, D] and the updated cache.
     """
     B, T = step.tokens.shape
     positions = step.start_pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
@@ -442,8 +441,7 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
             x = x + out
         return x, k_cache, v_cache
 
-    x, k_cache, v_cache = jax.lax.fori_loop(0, cfg.num_layers, layer, (x, kv.k, kv.v),
-                                            unroll=min(unroll, cfg.num_layers))
+    x, k_cache, v_cache = jax.lax.fori_loop(0, cfg.num_layers, layer, (x, kv.k, kv.v))
     return rms_norm(x, params.final_norm, cfg.norm_eps), KVCache(k=k_cache, v=v_cache)
 
 

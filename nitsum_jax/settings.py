@@ -145,10 +145,6 @@ class Settings:
         "auto", _choice(*_ATTENTION), _accepted_choices(_ATTENTION),
         "paged-attention implementation of the model steps: auto is the Pallas kernel on GPU and "
         "the plain-JAX reference elsewhere; interpret runs the kernel in Pallas interpret mode")
-    layer_unroll: int = _knob(
-        1, _whole(1), "a whole number >= 1",
-        "layers in one iteration of a step's layer loop (XLA unrolls them; the layer count or more: "
-        "no loop); an experiment knob of bench/gpu_step.py")
     move_copy: str = _knob(
         "auto", _choice(*_MOVE_COPY), _accepted_choices(_MOVE_COPY),
         "how KV-move programs copy pages: auto is kernel (Pallas page copies) on GPU, xla "

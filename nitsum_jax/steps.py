@@ -37,8 +37,8 @@ def sample_step(params: Params, kv: KVCache, step: StepInput, sampling: Sampling
 
 
 def greedy_step(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
-                layout: ChunkLayout = UNSPLIT, attention: str = "auto",
-                unroll: int = 1) -> tuple[jax.Array, jax.Array, jax.Array, KVCache]:
+                layout: ChunkLayout = UNSPLIT,
+                attention: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array, KVCache]:
     """A serving lane's step: append the new tokens, then each row's greedy token, its
     log-probability and the logits of its last position ([B] int32, [B] float32, [B, V] float32)
     and the cache. The lane draws non-greedy rows from the logits in a second program
@@ -46,7 +46,7 @@ def greedy_step(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     data-dependent branch: on GPU a conditional makes the thread that launches the step wait
     for the device to reach it (BENCHMARKS.md, "Engine host path": without it a TP2 serving step was
     9% shorter, a busy TP1 lane's 20%)."""
-    hidden, kv = forward(params, kv, step, cfg, layout, attention, unroll)
+    hidden, kv = forward(params, kv, step, cfg, layout, attention)
     logits = logits_from_hidden(params, last_hidden(hidden, step.num_new), layout)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return tokens, token_logprobs(logits, tokens), logits, kv

@@ -29,7 +29,7 @@ BAD = {
     "NITSUM_MOVE_ENGINE_RUNS": "-1", "NITSUM_MOVE_WAIT": "sleep", "NITSUM_XLA_OPTIONS": "true",
     "NITSUM_XLA_EXTRA_OPTIONS": "xla_gpu_enable_triton_gemm", "NITSUM_NVRTC": "/nonexistent/libnvrtc.so",
     "NITSUM_GIL_SWITCH_S": "-0.001", "NITSUM_CHAIN_STEPS": "sixty-four", "NITSUM_BENCH_PROFILE": "/tmp/trace:5",
-    "NITSUM_API_KEY": "two words", "NITSUM_LAYER_UNROLL": "0",
+    "NITSUM_API_KEY": "two words",
 }
 
 
@@ -56,13 +56,12 @@ def test_every_variable_is_read_into_its_type(tmp_path):
         "NITSUM_MOVE_ENGINE_RUNS": "0", "NITSUM_MOVE_WAIT": "block", "NITSUM_XLA_OPTIONS": "off",
         "NITSUM_XLA_EXTRA_OPTIONS": "xla_a=true, xla_b=12,xla_c=fast", "NITSUM_NVRTC": str(library),
         "NITSUM_GIL_SWITCH_S": "0.002", "NITSUM_CHAIN_STEPS": "16", "NITSUM_BENCH_PROFILE": f"{tmp_path}:1.5:0.25",
-        "NITSUM_API_KEY": "k-7f3a", "NITSUM_LAYER_UNROLL": "4"})
+        "NITSUM_API_KEY": "k-7f3a"})
     assert read == Settings(attention="interpret", move_copy="xla", move_pieces=3, move_sync=False,
                             move_transport="packed", move_direct_mode="split", move_engine_runs=0, move_wait="block",
                             xla_options=False, xla_extra_options=(("xla_a", True), ("xla_b", 12), ("xla_c", "fast")),
                             nvrtc=str(library), gil_switch_s=0.002, chain_steps=16,
-                            bench_profile=ProfileWindow(str(tmp_path), 1.5, 0.25), api_key="k-7f3a",
-                            layer_unroll=4)
+                            bench_profile=ProfileWindow(str(tmp_path), 1.5, 0.25), api_key="k-7f3a")
     assert Settings.from_env({"NITSUM_MOVE_SYNC": "1"}).move_sync is True
     assert Settings.from_env({"NITSUM_BENCH_PROFILE": "/tmp/p"}).bench_profile == ProfileWindow("/tmp/p", 5.0, 2.0)
 

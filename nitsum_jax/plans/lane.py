@@ -127,7 +127,7 @@ class Lane:
     def compile(self) -> int:
         """Compile and run once every step of the grid and every KV-move program; returns count."""
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv)
-        step_fn = jax.jit(greedy_step, static_argnames=("cfg", "layout", "attention", "unroll"), donate_argnames=("kv",),
+        step_fn = jax.jit(greedy_step, static_argnames=("cfg", "layout", "attention"), donate_argnames=("kv",),
                           out_shardings=(self.replicated, self.replicated, self.replicated,
                                          jax.tree.map(lambda a: a.sharding, self.kv)))
         shapes = [(b, 1) for b in self.grid.decode_batch] + [(1, t) for t in self.grid.prefill_len]
@@ -138,8 +138,7 @@ class Lane:
                              num_new=self._abstract((b,), jnp.int32),
                              page_table=self._abstract((b, self.pages_per_seq), jnp.int32))
             self._steps[(b, t)] = step_fn.lower(self.params, kv_abs, step, cfg=self.cfg, layout=self.layout,
-                                                attention=self.settings.attention,
-                                                unroll=self.settings.layer_unroll).compile(options)
+                                                attention=self.settings.attention).compile(options)
         # Rows that sample (temperature > 0) are drawn from the step's logits by a second program,
         # enqueued only for batches that have such rows (`dispatch`).
         for b in sorted({b for b, _ in shapes}):
