@@ -372,10 +372,9 @@ def _scatter_words(kv: KVCache, pages: jax.Array, buffers, positions: jax.Array)
         words = _as_words(a)
         for u, buf in enumerate(buffers):
             for e in range(positions.shape[1]):
-                r = positions[u, e]
-                rows = jax.lax.dynamic_index_in_dim(words, r, 0, keepdims=False)
-                rows = rows.at[:, :, pages].set(buf[e, kind], mode="drop")
-                words = jax.lax.dynamic_update_index_in_dim(words, rows, r, 0)
+                # One in-place scatter (position and pages both index arrays, split by slices, so
+                # the page axis leads the update); slicing the position out and back copied it.
+                words = words.at[positions[u, e], :, :, pages].set(jnp.moveaxis(buf[e, kind], 2, 0), mode="drop")
         return _from_words(words, a.dtype)
 
     return KVCache(k=put(kv.k, 0), v=put(kv.v, 1))
