@@ -73,8 +73,8 @@ class LayerGroup:
     `used` chunks in place (a contiguous block of each layer).
     wqkv: [layers, tp, n, dim, q + 2 kv heads per chunk, head_dim]; wo: [layers, tp, n, heads per
     chunk, head_dim, dim]; w_gate, w_up: [layers, tp, n, dim, ffn per chunk]; w_down: [layers,
-    tp, n, ffn per chunk, dim]. An fp8 weight's scale keeps the rank (`GROUP_CONTRACTED` axes of
-    size 1; wo's and w_down's are the whole weight's, the same for every chunk: [layers, 1, 1, ..., dim]).
+    tp, n, ffn per chunk, dim]. An fp8 weight's scale keeps the rank (size 1 on the axes its matmul
+    contracts; wo's and w_down's are the whole weight's, the same for every chunk: [layers, 1, 1, ..., dim]).
     """
 
     wqkv: jax.Array | Fp8Weight
@@ -96,9 +96,6 @@ class LayerGroup:
             return jax.lax.dynamic_slice(a, (layer,) + (0,) * (a.ndim - 1), sizes)[0]
         return jax.tree.map(cut, self)
 
-
-# The axes each LayerGroup weight's matmul contracts (its fp8 scale has size 1 there).
-GROUP_CONTRACTED = {"wqkv": (3,), "wo": (1, 2, 3, 4), "w_gate": (3,), "w_up": (3,), "w_down": (1, 2, 3)}
 
 
 def _values(w):

@@ -127,7 +127,11 @@ def with_weights(params, weights: str):
 
 def weights_format(params) -> str:
     """The format of a params tree (concrete or abstract): "fp8" when its weights are quantized."""
-    weight = params.groups[0].wqkv if params.groups else params.chunks[0].wq  # placed, or checkpoint form
+    return weight_format(params.groups[0].wqkv if params.groups else params.chunks[0].wq)  # placed, or checkpoint form
+
+
+def weight_format(weight) -> str:
+    """The format of one weight (or of a run's `model.LayerGroup` weight): "fp8" or "bf16"."""
     return "fp8" if isinstance(weight, Fp8Weight) else "bf16"
 
 

@@ -150,16 +150,11 @@ def paged_attention_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     """Causal paged attention of new queries over their sequences' cached pages (Pallas kernel).
 
     q: [B, T, R, N, H] (rotated, N query heads per chunk position); k_cache, v_cache:
-    [R, layers, K, P, S, H] (a rank-5 cache and a rank-4 q: one position); layer: scalar;
+    [R, layers, K, P, S, H]; layer: scalar;
     positions: [B, T] absolute positions; page_table: [B, pages_per_seq] physical page ids.
     Returns q's shape and dtype. The R x K kv heads run in one launch. `block_m` query rows and `block_n` cache positions per
     step (powers of two, >= 16); `num_splits` KV splits per program (None: chosen from shapes).
     """
-    if k_cache.ndim == 5:  # one chunk position
-        out = paged_attention_kernel(q[:, :, None], k_cache[None], v_cache[None], layer, positions, page_table,
-                                     block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=num_warps,
-                                     num_stages=num_stages, interpret=interpret)
-        return out[:, :, 0]
     B, T, R, N, H = q.shape
     R_cache, L, K, P, S, H_cache = k_cache.shape
     pages_per_seq = page_table.shape[1]

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, ChunkWeights, LayerGroup, Params, group_of, param_specs
 from nitsum_jax.plans.layout import WeightRuns
-from nitsum_jax.quant import CONTRACTED, Fp8Weight, channel_amax, check_format, quantize
+from nitsum_jax.quant import CONTRACTED, Fp8Weight, channel_amax, check_format, quantize, weight_format
 
 REPLICATED = ("attn_norm", "mlp_norm", "final_norm")
 VOCAB = ("embed", "lm_head")
@@ -157,7 +157,7 @@ class WeightStore:
 
     @property
     def weights_format(self) -> str:
-        return "fp8" if isinstance(next(iter(self.runs.values())).wqkv, Fp8Weight) else "bf16"
+        return weight_format(next(iter(self.runs.values())).wqkv)
 
     def bytes_per_device(self) -> dict[int, int]:
         out: dict[int, int] = {}
