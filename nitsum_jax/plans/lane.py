@@ -114,8 +114,8 @@ class Lane:
         self.kv_lock = threading.Lock()
         self._gathers: dict[int, object] = {}
         self._scatters: dict[int, object] = {}
-        self._packed_gathers: dict[tuple, object] = {}  # (pages, groups) -> program
-        self._packed_scatters: dict[tuple, object] = {}  # (pages, placement, sources, per_buffer) -> program
+        self._packed_gathers: dict[tuple, object] = {}  # (pages, a route's gather table) -> program
+        self._packed_scatters: dict[tuple, object] = {}  # (pages, a route's scatter table) -> program
         self.move_copy = move_copy_impl(self.devices, self.settings)
         if self.move_copy != "xla" and not all(page_copy.supported(self.cache_shape, n) for n in self.move_sizes()):
             self.move_copy = "xla"
