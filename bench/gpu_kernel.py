@@ -4,8 +4,9 @@ Run on the device machine:  PYTHONPATH=. python bench/gpu_kernel.py --out $OUT
 (1) correctness at llama-3.1-8b attention shapes (N=32, K=8, H=128; per-shard K=4, K=2 for TP2 and
     TP4), fresh random bf16 data (one fp32 case), ||out - ref|| / ||ref|| with the reference run on
     fp32-upcast inputs; the kernel's output memory is poisoned with NaN first.
-    Also: one launch over four chunk positions (a lane holding several chunks), and the KV-move
-    page copies (kernels/page_copy.py) with per-piece chunk positions, bit for bit.
+    Also: one launch over four chunk positions (a lane holding several chunks), the KV-move
+    page copies (kernels/page_copy.py) with per-piece chunk positions, bit for bit, and the fused
+    decode kernel (kernels/decode_attention.py) against RoPE + the KV write + the reference.
 (2) timing, kernel vs reference: each timed call runs `calls` attention layers inside one jitted
     loop over a stacked cache of `layers` distinct layers (the cache is far larger than L2), so
     the median per layer excludes dispatch. Decode at batch 1/8/32/64 x context 512/2048/4096;
@@ -101,6 +102,52 @@ def check_positions(seed, *, positions=4, batch=8, kv_heads=2):
     finite = bool(jnp.isfinite(out.astype(jnp.float32)).all())
     return dict(case=f"decode B={batch} over {positions} positions", dtype="bfloat16", batch=batch, new_tokens=1,
                 kv_heads=kv_heads, rel_err=err, all_finite=finite, ok=finite and err < 2e-2, tol=2e-2)
+
+
+def check_fused_decode(seed, *, batch=8, kv_heads=8, groups=1, positions=1, dtype=jnp.bfloat16):
+    """The fused decode kernel (RoPE + KV write + attention) against RoPE, `write_kv_pages` and the
+    reference on fp32-upcast inputs: the output, and the caches bit for bit except the new slots
+    (those within bf16 rounding), at llama-3.1-8b head shapes, ragged lengths, one idle row."""
+    from nitsum_jax.attention import write_kv_pages
+    from nitsum_jax.kernels.decode_attention import decode_attention_kernel, rope_rows
+    from nitsum_jax.model import apply_rope
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 2000, size=batch)
+    pages_per_seq, layers = 128, 2
+    q_heads, X = kv_heads * GROUP, kv_heads * (GROUP + 2)
+    num_pages = batch * pages_per_seq
+    shape = (positions, layers, groups * kv_heads, num_pages, PAGE_SIZE, HEAD_DIM)
+    key = jax.random.split(jax.random.key(seed), 3)
+    k_cache, v_cache = (jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in key[:2])
+    qkv = jax.random.normal(key[2], (batch, 1, groups, positions, X, HEAD_DIM), jnp.float32).astype(dtype)
+    table = jnp.asarray(rng.permutation(num_pages).reshape(batch, pages_per_seq).astype(np.int32))
+    pos = jnp.asarray(lengths[:, None], jnp.int32)
+    valid = jnp.asarray(np.arange(batch) < batch - 1)[:, None]
+    inv_freq = (1.0 / (500000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))).astype(np.float32)
+    layer = jnp.int32(1)
+    B = batch
+
+    def by_position(a):
+        return a.transpose(0, 1, 3, 2, 4, 5).reshape(B, 1, positions, -1, HEAD_DIM)
+
+    q = apply_rope(by_position(qkv[..., :q_heads, :]), pos, inv_freq)
+    k = apply_rope(by_position(qkv[..., q_heads:q_heads + kv_heads, :]), pos, inv_freq)
+    v = by_position(qkv[..., q_heads + kv_heads:, :])
+    want_k, want_v = write_kv_pages(k_cache, v_cache, layer, k, v, pos, valid, table)
+    ref = paged_attention_reference(*(x.astype(jnp.float32) for x in (q, want_k, want_v)), layer, pos, table)
+    ref = ref.reshape(B, 1, positions, groups, q_heads, HEAD_DIM).transpose(0, 1, 3, 2, 4, 5)[:, 0]
+    out, new_k, new_v = jax.block_until_ready(decode_attention_kernel(
+        qkv[:, 0], rope_rows(pos[:, 0], inv_freq, HEAD_DIM), k_cache, v_cache, layer, pos[:, 0], valid[:, 0], table,
+        q_heads=q_heads))
+    err = rel_err(out[:-1], ref[:-1])
+    caches_ok = all(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) <= 0.05
+                    and not bool(jnp.any((a != c) & (b == c)))  # nothing but the new slots moved
+                    for a, b, c in ((new_k, want_k, k_cache), (new_v, want_v, v_cache)))
+    finite = bool(jnp.isfinite(out.astype(jnp.float32)).all())
+    return dict(case=f"fused decode B={batch} K={kv_heads} groups={groups} positions={positions}",
+                dtype=jnp.dtype(dtype).name, batch=batch, new_tokens=1, kv_heads=kv_heads, rel_err=err,
+                all_finite=finite, caches_ok=caches_ok, ok=finite and caches_ok and err < 2e-2, tol=2e-2)
 
 
 def check_page_copies(seed, *, positions=4, layers=4, kv_heads=2, num_pages=96, n=32):
@@ -230,6 +277,10 @@ def main():
         pages_per_seq=32, dtype=jnp.float32, seed=32))
     attempt("checks", "positions", lambda: check_positions(40))
     attempt("checks", "page_copies", lambda: check_page_copies(41))
+    attempt("checks", "fused_decode", lambda: check_fused_decode(42))
+    attempt("checks", "fused_decode_b1", lambda: check_fused_decode(43, batch=2))
+    attempt("checks", "fused_decode_positions", lambda: check_fused_decode(44, kv_heads=2, positions=4))
+    attempt("checks", "fused_decode_groups", lambda: check_fused_decode(45, kv_heads=4, groups=2))
 
     # (2) timing.
     batches, contexts = ((1, 64), (2048,)) if args.quick else ((1, 8, 32, 64), (512, 2048, 4096))

@@ -187,12 +187,15 @@ def main():
     runs = [(impl, 1) for impl in args.impls.split(",") if impl != "none"] + [("chunked", int(c)) for c in args.chunks.split(",")
                                                                if int(c) > 1]
     for impl, chunks in runs:
-        # kernel: Pallas attention + our XLA step options; reference: plain-JAX attention, same
-        # options; xla_default: Pallas attention with XLA's default options (the earlier baseline).
+        # kernel: Pallas attention (decode through the fused decode kernel) + our XLA step options;
+        # paged: decode through the paged-attention kernel with RoPE and the KV write as XLA ops
+        # (the earlier path); reference: plain-JAX attention, same options; xla_default: Pallas
+        # attention with XLA's default options (the earlier baseline).
         # oneshot: as kernel, plus XLA's own one-shot all-reduce kernel for the small all-reduces
         # of TP>1 decode (in place of NCCL).
         one_shot = (("xla_gpu_unsupported_use_all_reduce_one_shot_kernel", True),) if impl == "oneshot" else ()
-        knobs = dataclasses.replace(settings(), attention="reference" if impl == "reference" else "auto",
+        attention = {"reference": "reference", "paged": "paged"}.get(impl, "auto")
+        knobs = dataclasses.replace(settings(), attention=attention,
                                     xla_options=impl != "xla_default", xla_extra_options=one_shot)
         batches = [int(b) for b in (args.reference_batches if impl in ("reference", "xla_default") else args.batches).split(",")]
         pages = max(batches) * -(-args.context // 16) + 64

@@ -23,6 +23,8 @@ from jax.sharding import PartitionSpec
 
 from nitsum_jax.attention import KVCache, write_kv_pages
 from nitsum_jax.kernels import paged_attention
+from nitsum_jax.kernels.decode_attention import rope_rows
+from nitsum_jax.kernels.dispatch import decode_attention, resolve as resolve_attention
 from nitsum_jax.config import LlamaConfig
 from nitsum_jax.quant import CONTRACTED, Fp8Weight, check_format, matmul, quantize_params, scale_shape
 
@@ -406,6 +408,12 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     if starts[-1] != layout.slots:
         raise ValueError(f"layer groups cover {starts[-1]} chunk positions; the layout has {layout.slots}")
 
+    impl = resolve_attention(attention)
+    # Decode (one new token a row) on the kernel runs the fused decode kernel; its RoPE tables
+    # are computed once for every layer.
+    fused = T == 1 and impl in ("kernel", "interpret")
+    rope = rope_rows(positions[:, 0], inv_freq, cfg.head_dim) if fused else None
+
     def by_position(a):  # [B, T, tp, R, n, H] -> [B, T, R, tp x n, H]: the cache's order
         return a.transpose(0, 1, 3, 2, 4, 5).reshape(B, T, a.shape[3], -1, a.shape[5])
 
@@ -417,13 +425,18 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
             qkv = [_column_matmul(_own(h, 3 * j), w.wqkv, "XH") for j, w in enumerate(ws)]
             qkv = qkv[0] if len(qkv) == 1 else jnp.concatenate(qkv, axis=3)  # [B, T, tp, R, X, H]
             tp, kv_heads = qkv.shape[2], (qkv.shape[4] - q_heads) // 2
-            q = by_position(qkv[:, :, :, :, :q_heads])
-            k = by_position(qkv[:, :, :, :, q_heads:q_heads + kv_heads])
-            v = by_position(qkv[:, :, :, :, q_heads + kv_heads:])
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-            k_cache, v_cache = write_kv_pages(k_cache, v_cache, i, k, v, positions, valid, step.page_table)
-            attn = paged_attention(q, k_cache, v_cache, i, positions, step.page_table, impl=attention)
-            attn = attn.reshape(B, T, -1, tp, q_heads, attn.shape[-1]).transpose(0, 1, 3, 2, 4, 5)  # [B, T, tp, R, N, H]
+            if fused:  # one new token a row: RoPE, KV write and attention in one kernel
+                attn, k_cache, v_cache = decode_attention(qkv, rope, k_cache, v_cache, i, positions, valid,
+                                                          step.page_table, q_heads=q_heads,
+                                                          interpret=impl == "interpret")
+            else:
+                q = by_position(qkv[:, :, :, :, :q_heads])
+                k = by_position(qkv[:, :, :, :, q_heads:q_heads + kv_heads])
+                v = by_position(qkv[:, :, :, :, q_heads + kv_heads:])
+                q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+                k_cache, v_cache = write_kv_pages(k_cache, v_cache, i, k, v, positions, valid, step.page_table)
+                attn = paged_attention(q, k_cache, v_cache, i, positions, step.page_table, impl=impl)
+                attn = attn.reshape(B, T, -1, tp, q_heads, attn.shape[-1]).transpose(0, 1, 3, 2, 4, 5)  # [B, T, tp, R, N, H]
             out = sum(matmul("BTCRNH,CRNHD->BTD", attn[:, :, :, a:b], w.wo)
                       for a, b, w in zip(starts[:-1], starts[1:], ws))
             x = x + out

@@ -130,7 +130,7 @@ def _knob(default, parse: Callable[[str], object], accepted: str, doc: str, *, s
                              metadata={"parse": parse, "accepted": accepted, "doc": doc, "secret": secret})
 
 
-_ATTENTION = ("auto", "kernel", "interpret", "reference")
+_ATTENTION = ("auto", "kernel", "paged", "interpret", "reference")
 _MOVE_COPY = ("auto", "kernel", "xla", "interpret")
 _TRANSPORT = ("auto", "direct", "packed")
 _DIRECT_MODE = ("push", "pull", "split")
@@ -143,8 +143,11 @@ class Settings:
 
     attention: str = _knob(
         "auto", _choice(*_ATTENTION), _accepted_choices(_ATTENTION),
-        "paged-attention implementation of the model steps: auto is the Pallas kernel on GPU and "
-        "the plain-JAX reference elsewhere; interpret runs the kernel in Pallas interpret mode")
+        "paged-attention implementation of the model steps: auto is kernel on GPU and the "
+        "plain-JAX reference elsewhere; kernel runs decode steps through the fused decode kernel "
+        "(RoPE, KV write and attention in one) and other steps through the paged-attention kernel; "
+        "paged runs every step through the paged-attention kernel (RoPE and the KV write as XLA "
+        "ops: the earlier decode path, to compare); interpret runs kernel in Pallas interpret mode")
     move_copy: str = _knob(
         "auto", _choice(*_MOVE_COPY), _accepted_choices(_MOVE_COPY),
         "how KV-move programs copy pages: auto is kernel (Pallas page copies) on GPU, xla "

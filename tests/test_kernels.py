@@ -159,3 +159,144 @@ def test_page_copy_kernels_gather_and_scatter_whole_pages_exactly():
     assert jnp.array_equal(out[1][1][:, :, dst_pages[:6]], k[2][:, :, pages[:6]])
     assert jnp.all(jnp.delete(out[0][0], dst_pages[:6], axis=2) == 3.0)  # other pages untouched, padding dropped
     assert jnp.all(out[0][1:] == 3.0) and jnp.all(out[1][0] == 3.0)  # positions not written stay as they were
+
+
+# The fused decode kernel (RoPE + KV write + attention for one new token a row).
+
+def _decode_case(seed, *, batch, tp, kv_heads, group, page_size, pages_per_seq, lengths, dtype):
+    """A fused projection [B, 1, tp, R, X, H] and caches [R, L, tp x K, P, S, H], as a lane's step has them."""
+    rng = np.random.default_rng(seed)
+    q_heads = kv_heads * group
+    X = q_heads + 2 * kv_heads
+    cache_shape = (POSITIONS, LAYERS, tp * kv_heads, NUM_PAGES, page_size, HEAD_DIM)
+    k_cache = jnp.asarray(rng.standard_normal(cache_shape), dtype)
+    v_cache = jnp.asarray(rng.standard_normal(cache_shape), dtype)
+    qkv = jnp.asarray(rng.standard_normal((batch, 1, tp, POSITIONS, X, HEAD_DIM)), dtype)
+    positions = jnp.asarray(np.asarray(lengths)[:, None], jnp.int32)
+    page_table = jnp.asarray(np.stack([rng.permutation(NUM_PAGES)[:pages_per_seq] for _ in range(batch)]),
+                             jnp.int32)
+    return qkv, k_cache, v_cache, positions, page_table, q_heads
+
+
+def _unfused_decode(qkv, k_cache, v_cache, layer, positions, valid, page_table, q_heads, inv_freq):
+    """What the model runs without the fused kernel: RoPE, `write_kv_pages`, the reference attention."""
+    from nitsum_jax.attention import write_kv_pages
+    from nitsum_jax.model import apply_rope
+
+    B, T, tp, R, X, H = qkv.shape
+    kv_heads = (X - q_heads) // 2
+
+    def by_position(a):
+        return a.transpose(0, 1, 3, 2, 4, 5).reshape(B, T, R, -1, H)
+
+    q = apply_rope(by_position(qkv[..., :q_heads, :]), positions, inv_freq)
+    k = apply_rope(by_position(qkv[..., q_heads:q_heads + kv_heads, :]), positions, inv_freq)
+    v = by_position(qkv[..., q_heads + kv_heads:, :])
+    k_cache, v_cache = write_kv_pages(k_cache, v_cache, layer, k, v, positions, valid, page_table)
+    f32 = [x.astype(jnp.float32) for x in (q, k_cache, v_cache)]
+    attn = paged_attention_reference(*f32, layer, positions, page_table).astype(qkv.dtype)
+    attn = attn.reshape(B, T, R, tp, q_heads, H).transpose(0, 1, 3, 2, 4, 5)
+    return attn, k_cache, v_cache
+
+
+def _inv_freq():
+    return (1.0 / (10000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_fused_decode_kernel_equals_rope_write_and_reference_attention(num_splits, dtype, tol):
+    """RoPE, the KV write and attention in one kernel give the unfused path's output and caches:
+    the new K/V in their slots, every other cache entry untouched, nothing written for an idle row."""
+    from nitsum_jax.kernels.decode_attention import decode_attention_kernel, rope_rows
+
+    qkv, k_cache, v_cache, positions, page_table, q_heads = _decode_case(
+        23, batch=4, tp=1, kv_heads=2, group=4, page_size=4, pages_per_seq=8, lengths=[0, 9, 30, 13], dtype=dtype)
+    valid = jnp.array([[True], [True], [True], [False]])  # the last row is an idle slot
+    layer = jnp.int32(1)
+    want, want_k, want_v = _unfused_decode(qkv, k_cache, v_cache, layer, positions, valid, page_table, q_heads,
+                                           _inv_freq())
+    B, _, _, R, X, H = qkv.shape
+    out, k_new, v_new = decode_attention_kernel(
+        qkv.reshape(B, 1, R, X, H), rope_rows(positions[:, 0], _inv_freq(), H), k_cache, v_cache, layer,
+        positions[:, 0], valid[:, 0], page_table, q_heads=q_heads, block_n=16, num_splits=num_splits,
+        interpret=True)
+    assert out.shape == (B, 1, R, q_heads, H) and out.dtype == qkv.dtype
+    assert rel_err(out[:3], want[:3, 0]) < tol  # the idle row's output is not used
+    written = np.asarray(k_new != k_cache) | np.asarray(v_new != v_cache)
+    for new, ref, old in ((k_new, want_k, k_cache), (v_new, want_v, v_cache)):
+        np.testing.assert_allclose(np.asarray(new, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+        changed = np.asarray(ref != old)
+        assert not (np.asarray(new != old) & ~changed).any()  # nothing beyond the new tokens' slots
+    # exactly the 3 valid rows' slots (R positions x kv heads x H) changed, in layer 1 only
+    assert written[:, 1].any() and not written[:, 0].any()
+    slots = written.any(axis=-1).sum()
+    assert slots == 3 * R * 2, slots
+
+
+def test_fused_decode_runs_per_kv_head_shard_inside_a_tp_step():
+    """Under jit on a 2-device mesh with the tp axis sharded (as a TP2 lane runs its decode step in
+    a layer loop), the fused kernel runs on each device's own heads: output and caches equal the
+    unfused path, both stay sharded, and nothing is all-gathered."""
+    from nitsum_jax.kernels.decode_attention import rope_rows
+    from nitsum_jax.kernels.dispatch import decode_attention
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    qkv, k_cache, v_cache, positions, page_table, q_heads = _decode_case(
+        29, batch=2, tp=2, kv_heads=1, group=2, page_size=4, pages_per_seq=4, lengths=[3, 12], dtype=jnp.float32)
+    valid = jnp.ones((2, 1), bool)
+
+    def step(fused):
+        def f(qkv, k_cache, v_cache, positions, page_table):
+            def layer(i, carry):
+                k_cache, v_cache, acc = carry
+                if fused:
+                    out, k_cache, v_cache = decode_attention(
+                        qkv * (i + 1), rope_rows(positions[:, 0], _inv_freq(), HEAD_DIM), k_cache, v_cache, i,
+                        positions, valid, page_table, q_heads=q_heads, interpret=True)
+                else:
+                    out, k_cache, v_cache = _unfused_decode(qkv * (i + 1), k_cache, v_cache, i, positions, valid,
+                                                            page_table, q_heads, _inv_freq())
+                return k_cache, v_cache, acc + out
+            return jax.lax.fori_loop(0, LAYERS, layer, (k_cache, v_cache, jnp.zeros((2, 1, 2, POSITIONS, q_heads,
+                                                                                     HEAD_DIM))))
+        return jax.jit(f)
+
+    sharded = lambda *s: NamedSharding(mesh, PartitionSpec(*s))  # noqa: E731
+    args = (jax.device_put(qkv, sharded(None, None, "tp")), jax.device_put(k_cache, sharded(None, None, "tp")),
+            jax.device_put(v_cache, sharded(None, None, "tp")), jax.device_put(positions, sharded()),
+            jax.device_put(page_table, sharded()))
+    k_out, v_out, out = step(True)(*args)
+    k_ref, v_ref, ref = step(False)(*args)
+    assert rel_err(out, ref) < 1e-5
+    np.testing.assert_allclose(np.asarray(k_out), np.asarray(k_ref), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(v_out), np.asarray(v_ref), rtol=1e-6, atol=1e-6)
+    assert k_out.sharding.spec[2] == "tp" and out.sharding.spec[2] == "tp"
+    assert "all-gather" not in step(True).lower(*args).compile().as_text()
+
+
+def test_model_decode_steps_on_the_fused_kernel_equal_the_reference(tiny_cfg, tiny_params):
+    """The tiny model's decode steps through `forward` with the kernel (the fused decode kernel, in
+    interpret mode) give the reference's hidden states and caches, an idle row included."""
+    from nitsum_jax.kv import allocate_kv_cache
+    from nitsum_jax.model import StepInput, forward
+
+    rng = np.random.default_rng(3)
+    table = np.stack([rng.permutation(16)[:4] for _ in range(2)]).astype(np.int32)
+    prompt = StepInput(tokens=rng.integers(0, tiny_cfg.vocab_size, (2, 6), dtype=np.int32),
+                       start_pos=np.zeros(2, np.int32), num_new=np.array([6, 4], np.int32), page_table=table)
+    run = jax.jit(lambda p, kv, s, attention: forward(p, kv, s, tiny_cfg, attention=attention),
+                  static_argnames="attention")
+    _, kv = run(tiny_params, allocate_kv_cache(tiny_cfg, 16, 4), prompt, "reference")
+    kv_ref = kv_fused = kv
+    for t in range(3):
+        step = StepInput(tokens=rng.integers(0, tiny_cfg.vocab_size, (2, 1), dtype=np.int32),
+                         start_pos=np.array([6 + t, 4], np.int32), num_new=np.array([1, t % 2], np.int32),
+                         page_table=table)
+        h_ref, kv_ref = run(tiny_params, kv_ref, step, "reference")
+        h_fused, kv_fused = run(tiny_params, kv_fused, step, "interpret")
+        assert rel_err(h_fused[0], h_ref[0]) < 1e-2
+        if t % 2:
+            assert rel_err(h_fused[1], h_ref[1]) < 1e-2
+        for a, b in ((kv_fused.k, kv_ref.k), (kv_fused.v, kv_ref.v)):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)

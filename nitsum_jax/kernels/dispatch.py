@@ -17,9 +17,19 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nitsum_jax.attention import paged_attention_reference
+from nitsum_jax.kernels.decode_attention import decode_attention_kernel
 from nitsum_jax.kernels.paged_attention import paged_attention_kernel
 
-IMPLS = ("auto", "kernel", "interpret", "reference")
+IMPLS = ("auto", "kernel", "paged", "interpret", "reference")
+
+
+def resolve(impl: str) -> str:
+    """"auto" -> "kernel" on a GPU backend, "reference" otherwise; anything else as given (checked)."""
+    if impl == "auto":
+        return "kernel" if jax.default_backend() == "gpu" else "reference"
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+    return impl
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
@@ -33,12 +43,10 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer:
     mode (any backend, slow: for tests); "reference": `paged_attention_reference`.
     Chosen while tracing from static facts only, so it never adds a compilation.
     """
-    if impl == "auto":
-        impl = "kernel" if jax.default_backend() == "gpu" else "reference"
+    impl = resolve(impl)
     if impl == "reference":
         return paged_attention_reference(q, k_cache, v_cache, layer, positions, page_table)
-    if impl not in ("kernel", "interpret"):
-        raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+    impl = "kernel" if impl == "paged" else impl  # "paged" differs from "kernel" only in decode (`model.forward`)
     B, T, R, N, H = q.shape
     K = k_cache.shape[2]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
@@ -93,4 +101,72 @@ _partitioned_kernel.def_partition(
     infer_sharding_from_operands=_infer,
     sharding_rule="b t r k g h, u, r l k p s h, r l k p s h, b t, b x -> b t r k g h",
     need_replication_factors=("b", "t", "r", "g", "h", "u", "l", "p", "s", "x"),
+)
+
+
+def decode_attention(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+                     positions: jax.Array, valid: jax.Array, page_table: jax.Array, *, q_heads: int,
+                     interpret: bool = False):
+    """One new token per row through `decode_attention_kernel`, each device on its own kv heads.
+
+    qkv: [B, 1, tp, R, X, H] (the layer's fused projection, `tp` the model-parallel axis);
+    rope: [B, 2, H]; k_cache, v_cache: [R, layers, tp x K, P, S, H]; positions, valid: [B, 1];
+    page_table: [B, pages_per_seq]. Returns (attention [B, 1, tp, R, q_heads, H], k_cache, v_cache).
+    The caches' kv-head axis is viewed as (tp, K) (a free reshape), so that one factor is sharded
+    in every operand.
+    """
+    tp = qkv.shape[2]
+    R, L, TK, P, S, H = k_cache.shape
+    view = (R, L, tp, TK // tp, P, S, H)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    out, k7, v7 = _partitioned_decode(qkv, rope, layer, k_cache.reshape(view), v_cache.reshape(view), positions,
+                                      valid, page_table, q_heads, interpret)
+    return out, k7.reshape(k_cache.shape), v7.reshape(v_cache.shape)
+
+
+def _decode_on_shard(qkv, rope, layer, k7, v7, positions, valid, page_table, q_heads, interpret):
+    B, T, C, R, X, H = qkv.shape  # T == 1; C: this shard's share of the tp axis (1 under tp sharding)
+    R, L, C, K, P, S, H = k7.shape
+    kv = (R, L, C * K, P, S, H)
+    out, k, v = decode_attention_kernel(qkv.reshape(B, C, R, X, H), rope, k7.reshape(kv), v7.reshape(kv), layer[0],
+                                        positions[:, 0], valid[:, 0], page_table, q_heads=q_heads,
+                                        interpret=interpret)
+    return out.reshape(B, T, C, R, q_heads, H), k.reshape(k7.shape), v.reshape(v7.shape)
+
+
+_partitioned_decode = custom_partitioning(_decode_on_shard, static_argnums=(8, 9))
+
+
+def _decode_shardings(mesh, axis):
+    spec = lambda *s: NamedSharding(mesh, PartitionSpec(*s))  # noqa: E731
+    qkv = spec(None, None, axis)
+    kv = spec(None, None, axis)
+    rep = spec()
+    return (qkv, kv, kv), (qkv, rep, rep, kv, kv, rep, rep, rep)
+
+
+def _decode_axis(arg_shapes):
+    spec = getattr(arg_shapes[3].sharding, "spec", None)
+    return spec[2] if spec is not None and len(spec) > 2 else None
+
+
+def _decode_infer(q_heads, interpret, mesh, arg_shapes, result_shape):
+    del q_heads, interpret, result_shape
+    return _decode_shardings(mesh, _decode_axis(arg_shapes))[0]
+
+
+def _decode_partition(q_heads, interpret, mesh, arg_shapes, result_shape):
+    del result_shape
+    outs, args = _decode_shardings(mesh, _decode_axis(arg_shapes))
+    return mesh, functools.partial(_decode_on_shard, q_heads=q_heads, interpret=interpret), outs, args
+
+
+# Factors as above, plus c the tp axis (the only sharded one), x the projection's heads per
+# position, n its query heads, w the two rope tables.
+_partitioned_decode.def_partition(
+    partition=_decode_partition,
+    infer_sharding_from_operands=_decode_infer,
+    sharding_rule=("b t c r x h, b w h, u, r l c k p s h, r l c k p s h, b t, b t, b z "
+                   "-> b t c r n h, r l c k p s h, r l c k p s h"),
+    need_replication_factors=("b", "t", "r", "x", "h", "w", "u", "l", "k", "p", "s", "z", "n"),
 )
