@@ -230,10 +230,65 @@ def time_case(name, *, batch, new_tokens, context, kv_heads=8, dtype=jnp.bfloat1
     return row
 
 
+def time_fused_case(name, *, batch, context, kv_heads=8, layers=4, calls=16, iters=10, kernel_cfg=None,
+                    seed=0):
+    """The fused decode kernel (kernels/decode_attention.py) of one new token a row at `context`:
+    `calls` layers in one jitted loop, the caches carried through it (each call writes its slot)."""
+    from nitsum_jax.kernels.decode_attention import decode_attention_kernel, rope_rows
+
+    pages_per_seq = math.ceil(context / PAGE_SIZE)
+    q_heads, X = kv_heads * GROUP, kv_heads * (GROUP + 2)
+    shape = (1, layers, kv_heads, batch * pages_per_seq, PAGE_SIZE, HEAD_DIM)
+    key = jax.random.split(jax.random.key(seed), 3)
+    k_cache, v_cache = (jax.random.normal(k, shape, jnp.bfloat16) for k in key[:2])
+    qkv = jax.random.normal(key[2], (batch, 1, 1, X, HEAD_DIM), jnp.bfloat16)
+    rng = np.random.default_rng(seed)
+    table = jnp.asarray(rng.permutation(batch * pages_per_seq).reshape(batch, pages_per_seq).astype(np.int32))
+    pos = jnp.full((batch,), context - 1, jnp.int32)
+    inv_freq = (1.0 / (500000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))).astype(np.float32)
+    rope = rope_rows(pos, inv_freq, HEAD_DIM)
+    valid = jnp.ones((batch,), bool)
+
+    @functools.partial(jax.jit, donate_argnums=(1, 2))
+    def run(qkv, k_cache, v_cache):
+        def body(i, carry):
+            acc, k, v = carry
+            out, k, v = decode_attention_kernel(qkv, rope, k, v, i % layers, pos, valid, table, q_heads=q_heads,
+                                                **(kernel_cfg or {}))
+            return acc + out.astype(jnp.float32), k, v
+        return lax.fori_loop(0, calls, body, (jnp.zeros((batch, 1, 1, q_heads, HEAD_DIM), jnp.float32),
+                                              k_cache, v_cache))
+
+    caches = [k_cache, v_cache]
+
+    def step():
+        out, caches[0], caches[1] = run(qkv, *caches)
+        return out
+
+    jax.block_until_ready(step())
+    for _ in range(3):
+        jax.block_until_ready(step())
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step())
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    kv_bytes = 2 * batch * context * kv_heads * HEAD_DIM * 2  # K and V of one layer, bf16
+    return dict(case=name, batch=batch, new_tokens=1, context=context, kv_heads=kv_heads,
+                kernel_cfg=kernel_cfg or {}, kv_bytes_per_layer=kv_bytes, kernel_us=1e6 * med / calls,
+                kernel_us_min=1e6 * min(times) / calls, kernel_gbps=kv_bytes / (med / calls) / 1e9)
+
+
+FUSED_SWEEP = [dict(block_n=n, num_warps=w, num_stages=s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".", help="folder for gpu_kernel.json")
     parser.add_argument("--quick", action="store_true", help="checks and two timings only")
+    parser.add_argument("--fused-sweep", default="", help="BATCH:CONTEXT[,...]: time the fused decode kernel at "
+                        "each shape over block_n x num_warps x num_stages (and the default), then stop")
     args = parser.parse_args()
 
     info = dict(jax=jax.__version__, python=platform.python_version(), backend=jax.default_backend(),
@@ -255,6 +310,18 @@ def main():
                                             trace=traceback.format_exc()[-4000:]))
             print(f"[{time.time() - t_start:6.1f}s] FAILED {section} {label}: {type(e).__name__}: "
                   f"{str(e)[:1500]}", flush=True)
+
+    if args.fused_sweep:
+        for shape in args.fused_sweep.split(","):
+            batch, context = (int(x) for x in shape.split(":"))
+            for cfg in [{}] + FUSED_SWEEP:
+                attempt("sweep", f"fused B={batch} ctx={context} {cfg}", lambda batch=batch, context=context, cfg=cfg:
+                        time_fused_case(f"fused B={batch} ctx={context}", batch=batch, context=context, kernel_cfg=cfg))
+        with open(f"{args.out}/gpu_kernel_fused_sweep.json", "w") as f:
+            json.dump(results, f, indent=1)
+        for r in results["sweep"]:
+            print(f"{r['case']:<26}{json.dumps(r['kernel_cfg']):<50}{r['kernel_us']:>9.1f}{r['kernel_gbps']:>8.0f}")
+        return 0 if not results["failures"] else 1
 
     rng = np.random.default_rng(1)
     # (1) correctness: ragged lengths (partial pages), tables longer than needed, several shards.
@@ -288,6 +355,9 @@ def main():
         for batch in batches:
             attempt("timings", f"decode B={batch} ctx={context}", lambda batch=batch, context=context: time_case(
                 f"decode B={batch} ctx={context}", batch=batch, new_tokens=1, context=context))
+    for batch, context in ((1, 2048), (64, 2048)):
+        attempt("timings", f"fused decode B={batch} ctx={context}", lambda batch=batch, context=context:
+                time_fused_case(f"fused B={batch} ctx={context}", batch=batch, context=context))
     attempt("timings", "prefill T=512 ctx=2048", lambda: time_case(
         "prefill T=512 ctx=2048", batch=1, new_tokens=512, context=2048, calls=8, iters=10))
     if not args.quick and time.time() - t_start > 150:
