@@ -1,5 +1,7 @@
 """The Pallas paged-attention kernel, run in interpret mode on CPU, equals the plain-JAX reference."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -300,3 +302,25 @@ def test_model_decode_steps_on_the_fused_kernel_equal_the_reference(tiny_cfg, ti
             assert rel_err(h_fused[1], h_ref[1]) < 1e-2
         for a, b in ((kv_fused.k, kv_ref.k), (kv_fused.v, kv_ref.v)):
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernels_lower_to_triton_for_the_gpu(num_splits, dtype):
+    """Interpret mode runs the kernels as plain JAX; lowering them for CUDA (which works without
+    a GPU) runs Pallas's Triton lowering, whose rules are stricter (masks, scalar selects)."""
+    from nitsum_jax.kernels.decode_attention import decode_attention_kernel
+
+    B, K, G, H, S, P, L, pages_per_seq = 8, 8, 4, 128, 16, 512, 2, 64
+    sds = jax.ShapeDtypeStruct
+    cache = sds((1, L, K, P, S, H), dtype)
+    ints = lambda *shape: sds(shape, jnp.int32)  # noqa: E731
+    lowered = [
+        jax.jit(functools.partial(decode_attention_kernel, q_heads=K * G, num_splits=num_splits)).trace(
+            sds((B, 1, 1, K * (G + 2), H), dtype), sds((B, 2, H), jnp.float32), cache, cache, ints(), ints(B),
+            sds((B,), jnp.bool_), ints(B, pages_per_seq)),
+        jax.jit(functools.partial(paged_attention_kernel, num_splits=num_splits)).trace(
+            sds((B, 1, 1, K * G, H), dtype), cache, cache, ints(), ints(B, 1), ints(B, pages_per_seq)),
+    ]
+    for traced in lowered:
+        assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()

@@ -71,8 +71,9 @@ def _decode_kernel(layer_ref, pos_ref, valid_ref, table_ref, qkv_ref, rope_ref, 
     sin = pl_triton.load(rope_ref.at[(2 * b + 1 + one)[:, None], cols[None, :]])
 
     def rotated(row, mask=None):
-        x = pl_triton.load(qkv_ref.at[row, cols[None, :]], mask=mask, other=0).astype(jnp.float32)
-        x_swap = pl_triton.load(qkv_ref.at[row, swap[None, :]], mask=mask, other=0).astype(jnp.float32)
+        masked = {} if mask is None else dict(mask=mask, other=0)
+        x = pl_triton.load(qkv_ref.at[row, cols[None, :]], **masked).astype(jnp.float32)
+        x_swap = pl_triton.load(qkv_ref.at[row, swap[None, :]], **masked).astype(jnp.float32)
         return x * cos + x_swap * sin
 
     q = rotated(q_row, live[:, None]).astype(qkv_ref.dtype)  # [block_m, H]
@@ -83,9 +84,10 @@ def _decode_kernel(layer_ref, pos_ref, valid_ref, table_ref, qkv_ref, rope_ref, 
     # Split 0 starts from the new key (its probability is exp2(0) = 1), the others from nothing.
     first_split = split == 0
     s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32), axis=1) * scale_log2  # [block_m]
-    m = jnp.where(first_split, s_new, -1e30)
-    l = jnp.where(first_split, 1.0, 0.0) + jnp.zeros((block_m,), jnp.float32)
-    o = jnp.where(first_split, 1.0, 0.0) * jnp.broadcast_to(v_new.astype(jnp.float32), (block_m, head_dim))
+    start = first_split.astype(jnp.float32)  # arithmetic, not a scalar-predicate select (Triton)
+    m = s_new * start - 1e30 * (1.0 - start)
+    l = start + jnp.zeros((block_m,), jnp.float32)
+    o = start * jnp.broadcast_to(v_new.astype(jnp.float32), (block_m, head_dim))
 
     base = ((r * num_layers + layer_ref[0]) * C * K + hh) * num_pages
     seen_keys = jnp.minimum(p, pages_per_seq * page_size)  # cache positions 0..p-1
