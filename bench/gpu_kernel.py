@@ -316,7 +316,8 @@ def main():
             batch, context = (int(x) for x in shape.split(":"))
             for cfg in [{}] + FUSED_SWEEP:
                 attempt("sweep", f"fused B={batch} ctx={context} {cfg}", lambda batch=batch, context=context, cfg=cfg:
-                        time_fused_case(f"fused B={batch} ctx={context}", batch=batch, context=context, kernel_cfg=cfg))
+                        time_fused_case(f"fused B={batch} ctx={context}", batch=batch, context=context, kernel_cfg=cfg,
+                                        calls=32, iters=20))
         with open(f"{args.out}/gpu_kernel_fused_sweep.json", "w") as f:
             json.dump(results, f, indent=1)
         for r in results["sweep"]:

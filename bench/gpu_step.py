@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import glob
 import json
 import os
@@ -238,7 +239,8 @@ def main():
                       f"{b / t:8.0f} tok/s; back to back {piped * 1e3:7.2f} ms, MBU {floor / piped:5.1%}", flush=True)
         for ptp, pb in ([int(x) for x in p.split(":")] for p in args.profile.split(",") if p):
             profile_lane(results, ps, impl, chunks, ptp, pb, batches, args.context, rng)
-        del ps
+        ps = lane = inputs = None  # the next impl's lanes need the memory (the loop names hold it too)
+        gc.collect()
     by_key: dict = {}
     for row in results["rows"]:  # every impl against the first one measured, same tp and batch
         first = by_key.setdefault((row["tp"], row["batch"], row["chunks"]), row)
