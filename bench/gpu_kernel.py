@@ -280,7 +280,8 @@ def time_fused_case(name, *, batch, context, kv_heads=8, layers=4, calls=16, ite
                 kernel_us_min=1e6 * min(times) / calls, kernel_gbps=kv_bytes / (med / calls) / 1e9)
 
 
-FUSED_SWEEP = [dict(block_n=n, num_warps=w, num_stages=s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+FUSED_SWEEP = ([dict(block_n=n, num_warps=w, num_stages=s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+               + [dict(num_splits=s) for s in (1, 2, 4, 8, 16)])
 
 
 def main():
@@ -288,7 +289,7 @@ def main():
     parser.add_argument("--out", default=".", help="folder for gpu_kernel.json")
     parser.add_argument("--quick", action="store_true", help="checks and two timings only")
     parser.add_argument("--fused-sweep", default="", help="BATCH:CONTEXT[,...]: time the fused decode kernel at "
-                        "each shape over block_n x num_warps x num_stages (and the default), then stop")
+                        "each shape over block_n x num_warps x num_stages and KV splits (and the default), then stop")
     args = parser.parse_args()
 
     info = dict(jax=jax.__version__, python=platform.python_version(), backend=jax.default_backend(),
