@@ -230,13 +230,14 @@ def time_case(name, *, batch, new_tokens, context, kv_heads=8, dtype=jnp.bfloat1
     return row
 
 
-def time_fused_case(name, *, batch, context, kv_heads=8, layers=4, calls=16, iters=10, kernel_cfg=None,
-                    seed=0):
-    """The fused decode kernel (kernels/decode_attention.py) of one new token a row at `context`:
-    `calls` layers in one jitted loop, the caches carried through it (each call writes its slot)."""
+def time_fused_case(name, *, batch, context, capacity=None, kv_heads=8, layers=4, calls=16, iters=10,
+                    kernel_cfg=None, seed=0):
+    """The fused decode kernel (kernels/decode_attention.py) of one new token a row at `context`,
+    in page tables of `capacity` tokens (default: the context): `calls` layers in one jitted loop,
+    the caches carried through it (each call writes its slot)."""
     from nitsum_jax.kernels.decode_attention import decode_attention_kernel, rope_rows
 
-    pages_per_seq = math.ceil(context / PAGE_SIZE)
+    pages_per_seq = math.ceil(max(capacity or context, context) / PAGE_SIZE)
     q_heads, X = kv_heads * GROUP, kv_heads * (GROUP + 2)
     shape = (1, layers, kv_heads, batch * pages_per_seq, PAGE_SIZE, HEAD_DIM)
     key = jax.random.split(jax.random.key(seed), 3)
@@ -275,8 +276,8 @@ def time_fused_case(name, *, batch, context, kv_heads=8, layers=4, calls=16, ite
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     kv_bytes = 2 * batch * context * kv_heads * HEAD_DIM * 2  # K and V of one layer, bf16
-    return dict(case=name, batch=batch, new_tokens=1, context=context, kv_heads=kv_heads,
-                kernel_cfg=kernel_cfg or {}, kv_bytes_per_layer=kv_bytes, kernel_us=1e6 * med / calls,
+    return dict(case=name, batch=batch, new_tokens=1, context=context, capacity=pages_per_seq * PAGE_SIZE,
+                kv_heads=kv_heads, kernel_cfg=kernel_cfg or {}, kv_bytes_per_layer=kv_bytes, kernel_us=1e6 * med / calls,
                 kernel_us_min=1e6 * min(times) / calls, kernel_gbps=kv_bytes / (med / calls) / 1e9)
 
 
@@ -288,8 +289,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".", help="folder for gpu_kernel.json")
     parser.add_argument("--quick", action="store_true", help="checks and two timings only")
-    parser.add_argument("--fused-sweep", default="", help="BATCH:CONTEXT[,...]: time the fused decode kernel at "
-                        "each shape over block_n x num_warps x num_stages and KV splits (and the default), then stop")
+    parser.add_argument("--fused-sweep", default="", help="BATCH:CONTEXT[:CAPACITY][,...]: time the fused decode "
+                        "kernel at each shape (CAPACITY: tokens a page table holds, default the context) over "
+                        "block_n x num_warps x num_stages and KV splits (and the default), then stop")
     args = parser.parse_args()
 
     info = dict(jax=jax.__version__, python=platform.python_version(), backend=jax.default_backend(),
@@ -314,15 +316,16 @@ def main():
 
     if args.fused_sweep:
         for shape in args.fused_sweep.split(","):
-            batch, context = (int(x) for x in shape.split(":"))
+            batch, context, capacity = ([int(x) for x in shape.split(":")] + [None])[:3]
+            name = f"fused B={batch} ctx={context}" + (f" cap={capacity}" if capacity else "")
             for cfg in [{}] + FUSED_SWEEP:
-                attempt("sweep", f"fused B={batch} ctx={context} {cfg}", lambda batch=batch, context=context, cfg=cfg:
-                        time_fused_case(f"fused B={batch} ctx={context}", batch=batch, context=context, kernel_cfg=cfg,
+                attempt("sweep", f"{name} {cfg}", lambda batch=batch, context=context, capacity=capacity, cfg=cfg, name=name:
+                        time_fused_case(name, batch=batch, context=context, capacity=capacity, kernel_cfg=cfg,
                                         calls=32, iters=20))
         with open(f"{args.out}/gpu_kernel_fused_sweep.json", "w") as f:
             json.dump(results, f, indent=1)
         for r in results["sweep"]:
-            print(f"{r['case']:<26}{json.dumps(r['kernel_cfg']):<50}{r['kernel_us']:>9.1f}{r['kernel_gbps']:>8.0f}")
+            print(f"{r['case']:<35}{json.dumps(r['kernel_cfg']):<50}{r['kernel_us']:>9.1f}{r['kernel_gbps']:>8.0f}")
         return 0 if not results["failures"] else 1
 
     rng = np.random.default_rng(1)
@@ -394,7 +397,7 @@ def main():
     if results["sweep"]:
         print("\n== sweep (kernel only) ==")
         for r in results["sweep"]:
-            print(f"{r['case']:<26}{json.dumps(r['kernel_cfg']):<34}{r['kernel_us']:>9.1f}{r['kernel_gbps']:>8.0f}")
+            print(f"{r['case']:<35}{json.dumps(r['kernel_cfg']):<34}{r['kernel_us']:>9.1f}{r['kernel_gbps']:>8.0f}")
     print(f"\nfailures: {len(results['failures'])}; wall {results['wall_s']:.0f}s")
     for fl in results["failures"]:
         print(f"  {fl['section']} {fl['case']}: {fl['error'][:300]}")

@@ -306,12 +306,13 @@ def test_model_decode_steps_on_the_fused_kernel_equal_the_reference(tiny_cfg, ti
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_kernels_lower_to_triton_for_the_gpu(num_splits, dtype):
+@pytest.mark.parametrize("pages_per_seq", [64, 256])  # 1024 and 4096 tokens: the fused kernel's two block_n
+def test_kernels_lower_to_triton_for_the_gpu(num_splits, dtype, pages_per_seq):
     """Interpret mode runs the kernels as plain JAX; lowering them for CUDA (which works without
     a GPU) runs Pallas's Triton lowering, whose rules are stricter (masks, scalar selects)."""
     from nitsum_jax.kernels.decode_attention import decode_attention_kernel
 
-    B, K, G, H, S, P, L, pages_per_seq = 8, 8, 4, 128, 16, 512, 2, 64
+    B, K, G, H, S, P, L = 8, 8, 4, 128, 16, 2048, 2
     sds = jax.ShapeDtypeStruct
     cache = sds((1, L, K, P, S, H), dtype)
     ints = lambda *shape: sds(shape, jnp.int32)  # noqa: E731
@@ -322,5 +323,7 @@ def test_kernels_lower_to_triton_for_the_gpu(num_splits, dtype):
         jax.jit(functools.partial(paged_attention_kernel, num_splits=num_splits)).trace(
             sds((B, 1, 1, K * G, H), dtype), cache, cache, ints(), ints(B, 1), ints(B, pages_per_seq)),
     ]
-    for traced in lowered:
-        assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+    texts = [traced.lower(lowering_platforms=("cuda",)).as_text() for traced in lowered]
+    assert all("xla.gpu.triton" in text for text in texts)
+    block_n = 128 if pages_per_seq * S >= 4096 else 64
+    assert f"decode_attention_m16_n{block_n}_" in texts[0]
