@@ -306,7 +306,7 @@ def test_model_decode_steps_on_the_fused_kernel_equal_the_reference(tiny_cfg, ti
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("pages_per_seq", [64, 256])  # 1024 and 4096 tokens: the fused kernel's two block_n
+@pytest.mark.parametrize("pages_per_seq", [64, 256])  # tables of 1024 and 4096 tokens
 def test_kernels_lower_to_triton_for_the_gpu(num_splits, dtype, pages_per_seq):
     """Interpret mode runs the kernels as plain JAX; lowering them for CUDA (which works without
     a GPU) runs Pallas's Triton lowering, whose rules are stricter (masks, scalar selects)."""
@@ -325,5 +325,4 @@ def test_kernels_lower_to_triton_for_the_gpu(num_splits, dtype, pages_per_seq):
     ]
     texts = [traced.lower(lowering_platforms=("cuda",)).as_text() for traced in lowered]
     assert all("xla.gpu.triton" in text for text in texts)
-    block_n = 128 if pages_per_seq * S >= 4096 else 64
-    assert f"decode_attention_m16_n{block_n}_" in texts[0]
+    assert "decode_attention_m16_n64_" in texts[0]

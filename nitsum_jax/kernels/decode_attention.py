@@ -38,9 +38,6 @@ from jax.experimental.pallas import triton as pl_triton
 from nitsum_jax.kernels.paged_attention import _LOG2E, _merge_splits, _next_pow2, default_num_splits
 
 
-_LONG_TABLE = 4096  # tokens a page table holds from which longer key blocks pay (block_n 128)
-
-
 def rope_rows(positions: jax.Array, inv_freq, head_dim: int) -> jax.Array:
     """positions [B] -> [B, 2, H] float32: cos per column, and sin with the sign of each half
     (-sin for the first half, +sin for the second), so rotate(x) = x * cos + swap(x) * sin."""
@@ -150,7 +147,7 @@ def _decode_kernel(layer_ref, pos_ref, valid_ref, table_ref, qkv_ref, rope_ref, 
                                              "interpret"))
 def decode_attention_kernel(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                             layer: jax.Array, positions: jax.Array, valid: jax.Array, page_table: jax.Array, *,
-                            q_heads: int, block_n: int | None = None, num_splits: int | None = None, num_warps: int = 4,
+                            q_heads: int, block_n: int = 64, num_splits: int | None = None, num_warps: int = 4,
                             num_stages: int = 2, interpret: bool = False):
     """One new token per row: RoPE, KV write and causal paged attention in one kernel.
 
@@ -162,9 +159,9 @@ def decode_attention_kernel(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array,
     (False: an idle row, nothing written); page_table: [B, pages_per_seq].
     Returns (attention [B, C, R, q_heads, H] in qkv's dtype, k_cache, v_cache), the caches updated
     in place when the caller donates them.
-    block_n (keys a loop step) defaults to 128 for page tables of 4096 tokens or more, else 64:
-    the context is dynamic, the table's capacity is what the kernel is compiled for (the H200
-    sweep in bench/KERNEL_NOTES.md).
+    block_n (keys a loop step) is 64: 128 is faster at 4096 tokens but slower at 1024 in the same
+    4096-token tables, and the kernel is compiled for a table, not a context (the H200 sweep in
+    bench/KERNEL_NOTES.md).
     """
     B, C, R, X, H = qkv.shape
     R_cache, L, CK, P, S, H_cache = k_cache.shape
@@ -179,8 +176,6 @@ def decode_attention_kernel(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array,
         raise ValueError(f"rope {rope.shape}; expected {(B, 2, H)}")
     G = q_heads // K
     block_m = max(16, _next_pow2(G))
-    if block_n is None:
-        block_n = 128 if pages_per_seq * S >= _LONG_TABLE else 64
     if num_splits is None:
         num_splits = default_num_splits(B, R * CK, 1, pl.cdiv(pages_per_seq * S, block_n))
     kernel = functools.partial(
