@@ -417,15 +417,11 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     def by_position(a):  # [B, T, tp, R, n, H] -> [B, T, R, tp x n, H]: the cache's order
         return a.transpose(0, 1, 3, 2, 4, 5).reshape(B, T, a.shape[3], -1, a.shape[5])
 
-    def norms_at(i):  # this layer's two norm rows
-        return (jax.lax.dynamic_index_in_dim(params.attn_norm, i, keepdims=False),
-                jax.lax.dynamic_index_in_dim(params.mlp_norm, i, keepdims=False))
-
     def layer(i, carry):
-        x, k_cache, v_cache, (attn_norm, mlp_norm) = carry
+        x, k_cache, v_cache = carry
         ws = [g.at_layer(i) for g in groups]
         with jax.named_scope("attn"):
-            h = rms_norm(x, attn_norm, cfg.norm_eps)
+            h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.attn_norm, i, keepdims=False), cfg.norm_eps)
             qkv = [_column_matmul(_own(h, 3 * j), w.wqkv, "XH") for j, w in enumerate(ws)]
             qkv = qkv[0] if len(qkv) == 1 else jnp.concatenate(qkv, axis=3)  # [B, T, tp, R, X, H]
             tp, kv_heads = qkv.shape[2], (qkv.shape[4] - q_heads) // 2
@@ -445,7 +441,7 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
                       for a, b, w in zip(starts[:-1], starts[1:], ws))
             x = x + out
         with jax.named_scope("mlp"):
-            h = rms_norm(x, mlp_norm, cfg.norm_eps)
+            h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.mlp_norm, i, keepdims=False), cfg.norm_eps)
             out = None
             for j, w in enumerate(ws):
                 gate = _column_matmul(_own(h, 3 * j + 1), w.w_gate, "F")
@@ -453,12 +449,9 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
                 part = matmul("BTCRF,CRFD->BTD", jax.nn.silu(gate) * up, w.w_down)
                 out = part if out is None else out + part
             x = x + out
-        # The next layer's norm rows are sliced here, a layer ahead: sliced where they are used,
-        # XLA on a GPU copies each with a memcpy right before its norm (the norms are Triton
-        # fusions, which take no dynamic slice in), about 0.1 ms of an 8B b8 step.
-        return x, k_cache, v_cache, norms_at(jnp.minimum(i + 1, cfg.num_layers - 1))
+        return x, k_cache, v_cache
 
-    x, k_cache, v_cache, _ = jax.lax.fori_loop(0, cfg.num_layers, layer, (x, kv.k, kv.v, norms_at(0)))
+    x, k_cache, v_cache = jax.lax.fori_loop(0, cfg.num_layers, layer, (x, kv.k, kv.v))
     return rms_norm(x, params.final_norm, cfg.norm_eps), KVCache(k=k_cache, v=v_cache)
 
 
