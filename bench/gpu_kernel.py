@@ -292,6 +292,8 @@ def main():
     parser.add_argument("--fused-sweep", default="", help="BATCH:CONTEXT[:CAPACITY][,...]: time the fused decode "
                         "kernel at each shape (CAPACITY: tokens a page table holds, default the context) over "
                         "block_n x num_warps x num_stages and KV splits (and the default), then stop")
+    parser.add_argument("--fused-configs", default="", help="with --fused-sweep: a JSON list of kernel options "
+                        "to try in place of the whole sweep, e.g. '[{}, {\"num_stages\": 3}]' ({} is the default)")
     args = parser.parse_args()
 
     info = dict(jax=jax.__version__, python=platform.python_version(), backend=jax.default_backend(),
@@ -318,7 +320,7 @@ def main():
         for shape in args.fused_sweep.split(","):
             batch, context, capacity = ([int(x) for x in shape.split(":")] + [None])[:3]
             name = f"fused B={batch} ctx={context}" + (f" cap={capacity}" if capacity else "")
-            for cfg in [{}] + FUSED_SWEEP:
+            for cfg in json.loads(args.fused_configs) if args.fused_configs else [{}] + FUSED_SWEEP:
                 attempt("sweep", f"{name} {cfg}", lambda batch=batch, context=context, capacity=capacity, cfg=cfg, name=name:
                         time_fused_case(name, batch=batch, context=context, capacity=capacity, kernel_cfg=cfg,
                                         calls=32, iters=20))
