@@ -74,17 +74,23 @@ class LayerGroup:
     hold more chunks than the lane uses: lanes of a plan set share it, each reading its first
     `used` chunks in place (a contiguous block of each layer).
     wqkv: [layers, tp, n, dim, q + 2 kv heads per chunk, head_dim]; wo: [layers, tp, n, heads per
-    chunk, head_dim, dim]; w_gate, w_up: [layers, tp, n, dim, ffn per chunk]; w_down: [layers,
-    tp, n, ffn per chunk, dim]. An fp8 weight's scale keeps the rank (size 1 on the axes its matmul
-    contracts; wo's and w_down's are the whole weight's, the same for every chunk: [layers, 1, 1, ..., dim]).
+    chunk, head_dim, dim]; w_gate_up: [layers, tp, n, dim, 2, ffn per chunk], the gate and up
+    projections side by side, so one gemm reads both (on an H200, two N=14336 gemms of a b8 step
+    ran at 3.9 TB/s; BENCHMARKS.md "Decode roofline"); w_down: [layers, tp, n, ffn per chunk, dim].
+    An fp8 weight's scale keeps the rank (size 1 on the axes its matmul contracts; wo's and
+    w_down's are the whole weight's, the same for every chunk: [layers, 1, 1, ..., dim]).
+
+    `norms_folded` (`fold_norms`): wqkv and w_gate_up hold the RMSNorm weights of their layer
+    multiplied into their rows, so `forward` feeds them the residual stream itself and scales
+    their outputs by each row's 1 / rms.
     """
 
     wqkv: jax.Array | Fp8Weight
     wo: jax.Array | Fp8Weight
-    w_gate: jax.Array | Fp8Weight
-    w_up: jax.Array | Fp8Weight
+    w_gate_up: jax.Array | Fp8Weight
     w_down: jax.Array | Fp8Weight
     used: int = struct.field(pytree_node=False, default=1)
+    norms_folded: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def chunks_held(self) -> int:
@@ -122,9 +128,30 @@ def group_of(chunks: list["ChunkWeights"], used: int | None = None) -> LayerGrou
     def qkv(c, _):
         return jax.tree.map(lambda q, k, v: xp.concatenate([q, k, v], axis=2), c.wq, c.wk, c.wv)
 
-    return LayerGroup(wqkv=stack("wqkv", qkv), wo=stack("wo", shared_scale=True), w_gate=stack("w_gate"),
-                      w_up=stack("w_up"), w_down=stack("w_down", shared_scale=True),
+    def gate_up(c, _):
+        return jax.tree.map(lambda g, u: xp.stack([g, u], axis=-2), c.w_gate, c.w_up)
+
+    return LayerGroup(wqkv=stack("wqkv", qkv), wo=stack("wo", shared_scale=True), w_gate_up=stack("w_gate_up", gate_up),
+                      w_down=stack("w_down", shared_scale=True),
                       used=len(chunks) if used is None else used)
+
+
+def fold_norms(group: LayerGroup, attn_norm: jax.Array, mlp_norm: jax.Array) -> LayerGroup:
+    """`group` with each layer's RMSNorm weights [layers, dim] multiplied into the rows of the
+    weights that read the normalised stream: RMSNorm(x) @ W = (x @ (diag(g) W)) / rms(x), so a
+    step runs no norm-scaling kernel before its gemms and no copy of the layer's norm rows (on
+    an H200 the norms cost about 0.25 ms of a 4.9 ms Llama-3.1-8B b8 step, BENCHMARKS.md "Decode
+    roofline"). The products are rounded once to the weights' dtype. fp8 weights are returned as
+    they are (their scales are per output channel; folding would re-quantize them)."""
+    if isinstance(group.wqkv, Fp8Weight) or group.norms_folded:
+        return group
+
+    def times(w, g):  # w: [layers, tp, n, dim, ...]; g: [layers, dim]
+        g = g.reshape(g.shape[:1] + (1, 1) + g.shape[1:] + (1,) * (w.ndim - 4))
+        return (w.astype(jnp.float32) * g.astype(jnp.float32)).astype(w.dtype)
+
+    return group.replace(wqkv=times(group.wqkv, attn_norm), w_gate_up=times(group.w_gate_up, mlp_norm),
+                         norms_folded=True)
 
 
 @struct.dataclass
@@ -248,9 +275,13 @@ def param_count(cfg: LlamaConfig) -> int:
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """x: [..., D]; normalise in fp32, cast back, then scale (the order transformers uses)."""
+    return (x.astype(jnp.float32) * rms_scale(x, eps)).astype(x.dtype) * weight
+
+
+def rms_scale(x: jax.Array, eps: float) -> jax.Array:
+    """x: [..., D] -> [..., 1] float32: 1 / rms(x), the factor RMSNorm scales each row by."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return normed.astype(x.dtype) * weight
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -340,8 +371,9 @@ def embed_tokens(params: Params, tokens: jax.Array, layout: ChunkLayout) -> jax.
 
 def _own(h: jax.Array, tag: int) -> jax.Array:
     """`h` as a value of its own, so XLA's dot merger cannot fuse the matmuls that share it: it
-    would concatenate their weights (gate+up, and the groups of a lane) into a new buffer on
-    every step, measured at 7.5 ms of a 21 ms Llama-3.1-8B TP1 step on an H100 (BENCHMARKS.md)."""
+    would concatenate their weights (the groups of a lane; gate and up before they shared a buffer)
+    into a new buffer on every step, measured at 7.5 ms of a 21 ms Llama-3.1-8B TP1 step on an
+    H100 (BENCHMARKS.md)."""
     return jax.lax.optimization_barrier((h, jnp.int32(tag)))[0]
 
 
@@ -365,6 +397,12 @@ def _column_matmul(h: jax.Array, w, out: str) -> jax.Array:
 MIN_BATCHED_ROWS = 8
 
 
+def _scale_rows(y: jax.Array, row_scale: jax.Array) -> jax.Array:
+    """y: [B, T, ...] times row_scale [B, T, 1] (float32), rounded back to y's dtype."""
+    scale = row_scale.reshape(row_scale.shape[:2] + (1,) * (y.ndim - 2))
+    return (y.astype(jnp.float32) * scale).astype(y.dtype)
+
+
 def layer_groups(params: Params) -> tuple[LayerGroup, ...]:
     """The layer weights as LayerGroups: a placed lane's own, or (checkpoint form, one chunk) one
     group assembled in the program."""
@@ -381,7 +419,7 @@ def place(params: Params) -> Params:
     LayerGroup, built once (`forward` would assemble it in every step)."""
     if params.groups:
         return params
-    group = jax.jit(lambda p: layer_groups(p)[0])(params)
+    group = jax.jit(lambda p: fold_norms(layer_groups(p)[0], p.attn_norm, p.mlp_norm))(params)
     vocab = params.chunks[0].replace(**{n: None for n in CONTRACTED})
     return params.replace(chunks=(vocab,), groups=(group,))
 
@@ -408,11 +446,16 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     if starts[-1] != layout.slots:
         raise ValueError(f"layer groups cover {starts[-1]} chunk positions; the layout has {layout.slots}")
 
+    folded = {g.norms_folded for g in groups}
+    if len(folded) != 1:
+        raise ValueError("a lane's layer groups must all have their norms folded, or none")
+    folded = folded.pop()
     impl = resolve_attention(attention)
     # Decode (one new token a row) on the kernel runs the fused decode kernel; its RoPE tables
     # are computed once for every layer.
     fused = T == 1 and impl in ("kernel", "interpret")
     rope = rope_rows(positions[:, 0], inv_freq, cfg.head_dim) if fused else None
+    live = valid.astype(jnp.int32)  # converted once, not in every layer
 
     def by_position(a):  # [B, T, tp, R, n, H] -> [B, T, R, tp x n, H]: the cache's order
         return a.transpose(0, 1, 3, 2, 4, 5).reshape(B, T, a.shape[3], -1, a.shape[5])
@@ -421,15 +464,21 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
         x, k_cache, v_cache = carry
         ws = [g.at_layer(i) for g in groups]
         with jax.named_scope("attn"):
-            h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.attn_norm, i, keepdims=False), cfg.norm_eps)
-            qkv = [_column_matmul(_own(h, 3 * j), w.wqkv, "XH") for j, w in enumerate(ws)]
+            if folded:  # the norm weights are in wqkv's rows: the gemm reads x, its rows scale by 1 / rms
+                h, row_scale = x, rms_scale(x, cfg.norm_eps)  # [B, T, 1]
+            else:
+                h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.attn_norm, i, keepdims=False), cfg.norm_eps)
+            qkv = [_column_matmul(_own(h, 2 * j), w.wqkv, "XH") for j, w in enumerate(ws)]
             qkv = qkv[0] if len(qkv) == 1 else jnp.concatenate(qkv, axis=3)  # [B, T, tp, R, X, H]
             tp, kv_heads = qkv.shape[2], (qkv.shape[4] - q_heads) // 2
-            if fused:  # one new token a row: RoPE, KV write and attention in one kernel
-                attn, k_cache, v_cache = decode_attention(qkv, rope, k_cache, v_cache, i, positions, valid,
+            if fused:  # one new token a row: RoPE, KV write and attention in one kernel (which scales the rows)
+                attn, k_cache, v_cache = decode_attention(qkv, rope, k_cache, v_cache, i, positions, live,
                                                           step.page_table, q_heads=q_heads,
+                                                          row_scale=row_scale[:, 0, 0] if folded else None,
                                                           interpret=impl == "interpret")
             else:
+                if folded:
+                    qkv = _scale_rows(qkv, row_scale)
                 q = by_position(qkv[:, :, :, :, :q_heads])
                 k = by_position(qkv[:, :, :, :, q_heads:q_heads + kv_heads])
                 v = by_position(qkv[:, :, :, :, q_heads + kv_heads:])
@@ -441,12 +490,16 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
                       for a, b, w in zip(starts[:-1], starts[1:], ws))
             x = x + out
         with jax.named_scope("mlp"):
-            h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.mlp_norm, i, keepdims=False), cfg.norm_eps)
+            if folded:
+                h, row_scale = x, rms_scale(x, cfg.norm_eps)
+            else:
+                h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.mlp_norm, i, keepdims=False), cfg.norm_eps)
             out = None
             for j, w in enumerate(ws):
-                gate = _column_matmul(_own(h, 3 * j + 1), w.w_gate, "F")
-                up = _column_matmul(_own(h, 3 * j + 2), w.w_up, "F")
-                part = matmul("BTCRF,CRFD->BTD", jax.nn.silu(gate) * up, w.w_down)
+                gate_up = _column_matmul(_own(h, 2 * j + 1), w.w_gate_up, "GF")  # [B, T, tp, R, 2, F]
+                if folded:  # fused into the silu-times-up kernel
+                    gate_up = _scale_rows(gate_up, row_scale)
+                part = matmul("BTCRF,CRFD->BTD", jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], w.w_down)
                 out = part if out is None else out + part
             x = x + out
         return x, k_cache, v_cache

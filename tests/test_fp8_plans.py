@@ -75,10 +75,13 @@ def test_memory_report_agrees_with_the_fp8_buffers_held(fp8_set):
 
 def _placed(group, chunk: int, name: str, q_heads: int):
     """Chunk `chunk`'s piece of weight `name` in a placed run (`model.LayerGroup`, tp axis of one);
-    q, k and v are read back out of the fused `wqkv`, a shared scale (wo, w_down) is the run's one."""
+    q, k and v are read back out of the fused `wqkv`, gate and up out of `w_gate_up`, a shared
+    scale (wo, w_down) is the run's one."""
     def piece(a):
         a = np.asarray(a)[:, 0]
         return a[:, min(chunk, a.shape[1] - 1)]
+    if name in ("w_gate", "w_up"):  # [layers, dim, 2, ffn per chunk]
+        return jax.tree.map(lambda a: piece(a)[:, :, ("w_gate", "w_up").index(name)], group.w_gate_up)
     if name not in ("wq", "wk", "wv"):
         return jax.tree.map(piece, getattr(group, name))
 

@@ -207,22 +207,26 @@ def _inv_freq():
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-def test_fused_decode_kernel_equals_rope_write_and_reference_attention(num_splits, dtype, tol):
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "row_scale"])
+def test_fused_decode_kernel_equals_rope_write_and_reference_attention(num_splits, dtype, tol, scaled):
     """RoPE, the KV write and attention in one kernel give the unfused path's output and caches:
-    the new K/V in their slots, every other cache entry untouched, nothing written for an idle row."""
+    the new K/V in their slots, every other cache entry untouched, nothing written for an idle row.
+    With a row scale (the norm weights folded into the projection) the rows are scaled first."""
     from nitsum_jax.kernels.decode_attention import decode_attention_kernel, rope_rows
 
     qkv, k_cache, v_cache, positions, page_table, q_heads = _decode_case(
         23, batch=4, tp=1, kv_heads=2, group=4, page_size=4, pages_per_seq=8, lengths=[0, 9, 30, 13], dtype=dtype)
     valid = jnp.array([[True], [True], [True], [False]])  # the last row is an idle slot
     layer = jnp.int32(1)
-    want, want_k, want_v = _unfused_decode(qkv, k_cache, v_cache, layer, positions, valid, page_table, q_heads,
-                                           _inv_freq())
+    row_scale = jnp.array([0.5, 1.7, 0.02, 3.0], jnp.float32) if scaled else None
+    scaled_qkv = qkv if row_scale is None else (qkv * row_scale[:, None, None, None, None, None]).astype(dtype)
+    want, want_k, want_v = _unfused_decode(scaled_qkv, k_cache, v_cache, layer, positions, valid, page_table,
+                                           q_heads, _inv_freq())
     B, _, _, R, X, H = qkv.shape
     out, k_new, v_new = decode_attention_kernel(
         qkv.reshape(B, 1, R, X, H), rope_rows(positions[:, 0], _inv_freq(), H), k_cache, v_cache, layer,
-        positions[:, 0], valid[:, 0], page_table, q_heads=q_heads, block_n=16, num_splits=num_splits,
-        interpret=True)
+        positions[:, 0], valid[:, 0], page_table, q_heads=q_heads, row_scale=row_scale, block_n=16,
+        num_splits=num_splits, interpret=True)
     assert out.shape == (B, 1, R, q_heads, H) and out.dtype == qkv.dtype
     assert rel_err(out[:3], want[:3, 0]) < tol  # the idle row's output is not used
     written = np.asarray(k_new != k_cache) | np.asarray(v_new != v_cache)
@@ -277,11 +281,21 @@ def test_fused_decode_runs_per_kv_head_shard_inside_a_tp_step():
     assert "all-gather" not in step(True).lower(*args).compile().as_text()
 
 
-def test_model_decode_steps_on_the_fused_kernel_equal_the_reference(tiny_cfg, tiny_params):
+@pytest.mark.parametrize("folded", [False, True], ids=["", "norms_folded"])
+def test_model_decode_steps_on_the_fused_kernel_equal_the_reference(tiny_cfg, tiny_params, folded):
     """The tiny model's decode steps through `forward` with the kernel (the fused decode kernel, in
-    interpret mode) give the reference's hidden states and caches, an idle row included."""
+    interpret mode) give the reference's hidden states and caches, an idle row included; also
+    from the placed form, whose norm weights are folded into the projections (random norms here)."""
     from nitsum_jax.kv import allocate_kv_cache
-    from nitsum_jax.model import StepInput, forward
+    from nitsum_jax.model import StepInput, forward, place
+
+    if folded:
+        keys = jax.random.split(jax.random.key(5), 2)
+        tiny_params = tiny_params.replace(
+            attn_norm=1 + 0.3 * jax.random.normal(keys[0], tiny_params.attn_norm.shape, tiny_params.attn_norm.dtype),
+            mlp_norm=1 + 0.3 * jax.random.normal(keys[1], tiny_params.mlp_norm.shape, tiny_params.mlp_norm.dtype))
+    fused_params = place(tiny_params) if folded else tiny_params
+    assert fused_params.groups[0].norms_folded if folded else not fused_params.groups
 
     rng = np.random.default_rng(3)
     table = np.stack([rng.permutation(16)[:4] for _ in range(2)]).astype(np.int32)
@@ -296,7 +310,7 @@ def test_model_decode_steps_on_the_fused_kernel_equal_the_reference(tiny_cfg, ti
                          start_pos=np.array([6 + t, 4], np.int32), num_new=np.array([1, t % 2], np.int32),
                          page_table=table)
         h_ref, kv_ref = run(tiny_params, kv_ref, step, "reference")
-        h_fused, kv_fused = run(tiny_params, kv_fused, step, "interpret")
+        h_fused, kv_fused = run(fused_params, kv_fused, step, "interpret")
         assert rel_err(h_fused[0], h_ref[0]) < 1e-2
         if t % 2:
             assert rel_err(h_fused[1], h_ref[1]) < 1e-2

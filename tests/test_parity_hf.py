@@ -9,7 +9,7 @@ from checkpoints_tools.store import load_params, read_config
 from hf_models import make_hf_llama
 from nitsum_jax.generate import Generator
 from nitsum_jax.kv import PageAllocator, allocate_kv_cache
-from nitsum_jax.model import StepInput
+from nitsum_jax.model import StepInput, place
 from nitsum_jax.sampling import SamplingParams
 from nitsum_jax.steps import step_logits
 
@@ -86,6 +86,16 @@ def test_chunked_prefill_matches_one_shot_prefill(converted):
     hf_model, cfg, params = converted
     ids = np.random.default_rng(3).integers(0, 256, size=30)
     assert_close(run_paged(cfg, params, ids, [7, 9, 1, 13]), hf_logits(hf_model, ids))
+
+
+def test_placed_weights_with_the_norms_folded_in_match_transformers(converted):
+    """A lane's placed form carries each layer's norm weights inside wqkv and w_gate_up and
+    scales the gemm outputs by 1 / rms (`model.fold_norms`): the same logits, prefill and decode."""
+    hf_model, cfg, params = converted
+    placed = place(params)
+    assert placed.groups[0].norms_folded
+    ids = np.random.default_rng(6).integers(0, 256, size=24)
+    assert_close(run_paged(cfg, placed, ids, [13] + [1] * 11), hf_logits(hf_model, ids))
 
 
 def test_32_greedy_tokens_identical_to_transformers(converted):

@@ -96,7 +96,7 @@ def test_lanes_share_weight_buffers_across_plans(default_set):
     # Device 0 holds chunks {0,1,2,3} for the TP2 lane in ONE buffer per weight (a run of four
     # chunks); the TP4 and TP8 lanes read the first two and the first of them in place.
     assert buffers(tp8) == buffers(tp4) == buffers(tp2)
-    assert len(buffers(tp2)) == 5  # wqkv, wo, w_gate, w_up, w_down
+    assert len(buffers(tp2)) == 4  # wqkv, wo, w_gate_up, w_down
     assert [g.used for g in tp2.params.groups] == [4] and [g.used for g in tp8.params.groups] == [1]
     assert tp2.params.groups[0].chunks_held == tp8.params.groups[0].chunks_held == 4
 

@@ -46,7 +46,7 @@ def rope_rows(positions: jax.Array, inv_freq, head_dim: int) -> jax.Array:
     return jnp.stack([jnp.concatenate([cos, cos], axis=1), jnp.concatenate([-sin, sin], axis=1)], axis=1)
 
 
-def _decode_kernel(layer_ref, pos_ref, valid_ref, table_ref, qkv_ref, rope_ref, k_ref, v_ref, *out_refs,
+def _decode_kernel(layer_ref, pos_ref, valid_ref, table_ref, qkv_ref, rope_ref, k_ref, v_ref, scale_ref, *out_refs,
                    num_groups: int, num_positions: int, num_kv_heads: int, q_heads: int, num_layers: int, num_pages: int,
                    page_size: int, pages_per_seq: int, block_m: int, block_n: int, num_splits: int,
                    scale_log2: float):
@@ -58,6 +58,7 @@ def _decode_kernel(layer_ref, pos_ref, valid_ref, table_ref, qkv_ref, rope_ref, 
     r, hh = rk // (C * K), rk % (C * K)
     c, h = hh // K, hh % K
     p = pos_ref[0]
+    row_scale = scale_ref[0]  # the row's 1 / rms when the norm weights are folded into the projection, else 1
     rows = jnp.arange(block_m, dtype=jnp.int32)
     live = rows < G
     cols = jnp.arange(head_dim, dtype=jnp.int32)
@@ -74,12 +75,12 @@ def _decode_kernel(layer_ref, pos_ref, valid_ref, table_ref, qkv_ref, rope_ref, 
         masked = {} if mask is None else dict(mask=mask, other=0)
         x = pl_triton.load(qkv_ref.at[row, cols[None, :]], **masked).astype(jnp.float32)
         x_swap = pl_triton.load(qkv_ref.at[row, swap[None, :]], **masked).astype(jnp.float32)
-        return x * cos + x_swap * sin
+        return (x * cos + x_swap * sin) * row_scale
 
     q = rotated(q_row, live[:, None]).astype(qkv_ref.dtype)  # [block_m, H]
     kv_row = (first + q_heads + h + one)[:, None]
     k_new = rotated(kv_row).astype(k_ref.dtype)  # [1, H]
-    v_new = pl_triton.load(qkv_ref.at[kv_row + K, cols[None, :]]).astype(v_ref.dtype)
+    v_new = (pl_triton.load(qkv_ref.at[kv_row + K, cols[None, :]]).astype(jnp.float32) * row_scale).astype(v_ref.dtype)
 
     # Split 0 starts from the new key (its probability is exp2(0) = 1), the others from nothing.
     first_split = split == 0
@@ -147,8 +148,9 @@ def _decode_kernel(layer_ref, pos_ref, valid_ref, table_ref, qkv_ref, rope_ref, 
                                              "interpret"))
 def decode_attention_kernel(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                             layer: jax.Array, positions: jax.Array, valid: jax.Array, page_table: jax.Array, *,
-                            q_heads: int, block_n: int = 64, num_splits: int | None = None, num_warps: int = 4,
-                            num_stages: int = 2, interpret: bool = False):
+                            q_heads: int, row_scale: jax.Array | None = None, block_n: int = 64,
+                            num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                            interpret: bool = False):
     """One new token per row: RoPE, KV write and causal paged attention in one kernel.
 
     qkv: [B, C, R, X, H], the fused projection of tp group c (C = 1 on a device of a sharded
@@ -156,7 +158,9 @@ def decode_attention_kernel(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array,
     (X = q_heads + 2K), not yet rotated; rope: [B, 2, H] from `rope_rows`; k_cache, v_cache:
     [R, layers, C x K, P, S, H]; layer: scalar; positions: [B] the new token's position (within
     the page table, as the engine keeps it); valid: [B]
-    (False: an idle row, nothing written); page_table: [B, pages_per_seq].
+    (False: an idle row, nothing written); page_table: [B, pages_per_seq]; row_scale: [B] float32
+    or None (ones): each row's q, k and v are multiplied by it first (`model.fold_norms`: the
+    projection read the un-normalised stream, and this is the row's 1 / rms).
     Returns (attention [B, C, R, q_heads, H] in qkv's dtype, k_cache, v_cache), the caches updated
     in place when the caller donates them.
     block_n (keys a loop step) is 64: 128 is faster at 4096 tokens but slower at 1024 in the same
@@ -194,6 +198,7 @@ def decode_attention_kernel(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array,
         whole((2 * B, H)),  # rope
         whole(k_flat.shape),
         whole(v_flat.shape),
+        pl.BlockSpec((1,), lambda b, h, s: (b,)),  # row_scale
     ]
     RK = R * CK
     rows = B * C * R * q_heads
@@ -223,7 +228,7 @@ def decode_attention_kernel(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array,
         name=f"decode_attention_m{block_m}_n{block_n}_s{num_splits}",
     )(jnp.asarray(layer, jnp.int32).reshape(1), positions.astype(jnp.int32), valid.astype(jnp.int32),
       page_table.astype(jnp.int32), qkv.reshape(B * C * R * X, H), rope.astype(jnp.float32).reshape(2 * B, H),
-      k_flat, v_flat)
+      k_flat, v_flat, jnp.ones((B,), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32))
     if num_splits == 1:
         out = outs[0][:rows].reshape(B, C, R, q_heads, H)
     else:  # [B, (r, c, k), rows, H] -> [B, c, r, k x G, H]

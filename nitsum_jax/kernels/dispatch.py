@@ -106,12 +106,12 @@ _partitioned_kernel.def_partition(
 
 def decode_attention(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
                      positions: jax.Array, valid: jax.Array, page_table: jax.Array, *, q_heads: int,
-                     interpret: bool = False):
+                     row_scale: jax.Array | None = None, interpret: bool = False):
     """One new token per row through `decode_attention_kernel`, each device on its own kv heads.
 
     qkv: [B, 1, tp, R, X, H] (the layer's fused projection, `tp` the model-parallel axis);
     rope: [B, 2, H]; k_cache, v_cache: [R, layers, tp x K, P, S, H]; positions, valid: [B, 1];
-    page_table: [B, pages_per_seq]. Returns (attention [B, 1, tp, R, q_heads, H], k_cache, v_cache).
+    page_table: [B, pages_per_seq]; row_scale: [B] or None (`decode_attention_kernel`). Returns (attention [B, 1, tp, R, q_heads, H], k_cache, v_cache).
     The caches' kv-head axis is viewed as (tp, K) (a free reshape), so that one factor is sharded
     in every operand.
     """
@@ -119,22 +119,23 @@ def decode_attention(qkv: jax.Array, rope: jax.Array, k_cache: jax.Array, v_cach
     R, L, TK, P, S, H = k_cache.shape
     view = (R, L, tp, TK // tp, P, S, H)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    row_scale = jnp.ones((qkv.shape[0],), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32)
     out, k7, v7 = _partitioned_decode(qkv, rope, layer, k_cache.reshape(view), v_cache.reshape(view), positions,
-                                      valid, page_table, q_heads, interpret)
+                                      valid, page_table, row_scale, q_heads, interpret)
     return out, k7.reshape(k_cache.shape), v7.reshape(v_cache.shape)
 
 
-def _decode_on_shard(qkv, rope, layer, k7, v7, positions, valid, page_table, q_heads, interpret):
+def _decode_on_shard(qkv, rope, layer, k7, v7, positions, valid, page_table, row_scale, q_heads, interpret):
     B, T, C, R, X, H = qkv.shape  # T == 1; C: this shard's share of the tp axis (1 under tp sharding)
     R, L, C, K, P, S, H = k7.shape
     kv = (R, L, C * K, P, S, H)
     out, k, v = decode_attention_kernel(qkv.reshape(B, C, R, X, H), rope, k7.reshape(kv), v7.reshape(kv), layer[0],
                                         positions[:, 0], valid[:, 0], page_table, q_heads=q_heads,
-                                        interpret=interpret)
+                                        row_scale=row_scale, interpret=interpret)
     return out.reshape(B, T, C, R, q_heads, H), k.reshape(k7.shape), v.reshape(v7.shape)
 
 
-_partitioned_decode = custom_partitioning(_decode_on_shard, static_argnums=(8, 9))
+_partitioned_decode = custom_partitioning(_decode_on_shard, static_argnums=(9, 10))
 
 
 def _decode_shardings(mesh, axis):
@@ -142,7 +143,7 @@ def _decode_shardings(mesh, axis):
     qkv = spec(None, None, axis)
     kv = spec(None, None, axis)
     rep = spec()
-    return (qkv, kv, kv), (qkv, rep, rep, kv, kv, rep, rep, rep)
+    return (qkv, kv, kv), (qkv, rep, rep, kv, kv, rep, rep, rep, rep)
 
 
 def _decode_axis(arg_shapes):
@@ -162,11 +163,11 @@ def _decode_partition(q_heads, interpret, mesh, arg_shapes, result_shape):
 
 
 # Factors as above, plus c the tp axis (the only sharded one), x the projection's heads per
-# position, n its query heads, w the two rope tables.
+# position, n its query heads, w the two rope tables (the row scales are b alone).
 _partitioned_decode.def_partition(
     partition=_decode_partition,
     infer_sharding_from_operands=_decode_infer,
     sharding_rule=("b t c r x h, b w h, u, r l c k p s h, r l c k p s h, b t, b t, b z "
-                   "-> b t c r n h, r l c k p s h, r l c k p s h"),
+                   ", b -> b t c r n h, r l c k p s h, r l c k p s h"),
     need_replication_factors=("b", "t", "r", "x", "h", "w", "u", "l", "k", "p", "s", "z", "n"),
 )

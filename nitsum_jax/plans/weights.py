@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nitsum_jax.config import LlamaConfig
-from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, ChunkWeights, LayerGroup, Params, group_of, param_specs
+from nitsum_jax.model import (CHUNK_AXIS, ChunkLayout, ChunkWeights, LayerGroup, Params, fold_norms, group_of,
+                              param_specs)
 from nitsum_jax.plans.layout import WeightRuns
 from nitsum_jax.quant import CONTRACTED, Fp8Weight, channel_amax, check_format, quantize, weight_format
 
@@ -79,7 +80,7 @@ class WeightStore:
             replicated[d] = {n: jax.device_put(getattr(params, n), dev) for n in REPLICATED}
             for i, run in enumerate(device_runs):
                 group = group_of([_layers({n: piece(n, ch) for n in CONTRACTED}) for ch in run])
-                runs[(d, i)] = jax.device_put(group, dev)
+                runs[(d, i)] = _fold(jax.device_put(group, dev), replicated[d])
                 for ch in run:
                     vocab[(d, ch)] = jax.device_put(_vocab({n: piece(n, ch) for n in VOCAB}), dev)
         return cls(cfg, c, layout, runs, vocab, replicated)
@@ -102,7 +103,10 @@ class WeightStore:
             dev = devices[d]
             for i, run in enumerate(device_runs):
                 pieces = [jax.device_put(_layers(drawn[ch]), dev) for ch in run]
-                runs[(d, i)] = jax.block_until_ready(group_of(pieces))
+                # the norms are ones (below): folded, the weights are unchanged
+                group = group_of(pieces)
+                runs[(d, i)] = jax.block_until_ready(
+                    group if isinstance(group.wqkv, Fp8Weight) else group.replace(norms_folded=True))
                 del pieces
                 for ch in run:
                     vocab[(d, ch)] = jax.device_put(_vocab(drawn[ch]), dev)
@@ -136,11 +140,11 @@ class WeightStore:
         for run_of, used in self.layout.lanes[lane_devices]:
             pieces = [self.runs[(d, run_of[i])] for i, d in enumerate(lane_devices)]
             fields = {}
-            for f in ("wqkv", "wo", "w_gate", "w_up", "w_down"):
+            for f in ("wqkv", "wo", "w_gate_up", "w_down"):
                 ws = [getattr(p, f) for p in pieces]
                 fields[f] = jax.tree.map(assemble, group_spec(f, ws[0]), *ws,
                                          is_leaf=lambda x: isinstance(x, PartitionSpec))
-            groups.append(LayerGroup(**fields, used=used))
+            groups.append(LayerGroup(**fields, used=used, norms_folded=pieces[0].norms_folded))
 
         specs = param_specs(self.cfg).chunks[0]
         slots = []
@@ -166,6 +170,11 @@ class WeightStore:
         for d, rep in self.replicated.items():
             out[d] = out.get(d, 0) + sum(a.nbytes for a in rep.values())
         return out
+
+
+def _fold(group: LayerGroup, replicated: dict) -> LayerGroup:
+    """`model.fold_norms` on the group's device, the unfolded buffers given up (donated)."""
+    return jax.jit(fold_norms, donate_argnums=0)(group, replicated["attn_norm"], replicated["mlp_norm"])
 
 
 def _draw_chunks(cfg: LlamaConfig, held: dict[int, set[int]], devices: list, seed: int,
