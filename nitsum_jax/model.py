@@ -377,13 +377,18 @@ def _own(h: jax.Array, tag: int) -> jax.Array:
     return jax.lax.optimization_barrier((h, jnp.int32(tag)))[0]
 
 
-def _column_matmul(h: jax.Array, w, out: str) -> jax.Array:
+def _column_matmul(h: jax.Array, w, out: str, rows_last: bool = False) -> jax.Array:
     """h [B, T, D] times a column-cut group weight [tp, R, D, *out] -> [B, T, tp, R, *out]. Over
     several chunks a batched gemm (h broadcast over R): each chunk's [D, out] block is contiguous
     in the buffer, so the gemm reads the weights in place. Fewer than MIN_BATCHED_ROWS rows are
     padded to that many first: cuBLAS's batched kernels for a single row were slower (a b1 step
-    of a four-chunk lane 6.30 ms against 5.96 at b8, BENCHMARKS.md "Decode roofline")."""
+    of a four-chunk lane 6.30 ms against 5.96 at b8, BENCHMARKS.md "Decode roofline").
+    `rows_last` (one chunk, bf16 weights): the gemm writes its output transposed, rows last, and
+    the consumer reads it back; cuBLAS then picks another kernel (`forward` says when)."""
     chunks = _values(w).shape[1]
+    if chunks == 1 and rows_last and not isinstance(w, Fp8Weight):
+        y = matmul(f"BTD,CRD{out}->CR{out}BT", h, w)
+        return jnp.moveaxis(jnp.moveaxis(y, -1, 0), -1, 0)
     if chunks == 1:
         return matmul(f"BTD,CRD{out}->BTCR{out}", h, w)
     B, T, D = h.shape
@@ -395,6 +400,11 @@ def _column_matmul(h: jax.Array, w, out: str) -> jax.Array:
 
 
 MIN_BATCHED_ROWS = 8
+# Decode steps of this many rows or more compute gate/up with the output transposed: for the
+# merged [dim, 2 x ffn] weight at 128 rows cuBLAS's own choice (a 448x64 tile) ran at 2.4 TB/s,
+# the transposed problem's at 3.8 TB/s, the step 11% faster (Llama-3.1-8B, 1x H200, BENCHMARKS.md
+# "Decode roofline"). Below it the plain form was as fast or faster.
+ROWS_LAST_DECODE_ROWS = 128
 
 
 def _scale_rows(y: jax.Array, row_scale: jax.Array) -> jax.Array:
@@ -496,7 +506,8 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
                 h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.mlp_norm, i, keepdims=False), cfg.norm_eps)
             out = None
             for j, w in enumerate(ws):
-                gate_up = _column_matmul(_own(h, 2 * j + 1), w.w_gate_up, "GF")  # [B, T, tp, R, 2, F]
+                gate_up = _column_matmul(_own(h, 2 * j + 1), w.w_gate_up, "GF",  # [B, T, tp, R, 2, F]
+                                         rows_last=T == 1 and B >= ROWS_LAST_DECODE_ROWS)
                 if folded:  # fused into the silu-times-up kernel
                     gate_up = _scale_rows(gate_up, row_scale)
                 part = matmul("BTCRF,CRFD->BTD", jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], w.w_down)

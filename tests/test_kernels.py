@@ -340,3 +340,23 @@ def test_kernels_lower_to_triton_for_the_gpu(num_splits, dtype, pages_per_seq):
     texts = [traced.lower(lowering_platforms=("cuda",)).as_text() for traced in lowered]
     assert all("xla.gpu.triton" in text for text in texts)
     assert "decode_attention_m16_n64_" in texts[0]
+
+
+def test_wide_decode_steps_with_gate_up_written_rows_last_equal_the_plain_form(tiny_cfg, tiny_params, monkeypatch):
+    """From `model.ROWS_LAST_DECODE_ROWS` rows a decode step computes gate/up with the gemm's
+    output transposed (for cuBLAS's kernel choice); the hidden states are those of the plain form."""
+    from nitsum_jax import model
+    from nitsum_jax.kv import allocate_kv_cache
+    from nitsum_jax.model import StepInput, forward, place
+
+    B = model.ROWS_LAST_DECODE_ROWS
+    rng = np.random.default_rng(11)
+    step = StepInput(tokens=rng.integers(0, tiny_cfg.vocab_size, (B, 1), dtype=np.int32),
+                     start_pos=np.zeros(B, np.int32), num_new=np.ones(B, np.int32),
+                     page_table=np.arange(B, dtype=np.int32)[:, None])
+    placed = place(tiny_params)
+    kv = allocate_kv_cache(tiny_cfg, B, 4)
+    rows_last, _ = jax.jit(lambda p, kv, s: forward(p, kv, s, tiny_cfg, attention="reference"))(placed, kv, step)
+    monkeypatch.setattr(model, "ROWS_LAST_DECODE_ROWS", B + 1)
+    plain, _ = jax.jit(lambda p, kv, s: forward(p, kv, s, tiny_cfg, attention="reference"))(placed, kv, step)
+    assert rel_err(rows_last, plain) < 1e-5
