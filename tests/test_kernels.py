@@ -334,6 +334,9 @@ def test_kernels_lower_to_triton_for_the_gpu(num_splits, dtype, pages_per_seq):
         jax.jit(functools.partial(decode_attention_kernel, q_heads=K * G, num_splits=num_splits)).trace(
             sds((B, 1, 1, K * (G + 2), H), dtype), sds((B, 2, H), jnp.float32), cache, cache, ints(), ints(B),
             sds((B,), jnp.bool_), ints(B, pages_per_seq)),
+        jax.jit(functools.partial(decode_attention_kernel, q_heads=K * G, num_splits=num_splits)).trace(
+            sds((B, 1, 1, K * (G + 2), H), dtype), sds((B, 2, H), jnp.float32), cache, cache, ints(), ints(B),
+            sds((B,), jnp.bool_), ints(B, pages_per_seq), row_scale=sds((B,), jnp.float32)),
         jax.jit(functools.partial(paged_attention_kernel, num_splits=num_splits)).trace(
             sds((B, 1, 1, K * G, H), dtype), cache, cache, ints(), ints(B, 1), ints(B, pages_per_seq)),
     ]
