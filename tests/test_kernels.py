@@ -251,18 +251,20 @@ def test_fused_decode_runs_per_kv_head_shard_inside_a_tp_step():
     qkv, k_cache, v_cache, positions, page_table, q_heads = _decode_case(
         29, batch=2, tp=2, kv_heads=1, group=2, page_size=4, pages_per_seq=4, lengths=[3, 12], dtype=jnp.float32)
     valid = jnp.ones((2, 1), bool)
+    row_scale = jnp.array([0.7, 1.9], jnp.float32)
 
     def step(fused):
         def f(qkv, k_cache, v_cache, positions, page_table):
             def layer(i, carry):
                 k_cache, v_cache, acc = carry
-                if fused:
+                if fused:  # the rows scaled in the kernel (folded norms), as a TP lane's step runs it
                     out, k_cache, v_cache = decode_attention(
                         qkv * (i + 1), rope_rows(positions[:, 0], _inv_freq(), HEAD_DIM), k_cache, v_cache, i,
-                        positions, valid, page_table, q_heads=q_heads, interpret=True)
+                        positions, valid, page_table, q_heads=q_heads, row_scale=row_scale, interpret=True)
                 else:
-                    out, k_cache, v_cache = _unfused_decode(qkv * (i + 1), k_cache, v_cache, i, positions, valid,
-                                                            page_table, q_heads, _inv_freq())
+                    out, k_cache, v_cache = _unfused_decode(qkv * (i + 1) * row_scale[:, None, None, None, None, None],
+                                                            k_cache, v_cache, i, positions, valid, page_table,
+                                                            q_heads, _inv_freq())
                 return k_cache, v_cache, acc + out
             return jax.lax.fori_loop(0, LAYERS, layer, (k_cache, v_cache, jnp.zeros((2, 1, 2, POSITIONS, q_heads,
                                                                                      HEAD_DIM))))
@@ -353,6 +355,9 @@ def test_wide_decode_steps_with_gate_up_written_rows_last_equal_the_plain_form(t
     from nitsum_jax.model import StepInput, forward, place
 
     B = model.ROWS_LAST_DECODE_ROWS
+    specs = []
+    real_matmul = model.matmul
+    monkeypatch.setattr(model, "matmul", lambda spec, x, w: specs.append(spec) or real_matmul(spec, x, w))
     rng = np.random.default_rng(11)
     step = StepInput(tokens=rng.integers(0, tiny_cfg.vocab_size, (B, 1), dtype=np.int32),
                      start_pos=np.zeros(B, np.int32), num_new=np.ones(B, np.int32),
@@ -360,6 +365,9 @@ def test_wide_decode_steps_with_gate_up_written_rows_last_equal_the_plain_form(t
     placed = place(tiny_params)
     kv = allocate_kv_cache(tiny_cfg, B, 4)
     rows_last, _ = jax.jit(lambda p, kv, s: forward(p, kv, s, tiny_cfg, attention="reference"))(placed, kv, step)
+    assert "BTD,CRDGF->CRGFBT" in specs  # the transposed gemm ran
+    specs.clear()
     monkeypatch.setattr(model, "ROWS_LAST_DECODE_ROWS", B + 1)
     plain, _ = jax.jit(lambda p, kv, s: forward(p, kv, s, tiny_cfg, attention="reference"))(placed, kv, step)
+    assert "BTD,CRDGF->BTCRGF" in specs and "BTD,CRDGF->CRGFBT" not in specs
     assert rel_err(rows_last, plain) < 1e-5
