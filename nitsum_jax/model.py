@@ -136,15 +136,18 @@ def group_of(chunks: list["ChunkWeights"], used: int | None = None) -> LayerGrou
                       used=len(chunks) if used is None else used)
 
 
-def fold_norms(group: LayerGroup, attn_norm: jax.Array, mlp_norm: jax.Array) -> LayerGroup:
+def fold_norms(group: LayerGroup, attn_norm: jax.Array | None, mlp_norm: jax.Array | None) -> LayerGroup:
     """`group` with each layer's RMSNorm weights [layers, dim] multiplied into the rows of the
     weights that read the normalised stream: RMSNorm(x) @ W = (x @ (diag(g) W)) / rms(x), so a
     step runs no norm-scaling kernel before its gemms and no copy of the layer's norm rows (on
     an H200 the norms cost about 0.25 ms of a 4.9 ms Llama-3.1-8B b8 step, BENCHMARKS.md "Decode
     roofline"). The products are rounded once to the weights' dtype. fp8 weights are returned as
-    they are (their scales are per output channel; folding would re-quantize them)."""
+    they are (their scales are per output channel; folding would re-quantize them). Norms of None
+    are ones: the group is marked folded, its weights unchanged."""
     if isinstance(group.wqkv, Fp8Weight) or group.norms_folded:
         return group
+    if attn_norm is None and mlp_norm is None:
+        return group.replace(norms_folded=True)
 
     def times(w, g):  # w: [layers, tp, n, dim, ...]; g: [layers, dim]
         g = g.reshape(g.shape[:1] + (1, 1) + g.shape[1:] + (1,) * (w.ndim - 4))
@@ -466,6 +469,7 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     fused = T == 1 and impl in ("kernel", "interpret")
     rope = rope_rows(positions[:, 0], inv_freq, cfg.head_dim) if fused else None
     live = valid.astype(jnp.int32)  # converted once, not in every layer
+    unit_rows = jnp.ones((B,), jnp.float32) if fused and not folded else None  # the kernel's row scale, unfolded
 
     def by_position(a):  # [B, T, tp, R, n, H] -> [B, T, R, tp x n, H]: the cache's order
         return a.transpose(0, 1, 3, 2, 4, 5).reshape(B, T, a.shape[3], -1, a.shape[5])
@@ -484,7 +488,7 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
             if fused:  # one new token a row: RoPE, KV write and attention in one kernel (which scales the rows)
                 attn, k_cache, v_cache = decode_attention(qkv, rope, k_cache, v_cache, i, positions, live,
                                                           step.page_table, q_heads=q_heads,
-                                                          row_scale=row_scale[:, 0, 0] if folded else None,
+                                                          row_scale=row_scale[:, 0, 0] if folded else unit_rows,
                                                           interpret=impl == "interpret")
             else:
                 if folded:

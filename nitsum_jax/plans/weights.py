@@ -104,9 +104,7 @@ class WeightStore:
             for i, run in enumerate(device_runs):
                 pieces = [jax.device_put(_layers(drawn[ch]), dev) for ch in run]
                 # the norms are ones (below): folded, the weights are unchanged
-                group = group_of(pieces)
-                runs[(d, i)] = jax.block_until_ready(
-                    group if isinstance(group.wqkv, Fp8Weight) else group.replace(norms_folded=True))
+                runs[(d, i)] = jax.block_until_ready(fold_norms(group_of(pieces), None, None))
                 del pieces
                 for ch in run:
                     vocab[(d, ch)] = jax.device_put(_vocab(drawn[ch]), dev)
@@ -172,9 +170,12 @@ class WeightStore:
         return out
 
 
+_fold_donated = jax.jit(fold_norms, donate_argnums=0)
+
+
 def _fold(group: LayerGroup, replicated: dict) -> LayerGroup:
     """`model.fold_norms` on the group's device, the unfolded buffers given up (donated)."""
-    return jax.jit(fold_norms, donate_argnums=0)(group, replicated["attn_norm"], replicated["mlp_norm"])
+    return _fold_donated(group, replicated["attn_norm"], replicated["mlp_norm"])
 
 
 def _draw_chunks(cfg: LlamaConfig, held: dict[int, set[int]], devices: list, seed: int,
