@@ -20,6 +20,7 @@ from nitsum_jax.server.tenants import Tenants, key_sha256
 from nitsum_jax.usage import list_requests, open_ro, usage_report
 from server_helpers import prompt
 
+LONG = 40  # max_tokens of the calls that are cancelled or run into their deadline
 KEYS = {"acme": "acme-key-3b1e", "beta": "beta-key-c07d"}
 TIERS = {"realtime": PriorityClass("realtime", rank=0, ttft_target_s=0.5, tpot_target_s=0.05),
          "standard": PriorityClass("standard", rank=1, ttft_target_s=5.0, tpot_target_s=0.5),
@@ -49,24 +50,27 @@ def server(tiny_cfg, tiny_params, tmp_path_factory):
 
 
 def one_call(target, tenant, tier, seed, kind, seen, deadline_s):
-    """One call of `kind` ("complete", "cancel" after the first token, "deadline" after `deadline_s`);
-    appends what the client saw: (tenant, tier, status, prompt tokens, tokens received or None)."""
+    """One call of `kind` ("complete", "cancel" after the first token, "deadline" after `deadline_s`),
+    sent with request id `call-<seed>`; appends what the client saw: (tenant, tier, status, prompt
+    tokens, tokens received or None, kind, request id)."""
+    rid = f"call-{seed}"
     with NitsumClient(target, api_key=KEYS[tenant]) as client:
         ids = prompt(seed, n=6 + seed % 7)
         if kind == "complete":
-            r = client.generate(prompt_token_ids=ids, priority=tier, max_tokens=3 + seed % 5)
-            seen.append((tenant, tier, "OK", r.prompt_tokens, len(r.token_ids)))
+            r = client.generate(prompt_token_ids=ids, priority=tier, max_tokens=3 + seed % 5, request_id=rid)
+            seen.append((tenant, tier, "OK", r.prompt_tokens, len(r.token_ids), kind, rid))
         elif kind == "cancel":
-            stream = client.stream(prompt_token_ids=ids, priority=tier, max_tokens=40)
+            stream = client.stream(prompt_token_ids=ids, priority=tier, max_tokens=LONG, request_id=rid)
             got = len(next(iter(stream)).token_ids)
             stream.cancel()
-            seen.append((tenant, tier, "CANCELLED", len(ids), got))
+            seen.append((tenant, tier, "CANCELLED", len(ids), got, kind, rid))
         else:
             try:
-                r = client.generate(prompt_token_ids=ids, priority=tier, max_tokens=40, timeout=deadline_s)
-                seen.append((tenant, tier, "OK", r.prompt_tokens, len(r.token_ids)))
+                r = client.generate(prompt_token_ids=ids, priority=tier, max_tokens=LONG, timeout=deadline_s,
+                                    request_id=rid)
+                seen.append((tenant, tier, "OK", r.prompt_tokens, len(r.token_ids), kind, rid))
             except GenerateError as e:
-                seen.append((tenant, tier, e.code.name, len(ids), None))
+                seen.append((tenant, tier, e.code.name, len(ids), None, kind, rid))
 
 
 def test_ledger_counts_and_tokens_equal_what_the_clients_saw(server):
@@ -78,7 +82,7 @@ def test_ledger_counts_and_tokens_equal_what_the_clients_saw(server):
         # Half of a solo generation: under the load below it passes mid-generation, and it is long
         # enough for the server to have authenticated the call (one that expires before has no tenant).
         deadline_s = max((time.perf_counter() - start) / 2, 0.25)
-    seen.append(("acme", "batch", "OK", r.prompt_tokens, len(r.token_ids)))
+    seen.append(("acme", "batch", "OK", r.prompt_tokens, len(r.token_ids), "complete", None))
     calls = [(tenant, tier, 100 + i, ("complete", "complete", "cancel", "deadline")[i % 4])
              for i, (tenant, tier) in enumerate((t, c) for t in KEYS for c in TIERS for _ in range(4))]
     threads = [threading.Thread(target=one_call, args=(target, *call, seen, deadline_s)) for call in calls]
@@ -95,7 +99,7 @@ def test_ledger_counts_and_tokens_equal_what_the_clients_saw(server):
                                  "ignore_eos": True, "priority": tier})
         assert reply.status_code == 200, reply.text
         usage = reply.json()["usage"]
-        over_http.append((tenant, tier, "OK", usage["prompt_tokens"], usage["completion_tokens"]))
+        over_http.append((tenant, tier, "OK", usage["prompt_tokens"], usage["completion_tokens"], "complete", None))
     seen += over_http
     assert srv.gate.wait_idle(30)  # every call settled on the server: its row recorded
     srv.usage.close()  # writes every queued row (drain would too)
@@ -106,25 +110,31 @@ def test_ledger_counts_and_tokens_equal_what_the_clients_saw(server):
         conn.close()
     assert len(rows) == len(seen)
     assert sorted((r["tenant"], r["tier"], r["prompt_tokens"], r["completion_tokens"]) for r in rows
-                  if r["api"] == "http") == sorted(s[:2] + s[3:] for s in over_http)
+                  if r["api"] == "http") == sorted(s[:2] + s[3:5] for s in over_http)
     assert sum(r["api"] == "grpc" for r in rows) == len(seen) - len(over_http)
-    # A call past its deadline may reach the server as the client's cancel first: ended early
-    # either way, so calls are compared as completed or not, per tenant and tier.
-    assert collections.Counter((r["tenant"], r["tier"], r["status"] == "OK") for r in rows) == \
-        collections.Counter((s[0], s[1], s[2] == "OK") for s in seen)
-    early = [r for r in rows if r["status"] != "OK"]
-    assert {(r["status"], r["finish_reason"]) for r in early} <= {("CANCELLED", "cancelled"),
-                                                                  ("DEADLINE_EXCEEDED", "deadline")}
-    assert sum(r["status"] == "CANCELLED" for r in early) >= sum(s[2] == "CANCELLED" for s in seen)
-    completed = sorted((s[0], s[1], s[3], s[4]) for s in seen if s[2] == "OK" and s[4] is not None)
-    assert completed == sorted((r["tenant"], r["tier"], r["prompt_tokens"], r["completion_tokens"])
-                               for r in rows if r["status"] == "OK")
+    # Each gRPC call against its own row (the server's id is the client's, then "@<n>").
+    by_id = {r["request_id"].split("@")[0]: r for r in rows if r["request_id"].startswith("call-")}
+    assert sorted(by_id) == sorted(s[6] for s in seen if s[6] is not None)
+    for tenant, tier, status, prompt_tokens, got, kind, rid in (s for s in seen if s[6] is not None):
+        row = by_id[rid]
+        assert (row["tenant"], row["tier"], row["api"], row["prompt_tokens"]) == (tenant, tier, "grpc", prompt_tokens)
+        if status == "OK":  # the client read every token: the row is the same
+            assert (row["status"], row["completion_tokens"]) == ("OK", got), (rid, dict(row))
+        elif row["status"] == "OK":
+            # Ended early for the client, but the server had already made every token when the
+            # cancel or the deadline reached it (a race the ledger settles as the server saw it).
+            assert row["completion_tokens"] == LONG, (rid, dict(row))
+        else:
+            # A call past its deadline may reach the server as the client's cancel first.
+            assert (row["status"], row["finish_reason"]) in {("CANCELLED", "cancelled"),
+                                                               ("DEADLINE_EXCEEDED", "deadline")}, (rid, dict(row))
+            assert kind == "deadline" or row["status"] == "CANCELLED", (rid, dict(row))
+            # A cancel came after the first token; the engine may have made more the client never read.
+            assert row["completion_tokens"] >= (got or 0), (rid, dict(row))
+    assert any(s[2] == "CANCELLED" for s in seen) and all(s[4] >= 1 for s in seen if s[2] == "CANCELLED")
     report = {(g["tenant"], g["tier"]): g for g in usage_report(db)}
     for tenant in KEYS:
         for tier in TIERS:
             mine = [s for s in seen if s[:2] == (tenant, tier)]
             assert report[(tenant, tier)]["requests"] == len(mine)
             assert report[(tenant, tier)]["prompt_tokens"] == sum(s[3] for s in mine)
-    # A cancel came after the first token; the engine may have made more that the client never read.
-    cancelled_seen = sorted(s[4] for s in seen if s[2] == "CANCELLED")
-    assert all(n >= 1 for n in cancelled_seen)
