@@ -85,16 +85,22 @@ def weight_bytes_read(lane) -> int:
     return total
 
 
-def profile_step(lane, inputs, steps=5) -> list[dict]:
-    """GPU kernel time per step by kernel name (top 15), from a jax.profiler trace."""
+def profile_step(lane, inputs, steps=5) -> tuple[list[dict], dict]:
+    """GPU kernel time per step by kernel name (top 15), from a jax.profiler trace of `steps` steps
+    enqueued back to back and waited for once (as `time_pipelined` and the engine's chained decode
+    run them); and that trace's timeline per step: from the first kernel's start to the last one's
+    end (`window_ms`), with a kernel running (`busy_ms`) or none (`idle_ms`), and the longest idle
+    gaps with the kernels on either side, so that a step longer than its kernels says where."""
     out_dir = tempfile.mkdtemp()
     jax.block_until_ready(lane.dispatch(*inputs))
     with jax.profiler.trace(out_dir):
         for _ in range(steps):
-            jax.block_until_ready(lane.dispatch(*inputs))
+            out = lane.dispatch(*inputs)
+        jax.block_until_ready((out, lane.kv))
     files = glob.glob(f"{out_dir}/**/*.xplane.pb", recursive=True)
     data = jax.profiler.ProfileData.from_file(files[0])
     per_name: dict[str, float] = {}
+    events: list[tuple[int, int, str]] = []
     gpu0 = str(lane.devices[0].id)
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU:") or not plane.name.endswith(gpu0):
@@ -104,10 +110,31 @@ def profile_step(lane, inputs, steps=5) -> list[dict]:
                 continue
             for ev in line.events:
                 per_name[ev.name] = per_name.get(ev.name, 0.0) + ev.duration_ns / 1e6 / steps
+                events.append((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name))
     top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
     # every kernel together (ms a step, summed over streams: overlapping streams can exceed the step)
     total = {"kernel": "(all kernels, GPU %s)" % gpu0, "ms_per_step": round(sum(per_name.values()), 4)}
-    return [total] + [{"kernel": k[:120], "ms_per_step": round(v, 4)} for k, v in top]
+    return [total] + [{"kernel": k[:120], "ms_per_step": round(v, 4)} for k, v in top], timeline(events, steps)
+
+
+def timeline(events: list[tuple[int, int, str]], steps: int) -> dict:
+    """Busy and idle time of a trace's kernels (start ns, end ns, name), per step."""
+    if not events:
+        return {}
+    events.sort()
+    gaps, busy, end, last = [], 0, events[0][0], events[0][2]
+    for a, b, name in events:
+        if a > end:
+            gaps.append((a - end, last, name))
+        busy += max(0, b - max(a, end))
+        if b > end:
+            end, last = b, name
+    window = end - events[0][0]
+    gaps.sort(reverse=True)
+    return {"steps": steps, "window_ms": round(window / 1e6 / steps, 4), "busy_ms": round(busy / 1e6 / steps, 4),
+            "idle_ms": round((window - busy) / 1e6 / steps, 4), "gaps": len(gaps),
+            "gaps_over_10us": sum(g > 10_000 for g, _, _ in gaps),
+            "longest": [{"us": round(g / 1e3, 1), "after": x[:80], "before": y[:80]} for g, x, y in gaps[:8]]}
 
 
 def profile_lane(results, ps, impl, chunks, tp, batch, batches, context, rng) -> None:
@@ -116,11 +143,16 @@ def profile_lane(results, ps, impl, chunks, tp, batch, batches, context, rng) ->
     if lane is None or batch not in batches:
         return
     try:
-        results["profiles"][f"{impl}_tp{tp}_c{chunks}_b{batch}"] = prof = profile_step(
+        key = f"{impl}_tp{tp}_c{chunks}_b{batch}"
+        results["profiles"][key], results["timelines"][key] = prof, tl = profile_step(
             lane, decode_inputs(lane, batch, context, rng))
-        print(f"profile {impl} tp{tp} c{chunks} b{batch} (ms per step):")
+        print(f"profile {impl} tp{tp} c{chunks} b{batch} (ms per step, steps back to back):")
         for p in prof:
             print(f"  {p['ms_per_step']:8.3f}  {p['kernel']}")
+        if tl:
+            print(f"  timeline: {tl['window_ms']:.3f} ms a step, kernels busy {tl['busy_ms']:.3f}, idle "
+                  f"{tl['idle_ms']:.3f} in {tl['gaps']} gaps ({tl['gaps_over_10us']} over 10 us); longest: "
+                  + ", ".join(f"{g['us']:.0f} us after {g['after'][:40]}" for g in tl["longest"][:3]))
     except Exception as e:
         print(f"profile failed: {type(e).__name__}: {e}")
 
@@ -182,7 +214,7 @@ def main():
     per_token = kv_bytes_per_page(cfg, 1)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
                "context": args.context, "max_seq_len": args.max_seq_len, "hbm_GBps": bw / 1e9,
-               "copy_bandwidth": copies, "rows": [], "profiles": {}}
+               "copy_bandwidth": copies, "rows": [], "profiles": {}, "timelines": {}}
     rng = np.random.default_rng(0)
     # "chunked": the kernel impl on a TP1 lane of C chunk slots built on one device (--chunks)
     runs = [(impl, 1) for impl in args.impls.split(",") if impl != "none"] + [("chunked", int(c)) for c in args.chunks.split(",")

@@ -56,6 +56,23 @@ def test_gpu_step_times_and_compares_impls_on_the_same_inputs(tmp_path):
         copies["ways"][w]["equal"] is True for w in ("jit_copy", "jit_scale"))
     assert out["hbm_GBps"] == copies["GBps"] == max(copies["ways"][w]["GBps"] for w in ("jit_copy", "jit_scale"))
     assert rows[("kernel", 1)]["mbu_spec"] is None
+    assert set(out["profiles"]) == set(out["timelines"]) == {"kernel_tp2_c1_b4", "oneshot_tp2_c1_b4"}
+
+
+def test_gpu_step_timeline_counts_overlapping_kernels_once_and_names_the_gaps():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_step
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    us = 1000  # ns
+    events = [(30 * us, 50 * us, "c"), (0, 10 * us, "a"), (12 * us, 40 * us, "b"), (100 * us, 110 * us, "d")]
+    tl = gpu_step.timeline(events, steps=2)
+    # kernels 0-10, 12-50 (b and c overlap), 100-110 us: busy 58 of a 110 us window, two steps
+    assert (tl["window_ms"], tl["busy_ms"], tl["idle_ms"]) == (0.055, 0.029, 0.026)
+    assert (tl["gaps"], tl["gaps_over_10us"]) == (2, 1)
+    assert tl["longest"] == [{"us": 50.0, "after": "c", "before": "d"}, {"us": 2.0, "after": "a", "before": "b"}]
+    assert gpu_step.timeline([], steps=1) == {}
 
 
 def test_copy_bandwidth_refuses_an_empty_buffer():
