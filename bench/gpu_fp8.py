@@ -75,7 +75,8 @@ def time_format(cfg, weights: str, args, bandwidth: float) -> dict:
         print(f"{weights:4s} b{b:3d}: {t * 1e3:7.2f} ms (spread {spread * 1e3:.2f})  floor {floor * 1e3:6.2f} ms  "
               f"MBU {floor / t:5.1%}", flush=True)
     if args.profile in batches:
-        out["profile"] = profile_step(lane, decode_inputs(lane, args.profile, args.context, np.random.default_rng(0)))
+        out["profile"], out["timeline"] = profile_step(lane, decode_inputs(lane, args.profile, args.context,
+                                                                         np.random.default_rng(0)))
         for p in out["profile"]:
             print(f"  {p['ms_per_step']:8.3f}  {p['kernel']}")
     del ps
@@ -132,10 +133,13 @@ def agreement(args) -> dict:
                "continuations_equal": float(np.mean([r["equal"] for r in rows])),
                "argmax_equal_teacher_forced": float(np.mean([r["argmax_equal_teacher_forced"] for r in rows])),
                "nll_bf16": float(nll_bf16), "nll_fp8": float(nll_fp8),
-               "nll_relative_diff": float((nll_fp8 - nll_bf16) / nll_bf16), "per_prompt": rows}
+               # none where bf16's NLL is 0: random weights whose logits put all mass on one token
+               "nll_relative_diff": float((nll_fp8 - nll_bf16) / nll_bf16) if nll_bf16 > 0 else None,
+               "per_prompt": rows}
+    rel = summary["nll_relative_diff"]
     print(f"agreement on {source}: continuations equal {summary['continuations_equal']:.0%}, teacher-forced argmax "
           f"equal {summary['argmax_equal_teacher_forced']:.1%}, NLL bf16 {nll_bf16:.4f} fp8 {nll_fp8:.4f} "
-          f"({summary['nll_relative_diff']:+.2%})", flush=True)
+          f"({f'{rel:+.2%}' if rel is not None else 'no relative change: the bf16 NLL is 0'})", flush=True)
     return summary
 
 
