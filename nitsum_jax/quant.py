@@ -22,6 +22,7 @@ computes with the upcast weights.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +146,16 @@ def step_options(params, devices: list) -> dict:
     fusions take the layer slice and the upcast (see the module docstring)."""
     if weights_format(params) != "fp8" or devices[0].platform != "gpu":
         return {}
+    _warn_fp8_speed()
     return {"xla_gpu_enable_triton_gemm": True}
+
+
+@functools.cache
+def _warn_fp8_speed() -> None:
+    """Once a process: fp8 lanes on a GPU trade speed for memory today."""
+    logging.getLogger("nitsum_jax").warning(
+        "fp8 weights on a GPU: the decode step runs at about 0.6x the bf16 step's speed (XLA copies each "
+        "layer's fp8 slice before its gemm; docs/fp8.md); they halve the weights' memory, not the step time")
 
 
 def numpy_quantize(w: np.ndarray, contracted: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
