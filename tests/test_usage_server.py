@@ -121,9 +121,12 @@ def test_ledger_counts_and_tokens_equal_what_the_clients_saw(server):
         if status == "OK":  # the client read every token: the row is the same
             assert (row["status"], row["completion_tokens"]) == ("OK", got), (rid, dict(row))
         elif row["status"] == "OK":
-            # Ended early for the client, but the server had already made every token when the
-            # cancel or the deadline reached it (a race the ledger settles as the server saw it).
-            assert row["completion_tokens"] == LONG, (rid, dict(row))
+            # Ended early for the client, but the server had already finished the call (all LONG
+            # tokens, or a stop token) when the cancel or the deadline reached it: a race the
+            # ledger settles as the server saw it.
+            assert row["finish_reason"] in ("length", "stop"), (rid, dict(row))
+            assert (got or 0) <= row["completion_tokens"] <= LONG, (rid, dict(row))
+            assert row["finish_reason"] == "stop" or row["completion_tokens"] == LONG, (rid, dict(row))
         else:
             # A call past its deadline may reach the server as the client's cancel first.
             assert (row["status"], row["finish_reason"]) in {("CANCELLED", "cancelled"),
