@@ -34,6 +34,7 @@ from nitsum_jax.settings import settings
 
 import copy_bandwidth  # bench/ is on sys.path when run as a script
 from gpu_plans import fill_random
+from trace_summary import merge
 
 
 def decode_inputs(lane, batch, context, rng):
@@ -118,19 +119,19 @@ def profile_step(lane, inputs, steps=5) -> tuple[list[dict], dict]:
 
 
 def timeline(events: list[tuple[int, int, str]], steps: int) -> dict:
-    """Busy and idle time of a trace's kernels (start ns, end ns, name), per step."""
+    """Busy and idle time of a trace's kernels (start ns, end ns, name), per step: the union of
+    their intervals (`trace_summary.merge`), and the gaps between its pieces with the kernels on
+    either side."""
     if not events:
         return {}
-    events.sort()
-    gaps, busy, end, last = [], 0, events[0][0], events[0][2]
-    for a, b, name in events:
-        if a > end:
-            gaps.append((a - end, last, name))
-        busy += max(0, b - max(a, end))
-        if b > end:
-            end, last = b, name
-    window = end - events[0][0]
-    gaps.sort(reverse=True)
+    merged = merge([(a, b) for a, b, _ in events])
+    ending = {b: name for a, b, name in events}
+    starting: dict[int, str] = {}
+    for a, _, name in sorted(events):
+        starting.setdefault(a, name)
+    gaps = sorted(((nxt[0] - cur[1], ending[cur[1]], starting[nxt[0]]) for cur, nxt in zip(merged, merged[1:])),
+                  reverse=True)
+    window, busy = merged[-1][1] - merged[0][0], sum(b - a for a, b in merged)
     return {"steps": steps, "window_ms": round(window / 1e6 / steps, 4), "busy_ms": round(busy / 1e6 / steps, 4),
             "idle_ms": round((window - busy) / 1e6 / steps, 4), "gaps": len(gaps),
             "gaps_over_10us": sum(g > 10_000 for g, _, _ in gaps),

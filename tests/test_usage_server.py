@@ -2,7 +2,6 @@
 load of two tenants and three tiers, with cancels and deadlines, the ledger's counts and tokens
 equal what the clients saw, and each row names the API it came through."""
 
-import collections
 import json
 import threading
 import time
