@@ -24,6 +24,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nitsum_jax.config import preset
@@ -143,6 +144,29 @@ def agreement(args) -> dict:
     return summary
 
 
+def kernel_check(cfg, rows=(1, 8, 64)) -> list[dict]:
+    """The decode kernel (`kernels.fp8_gemm`, which fp8 decode steps run on a GPU) against the
+    same product through XLA in float32, on the preset's four layer gemm shapes: the largest
+    difference relative to the largest |y|."""
+    from nitsum_jax.kernels import fp8_gemm
+
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    shapes = {"qkv": (qkv, cfg.dim), "gate_up": (2 * cfg.ffn_dim, cfg.dim), "o": (cfg.dim, cfg.num_heads * cfg.head_dim),
+              "down": (cfg.dim, cfg.ffn_dim)}
+    out = []
+    for name, (n, k) in shapes.items():
+        kw, kx = jax.random.split(jax.random.key(n + k))
+        w = (jax.random.normal(kw, (2, 1, n, k), jnp.float32) * 64).astype(jnp.float8_e4m3fn)
+        for m in rows:
+            x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+            y = fp8_gemm.matmul(x, w, jnp.int32(1))
+            ref = x.astype(jnp.float32) @ w[1, 0].astype(jnp.float32).T
+            err = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
+            out.append({"gemm": name, "n": n, "k": k, "rows": m, "max_rel_err": err})
+            print(f"kernel check {name} n={n} k={k} rows={m}: max relative error {err:.2e}", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b", help="shape of the timed model (random weights)")
@@ -165,6 +189,11 @@ def main():
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
                "context": args.context, "hbm_GBps": copies["GBps"], "copy_bandwidth": copies,
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "formats": {}}
+    try:  # the kernel runs on a GPU only
+        results["kernel_check"] = kernel_check(cfg) if jax.default_backend() == "gpu" else None
+    except Exception as e:  # report and go on
+        print(f"kernel check failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+        results["kernel_check"] = {"error": f"{type(e).__name__}: {str(e)[:4000]}"}
     for weights in ("bf16", "fp8"):
         try:
             results["formats"][weights] = time_format(cfg, weights, args, copies["GBps"] * 1e9)

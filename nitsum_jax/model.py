@@ -26,7 +26,7 @@ from nitsum_jax.kernels import paged_attention
 from nitsum_jax.kernels.decode_attention import rope_rows
 from nitsum_jax.kernels.dispatch import decode_attention, resolve as resolve_attention
 from nitsum_jax.config import LlamaConfig
-from nitsum_jax.quant import CONTRACTED, Fp8Weight, check_format, matmul, quantize_params, scale_shape
+from nitsum_jax.quant import CONTRACTED, Fp8Layer, Fp8Weight, check_format, layer_kernel, matmul, quantize_params, scale_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +98,39 @@ class LayerGroup:
 
     def at_layer(self, layer: jax.Array) -> "LayerGroup":
         """Layer `layer`'s weights of the used chunks ([tp, used, ...]): one contiguous block per
-        device, a dynamic slice XLA reads in place inside the gemm."""
+        device, a dynamic slice XLA reads in place inside the gemm. fp8 weights stay whole, as
+        `quant.Fp8Layer`s: the decode kernel reads them in place, other steps cut them then."""
         def cut(a):
             sizes = (1, a.shape[1], min(self.used, a.shape[2])) + a.shape[3:]
             return jax.lax.dynamic_slice(a, (layer,) + (0,) * (a.ndim - 1), sizes)[0]
-        return jax.tree.map(cut, self)
 
+        def one(w):
+            if isinstance(w, Fp8Weight) and w.inputs_last:
+                return Fp8Layer(w=w, layer=layer, used=self.used)
+            return jax.tree.map(cut, w)
+        return self.replace(**{name: one(getattr(self, name)) for name in GROUP_INPUTS})
+
+
+# A group weight's input (contracted) axes: the first this many after [layers, tp, chunks]. fp8
+# group weights store them last (`quant.Fp8Weight.inputs_last`).
+GROUP_INPUTS = {"wqkv": 1, "wo": 2, "w_gate_up": 1, "w_down": 1}
+
+
+def inputs_last(q, name: str):
+    """A stacked group weight's values [layers, tp, chunks, *inputs, *outputs] with the inputs
+    moved last (NumPy or JAX)."""
+    n = GROUP_INPUTS[name]
+    rest = list(range(3, q.ndim))
+    return q.transpose([0, 1, 2] + rest[n:] + rest[:n])
+
+
+def inputs_first(w: Fp8Weight, name: str) -> Fp8Weight:
+    """An `inputs_last` group weight in the weight's own axis order (tests, inspection)."""
+    if not w.inputs_last:
+        return w
+    n = len(w.q.shape) - 3 - GROUP_INPUTS[name]  # the output axes
+    rest = list(range(3, w.q.ndim))
+    return Fp8Weight(q=w.q.transpose([0, 1, 2] + rest[n:] + rest[:n]), scale=w.scale)
 
 
 def _values(w):
@@ -119,10 +146,10 @@ def group_of(chunks: list["ChunkWeights"], used: int | None = None) -> LayerGrou
 
     def stack(name: str, pieces_of=lambda c, name: getattr(c, name), shared_scale: bool = False):
         ws = [pieces_of(c, name) for c in chunks]
-        if isinstance(ws[0], Fp8Weight):
-            q = xp.stack([w.q for w in ws], axis=1)[:, None]
+        if isinstance(ws[0], Fp8Weight):  # values inputs last, for the decode kernel (`quant`)
+            q = inputs_last(xp.stack([w.q for w in ws], axis=1)[:, None], name)
             scales = [ws[0].scale] if shared_scale else [w.scale for w in ws]
-            return Fp8Weight(q=q, scale=xp.stack(scales, axis=1)[:, None])
+            return Fp8Weight(q=q, scale=xp.stack(scales, axis=1)[:, None], inputs_last=True)
         return xp.stack(ws, axis=1)[:, None]
 
     def qkv(c, _):
@@ -388,6 +415,11 @@ def _column_matmul(h: jax.Array, w, out: str, rows_last: bool = False) -> jax.Ar
     of a four-chunk lane 6.30 ms against 5.96 at b8, BENCHMARKS.md "Decode roofline").
     `rows_last` (one chunk, bf16 weights): the gemm writes its output transposed, rows last, and
     the consumer reads it back; cuBLAS then picks another kernel (`forward` says when)."""
+    if isinstance(w, Fp8Layer):  # the decode kernel reads the layer in place where it applies
+        y = layer_kernel(f"BTD,CRD{out}->BTCR{out}", h, w)
+        if y is not None:
+            return y
+        w = w.cut()
     chunks = _values(w).shape[1]
     if chunks == 1 and rows_last and not isinstance(w, Fp8Weight):
         y = matmul(f"BTD,CRD{out}->CR{out}BT", h, w)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,29 @@ class WeightFormatError(ValueError):
 class Fp8Weight:
     """A linear weight in fp8: `q * scale` approximates the original weight."""
 
-    q: jax.Array  # the weight's shape, float8_e4m3fn
+    q: jax.Array  # the weight's shape, float8_e4m3fn (its input axes last: `inputs_last`)
     scale: jax.Array  # the weight's shape with the contracted axes of size 1, float32
+    # A placed layer group's form (`model.group_of`): q's axes after [layers, tp, chunks] are
+    # permuted, output axes first and input axes last, as the decode kernel reads it (one
+    # contiguous row of K values an output channel); the scale keeps the weight's own order.
+    inputs_last: bool = struct.field(pytree_node=False, default=False)
+
+
+@struct.dataclass
+class Fp8Layer:
+    """Layer `layer` of a stacked, `inputs_last` fp8 group weight, not yet cut out: the decode
+    kernel reads it in place (`matmul`); anything else cuts it first, as for a bf16 weight."""
+
+    w: Fp8Weight  # [layers, tp, chunks, ...]
+    layer: jax.Array  # scalar int32
+    used: int = struct.field(pytree_node=False, default=1)  # the chunks the lane reads
+
+    def cut(self) -> Fp8Weight:
+        """[tp, used, ...]: the layer's weights of the used chunks."""
+        def cut(a):
+            sizes = (1, a.shape[1], min(self.used, a.shape[2])) + a.shape[3:]
+            return jax.lax.dynamic_slice(a, (self.layer,) + (0,) * (a.ndim - 1), sizes)[0]
+        return jax.tree.map(cut, self.w)
 
 
 def check_format(weights: str) -> str:
@@ -88,16 +110,74 @@ def matmul(spec: str, x: jax.Array, w) -> jax.Array:
     An unquantized weight takes exactly today's einsum (bit-identical). An `Fp8Weight` is
     upcast inside the dot, accumulated in float32 and scaled per output channel; `spec`'s
     output must end with w's output axes in w's order (true of every matmul in `model`)."""
+    if isinstance(w, Fp8Layer):
+        y = layer_kernel(spec, x, w)
+        if y is not None:
+            return y
+        w = w.cut()
     if not isinstance(w, Fp8Weight):
         return jnp.einsum(spec, x, w)
     inputs, out = spec.split("->")
-    w_axes = inputs.split(",")[1]
+    x_axes, w_axes = inputs.split(",")
     kept = [i for i, a in enumerate(w_axes) if a in out]
     if not out.endswith("".join(w_axes[i] for i in kept)):
         raise ValueError(f"einsum {spec!r}: the output must end with the weight's output axes")
-    y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+    stored = _stored_axes(w_axes) if w.inputs_last else w_axes
+    y = jnp.einsum(f"{x_axes},{stored}->{out}", x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
     scale = w.scale.reshape([w.scale.shape[i] for i in kept])  # [output channels]
     return (y * scale).astype(x.dtype)
+
+
+def _stored_axes(w_axes: str, out: str | None = None) -> str:
+    """The axes of an `inputs_last` weight (cut to a layer: [tp, chunks, ...]) as stored: tp and
+    chunks, then the output axes, then the input axes, each in the weight's order. The input
+    axes are the ones the kernel contracts: those the output of every use lacks, found here as
+    the letters after tp and chunks that name no output axis of the model's specs (D for wqkv
+    and gate/up, N and H for wo, F for w_down)."""
+    head, rest = w_axes[:2], w_axes[2:]
+    inputs = INPUT_AXES[rest]
+    return head + "".join(a for a in rest if a not in inputs) + inputs
+
+
+# The letters `model` gives each group weight's axes after tp and chunks, and which of them are
+# its inputs (contracted).
+INPUT_AXES = {"DXH": "D", "DGF": "D", "NHD": "NH", "FD": "F"}
+
+
+def use_kernel() -> bool:
+    """Whether fp8 decode gemms run the Mosaic GPU kernel: on a GPU backend (`kernels.fp8_gemm`)."""
+    return jax.default_backend() == "gpu"
+
+
+def layer_kernel(spec: str, x: jax.Array, ref: Fp8Layer) -> jax.Array | None:
+    """`spec`'s product by the decode kernel, reading the layer in place; None where it does not
+    apply (not a GPU, more than one device a lane, too many rows, shapes it does not tile)."""
+    from nitsum_jax.kernels import fp8_gemm
+
+    inputs, out = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    q, scale = ref.w.q, ref.w.scale  # [L, tp, n, *outputs, *inputs] and [L, tp, n|1, ...] (own order)
+    rest = w_axes[2:]
+    n_in = len(INPUT_AXES[rest])
+    if not use_kernel() or q.shape[1] != 1:
+        return None
+    out_dims, in_dims = q.shape[3:q.ndim - n_in], q.shape[q.ndim - n_in:]
+    n_out, k = math.prod(out_dims), math.prod(in_dims)
+    column = w_axes[1] in out  # wqkv, gate/up: the chunks are output axes; wo, w_down: summed
+    lead = x.shape[:len(x_axes) - (1 if column else 2 + n_in)]  # the rows' own axes (B, T)
+    m = math.prod(lead)
+    if not fp8_gemm.supported(n_out, k, m):
+        return None
+    layer_scale = jax.lax.dynamic_index_in_dim(scale, ref.layer, keepdims=False)[0]  # [n|1, ...]
+    if column:  # x [B, T, D]; the used chunks' output channels are one contiguous run of rows
+        w = q.reshape(q.shape[0], 1, q.shape[2] * n_out, k)
+        y = fp8_gemm.matmul(x.reshape(m, k), w, ref.layer, n=ref.used * n_out)
+        y = y * layer_scale[:ref.used].reshape(1, -1)
+        return y.astype(x.dtype).reshape(lead + (1, ref.used) + tuple(out_dims))
+    # x [B, T, tp, R, *inputs]: chunk r's inputs against piece r of the weight, summed
+    w = q.reshape(q.shape[0], q.shape[2], n_out, k)
+    y = fp8_gemm.matmul(x.reshape(m, ref.used * k), w, ref.layer, pieces=ref.used)
+    return (y * layer_scale.reshape(1, -1)).astype(x.dtype).reshape(lead + tuple(out_dims))
 
 
 def quantize_params(params, weights: str = "fp8"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nitsum_jax.generate import Generator
-from nitsum_jax.model import CHUNK_AXIS, ChunkLayout, abstract_params
+from nitsum_jax.model import CHUNK_AXIS, GROUP_INPUTS, ChunkLayout, abstract_params, inputs_first
 from nitsum_jax.plans import BucketGrid, PlanSet, default_plans, parse_plans
 from nitsum_jax.plans.layout import WeightRuns
 from nitsum_jax.plans.weights import WeightStore, chunk_slice
@@ -76,7 +76,11 @@ def test_memory_report_agrees_with_the_fp8_buffers_held(fp8_set):
 def _placed(group, chunk: int, name: str, q_heads: int):
     """Chunk `chunk`'s piece of weight `name` in a placed run (`model.LayerGroup`, tp axis of one);
     q, k and v are read back out of the fused `wqkv`, gate and up out of `w_gate_up`, a shared
-    scale (wo, w_down) is the run's one."""
+    scale (wo, w_down) is the run's one. fp8 values are read in the weight's own axis order
+    (the placed form stores their input axes last, `model.inputs_first`)."""
+    group = group.replace(**{f: inputs_first(getattr(group, f), f) if isinstance(getattr(group, f), Fp8Weight)
+                             else getattr(group, f) for f in GROUP_INPUTS})
+
     def piece(a):
         a = np.asarray(a)[:, 0]
         return a[:, min(chunk, a.shape[1] - 1)]

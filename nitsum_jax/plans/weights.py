@@ -132,7 +132,7 @@ class WeightStore:
         def group_spec(name, w):
             if not isinstance(w, Fp8Weight):
                 return tp
-            return Fp8Weight(q=tp, scale=PartitionSpec() if name in ("wo", "w_down") else tp)
+            return Fp8Weight(q=tp, scale=PartitionSpec() if name in ("wo", "w_down") else tp, inputs_last=w.inputs_last)
 
         groups = []
         for run_of, used in self.layout.lanes[lane_devices]:

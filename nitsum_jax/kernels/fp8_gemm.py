@@ -1,0 +1,115 @@
+"""The fp8-weight gemm of decode steps on Hopper: few rows of activations times one layer of a
+stacked fp8 weight, read in place (Pallas Mosaic GPU).
+
+XLA copies each layer's fp8 slice out of the stacked weights before its gemm (cuBLAS has no
+bf16 x fp8 gemm, and XLA folds the layer loop's dynamic slice only into a bf16 cuBLAS call; see
+docs/fp8.md), so an fp8 decode step read its weights twice. This kernel takes the whole stacked
+buffer and the layer index and streams that layer's tiles from HBM with TMA copies.
+
+The product is computed transposed, y^T = W @ x^T, so the weight is the wgmma's left operand:
+64 output channels a warpgroup, its fp8 tile upcast in registers (to float16: sm_90's cvt has
+no e4m3 -> bf16 form), times the activation tile from shared memory, accumulated in float32.
+The activations are cast to float16 (the rows feeding a linear layer are far inside its range).
+Few output tiles (wo, w_down: 64 of them for Llama-3.1-8B) would leave SMs idle, so the
+contracted axis is also split `splits` ways; the partial sums come back [pieces * splits, N, M]
+and the caller adds them (with the scale and the transpose, one small XLA fusion).
+
+Weights are [L, P, N, K]: L layers, P pieces of the contracted axis (the chunks of a weight
+whose chunks split its input; 1 otherwise), N output channels, K contracted (contiguous): the
+layout `model.group_of` gives fp8 weights. Only the first `pieces` of P are read.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+ROWS = 64  # output channels a program (one warpgroup's wgmma M)
+TILE_K = 128  # contracted elements a pipeline step (128 bytes of fp8: the widest swizzle)
+STAGES = 6  # TMA copies in flight a program
+MAX_ROWS = 64  # activation rows the kernel takes (decode batches); more: XLA's gemm
+MIN_PROGRAMS = 256  # split the contracted axis until there are this many programs (132 SMs)
+
+
+def supported(n: int, k: int, m: int) -> bool:
+    """Whether the kernel takes N output channels, K contracted a piece, M rows."""
+    return n % ROWS == 0 and k % TILE_K == 0 and 0 < m <= MAX_ROWS
+
+
+def splits_for(n: int, k: int, pieces: int) -> int:
+    """How many ways to split each piece's contracted axis: the fewest that give MIN_PROGRAMS
+    programs, each still a few pipeline steps long."""
+    splits = 1
+    while (n // ROWS) * pieces * splits < MIN_PROGRAMS and k % (2 * splits * TILE_K) == 0 \
+            and k // (2 * splits * TILE_K) >= 4:
+        splits *= 2
+    return splits
+
+
+def _transforms(minor: int, dtype):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(minor * bits)
+    return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+@functools.partial(jax.jit, static_argnames=("pieces", "splits", "n"))
+def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, splits: int, n: int) -> jax.Array:
+    """x [M, pieces * K] (M a multiple of 8), w [L, P, >= n, K] fp8, layer int32 [1] -> float32
+    [pieces * splits, n, M]: the partial products of w[layer, p, :n] with x's piece p, summed
+    over a split of K each."""
+    import jax.experimental.pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m = x.shape[0]
+    k = w.shape[3]
+    per_split = k // splits
+    x = x.astype(jnp.float16)
+
+    def body(layer_ref, x_ref, w_ref, out_ref, out_smem):
+        li = layer_ref[0]
+        rows = pl.ds(jax.lax.axis_index("n") * ROWS, ROWS)
+        part = jax.lax.axis_index("s")  # piece * splits + split
+        piece = part // splits
+        cols = pl.ds((part % splits) * per_split, per_split)
+
+        def accumulate(acc):
+            def step(_, w_tile, x_tile):
+                plgpu.wgmma(acc, w_tile[...].astype(jnp.float16), plgpu.transpose_ref(x_tile, (1, 0)))
+                plgpu.wgmma_wait(0)
+
+            plgpu.emit_pipeline(
+                step, grid=(per_split // TILE_K,), max_concurrent_steps=STAGES,
+                in_specs=[plgpu.BlockSpec((ROWS, TILE_K), lambda kk: (0, kk), transforms=_transforms(TILE_K, w.dtype)),
+                          plgpu.BlockSpec((m, TILE_K), lambda kk: (0, kk), transforms=_transforms(TILE_K, x.dtype))],
+            )(w_ref.at[li, piece, rows, cols], x_ref.at[:, pl.ds(piece * k, k)].at[:, cols])
+            return acc[...]
+
+        out_smem[...] = pl.run_scoped(accumulate, plgpu.ACC((ROWS, m), jnp.float32))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[part, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((pieces * splits, n, m), jnp.float32),
+        scratch_types=dict(out_smem=plgpu.SMEM((ROWS, m), jnp.float32)),
+        grid=(n // ROWS, pieces * splits), grid_names=("n", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return kernel(layer, x, w)
+
+
+def matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int = 1, n: int | None = None) -> jax.Array:
+    """x [M, pieces * K] times layer `layer` of w [L, P, N, K] (fp8), its first `pieces` pieces
+    summed and its first `n` output channels (default all): float32 [M, n], unscaled. M is
+    padded to a multiple of 8 (the wgmma's N)."""
+    m = x.shape[0]
+    padded = -(-m // 8) * 8
+    if padded != m:
+        x = jnp.pad(x, ((0, padded - m), (0, 0)))
+    n = w.shape[2] if n is None else n
+    parts = partial_products(x, w, jnp.asarray(layer, jnp.int32).reshape(1), pieces=pieces,
+                             splits=splits_for(n, w.shape[3], pieces), n=n)
+    return parts.sum(axis=0)[:, :m].T

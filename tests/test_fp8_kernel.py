@@ -1,0 +1,71 @@
+"""The fp8 decode kernel (`kernels.fp8_gemm`) where this machine can check it: it lowers (Mosaic
+GPU's layout inference and shared-memory budget run at lowering, for the "cuda" platform, on
+any host) for the shapes of the presets, and a GPU decode step of fp8 weights calls it for each
+of the four layer gemms. Its numbers are checked on a GPU: `bench/gpu_fp8.py` compares its step
+with the same step through XLA's gemms (`kernel_check` in its results)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from nitsum_jax import quant
+from nitsum_jax.config import preset
+from nitsum_jax.kernels import fp8_gemm
+from nitsum_jax.kv import allocate_kv_cache
+from nitsum_jax.model import StepInput, forward, init_params, place
+
+MOSAIC = "mosaic_gpu"
+
+
+def _lowered(f, *args) -> str:
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.2-1b"])
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_kernel_lowers_for_every_layer_gemm_of_a_preset(name, rows):
+    cfg = preset(name)
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    shapes = [(qkv, cfg.dim, 1), (2 * cfg.ffn_dim, cfg.dim, 1), (cfg.dim, cfg.num_heads * cfg.head_dim, 1),
+              (cfg.dim, cfg.ffn_dim, 1)]
+    for n, k, pieces in shapes:
+        assert fp8_gemm.supported(n, k, rows)
+        x = jax.ShapeDtypeStruct((rows, pieces * k), jnp.bfloat16)
+        w = jax.ShapeDtypeStruct((cfg.num_layers, pieces, n, k), jnp.float8_e4m3fn)
+        text = _lowered(lambda x, w: fp8_gemm.matmul(x, w, jnp.int32(3), pieces=pieces), x, w)
+        assert text.count(MOSAIC) >= 1, (n, k)
+
+
+def test_kernel_declines_what_it_does_not_tile():
+    assert not fp8_gemm.supported(100, 4096, 8)  # output channels not a multiple of 64
+    assert not fp8_gemm.supported(4096, 4000, 8)  # contracted not a multiple of 128
+    assert not fp8_gemm.supported(4096, 4096, 65)  # more rows than a decode batch
+
+
+def test_splits_fill_the_card_and_keep_pipeline_steps():
+    assert fp8_gemm.splits_for(28672, 4096, 1) == 1  # 448 programs already
+    assert fp8_gemm.splits_for(4096, 14336, 1) == 4  # 64 output tiles: 256 programs
+    assert fp8_gemm.splits_for(6144, 4096, 1) == 4
+    for n, k in [(4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096)]:
+        s = fp8_gemm.splits_for(n, k, 1)
+        assert k % (s * fp8_gemm.TILE_K) == 0 and k // (s * fp8_gemm.TILE_K) >= 4
+
+
+def _decode_text(monkeypatch, weights: str, batch: int, new: int) -> str:
+    cfg = preset("tiny")
+    params = place(init_params(cfg, jax.random.key(0), weights=weights))
+    kv = allocate_kv_cache(cfg, num_pages=8, page_size=16)
+    step = StepInput(tokens=jnp.zeros((batch, new), jnp.int32), start_pos=jnp.zeros((batch,), jnp.int32),
+                     num_new=jnp.full((batch,), new, jnp.int32), page_table=jnp.zeros((batch, 4), jnp.int32))
+    monkeypatch.setattr(quant, "use_kernel", lambda: True)  # what a GPU backend answers
+    return _lowered(lambda p, kv, s: forward(p, kv, s, cfg)[0], params, kv, step)
+
+
+def test_a_gpu_decode_step_of_fp8_weights_calls_the_kernel_for_each_layer_gemm(monkeypatch):
+    # the layer loop's body is traced once: q/k/v, o, gate/up and down, one call each
+    assert _decode_text(monkeypatch, "fp8", batch=3, new=1).count(f"@{MOSAIC}") == 4
+
+
+def test_bf16_steps_and_long_prefills_keep_xla_gemms(monkeypatch):
+    assert _decode_text(monkeypatch, "bf16", batch=3, new=1).count(MOSAIC) == 0
+    assert _decode_text(monkeypatch, "fp8", batch=1, new=128).count(MOSAIC) == 0  # 128 rows
