@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 ROWS = 64  # output channels a program (one warpgroup's wgmma M)
 TILE_K = 128  # contracted elements a pipeline step (128 bytes of fp8: the widest swizzle)
-STAGES = 6  # TMA copies in flight a program
+STAGES = 4  # TMA copies in flight a program (6 and 8 were slower: fewer programs fit an SM)
 MAX_ROWS = 64  # activation rows the kernel takes (decode batches); more: XLA's gemm
 MIN_PROGRAMS = 256  # split the contracted axis until there are this many programs (132 SMs)
 
@@ -56,11 +56,13 @@ def _transforms(minor: int, dtype):
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-@functools.partial(jax.jit, static_argnames=("pieces", "splits", "n"))
-def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, splits: int, n: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("pieces", "splits", "n", "rows", "stages", "delay"))
+def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, splits: int, n: int,
+                     rows: int = ROWS, stages: int = STAGES, delay: int = 0) -> jax.Array:
     """x [M, pieces * K] (M a multiple of 8), w [L, P, >= n, K] fp8, layer int32 [1] -> float32
     [pieces * splits, n, M]: the partial products of w[layer, p, :n] with x's piece p, summed
-    over a split of K each."""
+    over a split of K each. `rows` output channels a program (64 a warpgroup's wgmma), `stages`
+    copies in flight, `delay`: wgmmas left running a step (their tiles released a step later)."""
     import jax.experimental.pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -71,7 +73,7 @@ def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: in
 
     def body(layer_ref, x_ref, w_ref, out_ref, out_smem):
         li = layer_ref[0]
-        rows = pl.ds(jax.lax.axis_index("n") * ROWS, ROWS)
+        out_rows = pl.ds(jax.lax.axis_index("n") * rows, rows)
         part = jax.lax.axis_index("s")  # piece * splits + split
         piece = part // splits
         cols = pl.ds((part % splits) * per_split, per_split)
@@ -79,24 +81,28 @@ def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: in
         def accumulate(acc):
             def step(_, w_tile, x_tile):
                 plgpu.wgmma(acc, w_tile[...].astype(jnp.float16), plgpu.transpose_ref(x_tile, (1, 0)))
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(delay)
 
             plgpu.emit_pipeline(
-                step, grid=(per_split // TILE_K,), max_concurrent_steps=STAGES,
-                in_specs=[plgpu.BlockSpec((ROWS, TILE_K), lambda kk: (0, kk), transforms=_transforms(TILE_K, w.dtype)),
-                          plgpu.BlockSpec((m, TILE_K), lambda kk: (0, kk), transforms=_transforms(TILE_K, x.dtype))],
-            )(w_ref.at[li, piece, rows, cols], x_ref.at[:, pl.ds(piece * k, k)].at[:, cols])
+                step, grid=(per_split // TILE_K,), max_concurrent_steps=stages,
+                in_specs=[plgpu.BlockSpec((rows, TILE_K), lambda kk: (0, kk), transforms=_transforms(TILE_K, w.dtype),
+                                          delay_release=delay),
+                          plgpu.BlockSpec((m, TILE_K), lambda kk: (0, kk), transforms=_transforms(TILE_K, x.dtype),
+                                          delay_release=delay)],
+            )(w_ref.at[li, piece, out_rows, cols], x_ref.at[:, pl.ds(piece * k, k)].at[:, cols])
+            if delay:
+                plgpu.wgmma_wait(0)
             return acc[...]
 
-        out_smem[...] = pl.run_scoped(accumulate, plgpu.ACC((ROWS, m), jnp.float32))
+        out_smem[...] = pl.run_scoped(accumulate, plgpu.ACC((rows, m), jnp.float32))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[part, rows])
+        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[part, out_rows])
         plgpu.wait_smem_to_gmem(0)
 
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((pieces * splits, n, m), jnp.float32),
-        scratch_types=dict(out_smem=plgpu.SMEM((ROWS, m), jnp.float32)),
-        grid=(n // ROWS, pieces * splits), grid_names=("n", "s"),
+        scratch_types=dict(out_smem=plgpu.SMEM((rows, m), jnp.float32)),
+        grid=(n // rows, pieces * splits), grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return kernel(layer, x, w)
 
