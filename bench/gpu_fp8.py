@@ -164,6 +164,14 @@ def kernel_check(cfg, rows=(1, 8, 64)) -> list[dict]:
             err = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
             out.append({"gemm": name, "n": n, "k": k, "rows": m, "max_rel_err": err})
             print(f"kernel check {name} n={n} k={k} rows={m}: max relative error {err:.2e}", flush=True)
+        x = jax.random.normal(kx, (8, k), jnp.float32).at[0].multiply(1e5).astype(jnp.bfloat16)  # past float16's range
+        y = fp8_gemm.matmul(x, w, jnp.int32(1))
+        ref = x.astype(jnp.float32) @ w[1, 0].astype(jnp.float32).T
+        err = float(jnp.max(jnp.abs(y - ref) / jnp.max(jnp.abs(ref), axis=1, keepdims=True)))
+        out.append({"gemm": name, "n": n, "k": k, "rows": 8, "large_row": 1e5, "max_rel_err_by_row": err,
+                    "finite": bool(jnp.all(jnp.isfinite(y)))})
+        print(f"kernel check {name}, a row of activations x 1e5: finite {out[-1]['finite']}, max relative error "
+              f"(by row) {err:.2e}", flush=True)
     return out
 
 

@@ -6,6 +6,7 @@ with the same step through XLA's gemms (`kernel_check` in its results)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from nitsum_jax import quant
@@ -69,3 +70,13 @@ def test_a_gpu_decode_step_of_fp8_weights_calls_the_kernel_for_each_layer_gemm(m
 def test_bf16_steps_and_long_prefills_keep_xla_gemms(monkeypatch):
     assert _decode_text(monkeypatch, "bf16", batch=3, new=1).count(MOSAIC) == 0
     assert _decode_text(monkeypatch, "fp8", batch=1, new=128).count(MOSAIC) == 0  # 128 rows
+
+
+def test_rows_of_large_activations_reach_the_kernel_in_float16_range_exactly():
+    x = jnp.array([[1.0, -3.5, 2.0], [70000.0, -1e6, 3.0], [0.0, 0.0, 0.0], [2.0**14, 1.0, -1.0]],
+                  jnp.float32).astype(jnp.bfloat16)
+    x16, s = fp8_gemm.float16_rows(x)
+    assert bool(jnp.all(jnp.isfinite(x16))) and float(jnp.max(jnp.abs(x16.astype(jnp.float32)))) <= fp8_gemm.F16_ROW_MAX
+    assert s[:, 0].tolist() == [1.0, 64.0, 1.0, 1.0]  # 1e6 / 2^14 = 61: the next power of two
+    # powers of two, and float16 holds every bf16 value in its range: the rows come back exactly
+    np.testing.assert_array_equal(np.asarray(x16, np.float32) * np.asarray(s), np.asarray(x, np.float32))

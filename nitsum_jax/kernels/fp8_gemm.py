@@ -9,7 +9,9 @@ buffer and the layer index and streams that layer's tiles from HBM with TMA copi
 The product is computed transposed, y^T = W @ x^T, so the weight is the wgmma's left operand:
 64 output channels a warpgroup, its fp8 tile upcast in registers (to float16: sm_90's cvt has
 no e4m3 -> bf16 form), times the activation tile from shared memory, accumulated in float32.
-The activations are cast to float16 (the rows feeding a linear layer are far inside its range).
+The activations are cast to float16; a row whose largest |x| passes 2^14 is first divided by a
+power of two that brings it under (exact), and its product multiplied back (`float16_rows`), so
+a row of large activations (bf16's range is float32's) neither overflows nor loses precision.
 Few output tiles (wo, w_down: 64 of them for Llama-3.1-8B) would leave SMs idle, so the
 contracted axis is also split `splits` ways; the partial sums come back [pieces * splits, N, M]
 and the caller adds them (with the scale and the transpose, one small XLA fusion).
@@ -69,7 +71,6 @@ def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: in
     m = x.shape[0]
     k = w.shape[3]
     per_split = k // splits
-    x = x.astype(jnp.float16)
 
     def body(layer_ref, x_ref, w_ref, out_ref, out_smem):
         li = layer_ref[0]
@@ -107,6 +108,17 @@ def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: in
     return kernel(layer, x, w)
 
 
+F16_ROW_MAX = 2.0 ** 14  # a row's largest |x| in the kernel: float16 reaches 65504, sums of products stay in float32
+
+
+def float16_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> (x / s in float16, s float32 [M, 1]): s = 1 for rows whose largest |x| is at most
+    F16_ROW_MAX, else the power of two that brings it to at most that, so x / s is exact."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True)
+    s = jnp.where(amax > F16_ROW_MAX, jnp.exp2(jnp.ceil(jnp.log2(amax / F16_ROW_MAX))), 1.0)
+    return (x.astype(jnp.float32) / s).astype(jnp.float16), s
+
+
 def matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int = 1, n: int | None = None) -> jax.Array:
     """x [M, pieces * K] times layer `layer` of w [L, P, N, K] (fp8), its first `pieces` pieces
     summed and its first `n` output channels (default all): float32 [M, n], unscaled. M is
@@ -116,6 +128,7 @@ def matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int = 1, n: 
     if padded != m:
         x = jnp.pad(x, ((0, padded - m), (0, 0)))
     n = w.shape[2] if n is None else n
-    parts = partial_products(x, w, jnp.asarray(layer, jnp.int32).reshape(1), pieces=pieces,
+    x16, row_scale = float16_rows(x)
+    parts = partial_products(x16, w, jnp.asarray(layer, jnp.int32).reshape(1), pieces=pieces,
                              splits=splits_for(n, w.shape[3], pieces), n=n)
-    return parts.sum(axis=0)[:, :m].T
+    return (parts.sum(axis=0).T * row_scale)[:m]
