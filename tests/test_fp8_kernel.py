@@ -80,3 +80,61 @@ def test_rows_of_large_activations_reach_the_kernel_in_float16_range_exactly():
     assert s[:, 0].tolist() == [1.0, 64.0, 1.0, 1.0]  # 1e6 / 2^14 = 61: the next power of two
     # powers of two, and float16 holds every bf16 value in its range: the rows come back exactly
     np.testing.assert_array_equal(np.asarray(x16, np.float32) * np.asarray(s), np.asarray(x, np.float32))
+
+
+def _chunked_lane(cfg, params, runs, name):
+    from jax.sharding import Mesh
+
+    from nitsum_jax.plans import BucketGrid, Lane
+    from nitsum_jax.plans.spec import LaneSpec
+    from nitsum_jax.plans.weights import WeightStore
+
+    devices = jax.devices()[:1]
+    store = WeightStore.build(cfg, params, runs, devices)
+    mesh = Mesh(np.array(devices), ("tp",))
+    grid = BucketGrid(decode_batch=(4,), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
+    lane = Lane(name, LaneSpec(("all",), 1, (0,)), cfg, runs.layouts[(0,)], mesh, store.lane_params((0,), mesh),
+                32, 8, grid)
+    lane.compile()
+    return lane
+
+
+@pytest.mark.parametrize("runs_of", [((0, 1, 2, 3),), ((0, 1), (2, 3))])
+def test_the_kernels_reshapes_cover_chunked_lanes(monkeypatch, runs_of):
+    """A TP1 lane holding four chunks (one run of all, or two runs of two: a lane of two layer
+    groups) through the kernel's path, with the kernel itself replaced by its plain-JAX
+    definition (`reference_partial_products`; the kernel runs on a GPU only): the same greedy
+    tokens as the single-device fp8 model through XLA's gemms, the kernel path taken. The tiny
+    preset with wider heads and ffn, so that a chunk's wo and w_down inputs (128 wide) tile."""
+    import dataclasses
+
+    from nitsum_jax.generate import Generator
+    from nitsum_jax.model import ChunkLayout
+    from nitsum_jax.plans.layout import WeightRuns
+    from nitsum_jax.quant import quantize_params
+    from nitsum_jax.sampling import SamplingParams
+
+    cfg = dataclasses.replace(preset("tiny"), head_dim=64, ffn_dim=512)
+    fp8 = quantize_params(init_params(cfg, jax.random.key(1)))
+    greedy = SamplingParams(max_tokens=8, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    prompts = [[256] + [int(t) for t in rng.integers(0, 256, size=n)] for n in (5, 13, 20)]
+    want = Generator(cfg, fp8, page_size=8, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, greedy)
+
+    calls = []
+
+    def reference(*args, **kw):
+        calls.append(kw["pieces"])
+        return fp8_gemm.reference_partial_products(*args, **kw)
+
+    monkeypatch.setattr(quant, "use_kernel", lambda: True)
+    monkeypatch.setattr(fp8_gemm, "partial_products", reference)
+    runs = WeightRuns(runs={0: runs_of}, lanes={(0,): tuple(((i,), len(r)) for i, r in enumerate(runs_of))},
+                      layouts={(0,): ChunkLayout(4, ((0, 1, 2, 3),))})
+    lane = _chunked_lane(cfg, fp8, runs, f"tp1@0/runs{len(runs_of)}")
+    got = Generator(cfg, runner=lane, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, greedy)
+    # traced once a program: each group's q/k/v, o, gate/up and down; wo and w_down read `used` pieces
+    assert sorted(set(calls)) == sorted({1} | {len(r) for r in runs_of})
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=2e-2)

@@ -138,3 +138,19 @@ def matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int = 1, n: 
     parts = partial_products(x16, w, jnp.asarray(layer, jnp.int32).reshape(1), pieces=pieces,
                              splits=splits_for(n, w.shape[3], pieces), n=n)
     return (parts.sum(axis=0).T * row_scale)[:m]
+
+
+def reference_partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, splits: int, n: int,
+                               **_) -> jax.Array:
+    """What `partial_products` computes, in plain JAX (float32): the tests' oracle on hosts
+    without the kernel's GPU."""
+    k = w.shape[3]
+    per_split = k // splits
+    wl = jax.lax.dynamic_index_in_dim(w, layer[0], keepdims=False).astype(jnp.float32)  # [P, N, K]
+    parts = []
+    for p in range(pieces):
+        for s in range(splits):
+            cols = slice(s * per_split, (s + 1) * per_split)
+            xs = x[:, p * k:(p + 1) * k][:, cols].astype(jnp.float32)
+            parts.append(wl[p, :n, cols] @ xs.T)
+    return jnp.stack(parts)
