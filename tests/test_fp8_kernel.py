@@ -47,6 +47,9 @@ def test_splits_fill_the_card_and_keep_pipeline_steps():
     assert fp8_gemm.splits_for(28672, 4096, 1) == 1  # 448 programs already
     assert fp8_gemm.splits_for(4096, 14336, 1) == 4  # 64 output tiles: 256 programs
     assert fp8_gemm.splits_for(6144, 4096, 1) == 4
+    # from 32 rows q/k/v takes 2 (the sweep's best); o and down keep 4, gate/up 1
+    assert [fp8_gemm.splits_for(n, k, 1, m=32) for n, k in [(6144, 4096), (4096, 4096), (4096, 14336), (28672, 4096)]] \
+        == [2, 4, 4, 1]
     for n, k in [(4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096)]:
         s = fp8_gemm.splits_for(n, k, 1)
         assert k % (s * fp8_gemm.TILE_K) == 0 and k // (s * fp8_gemm.TILE_K) >= 4

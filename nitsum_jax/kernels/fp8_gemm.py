@@ -36,7 +36,10 @@ ROWS = 64  # output channels a program (one warpgroup's wgmma M)
 TILE_K = 128  # contracted elements a pipeline step (128 bytes of fp8: the widest swizzle)
 STAGES = 4  # TMA copies in flight a program (6 and 8 were slower: fewer programs fit an SM)
 MAX_ROWS = 64  # activation rows the kernel takes (decode batches); more: XLA's gemm
-MIN_PROGRAMS = 256  # split the contracted axis until there are this many programs (132 SMs)
+# Split the contracted axis until there are this many programs (132 SMs): the best of the tile
+# sweep for every Llama-3.1-8B gemm (BENCHMARKS.md "fp8 weights"): 256 up to 16 rows; from 32
+# rows, where each program re-reads a larger activation tile, q/k/v ran 15% faster with 192.
+MIN_PROGRAMS, MIN_PROGRAMS_WIDE = 256, 192
 
 
 def supported(n: int, k: int, m: int) -> bool:
@@ -44,11 +47,12 @@ def supported(n: int, k: int, m: int) -> bool:
     return n % ROWS == 0 and k % TILE_K == 0 and 0 < m <= MAX_ROWS
 
 
-def splits_for(n: int, k: int, pieces: int) -> int:
-    """How many ways to split each piece's contracted axis: the fewest that give MIN_PROGRAMS
-    programs, each still a few pipeline steps long."""
+def splits_for(n: int, k: int, pieces: int, m: int = 8) -> int:
+    """How many ways to split each piece's contracted axis for M rows: the fewest that give
+    MIN_PROGRAMS programs (MIN_PROGRAMS_WIDE above 16 rows), each still a few pipeline steps long."""
+    target = MIN_PROGRAMS if m <= 16 else MIN_PROGRAMS_WIDE
     splits = 1
-    while (n // ROWS) * pieces * splits < MIN_PROGRAMS and k % (2 * splits * TILE_K) == 0 \
+    while (n // ROWS) * pieces * splits < target and k % (2 * splits * TILE_K) == 0 \
             and k // (2 * splits * TILE_K) >= 4:
         splits *= 2
     return splits
@@ -136,7 +140,7 @@ def matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int = 1, n: 
     n = w.shape[2] if n is None else n
     x16, row_scale = float16_rows(x) if scale_rows else (x.astype(jnp.float16), jnp.ones((padded, 1), jnp.float32))
     parts = partial_products(x16, w, jnp.asarray(layer, jnp.int32).reshape(1), pieces=pieces,
-                             splits=splits_for(n, w.shape[3], pieces), n=n)
+                             splits=splits_for(n, w.shape[3], pieces, padded), n=n)
     return (parts.sum(axis=0).T * row_scale)[:m]
 
 
