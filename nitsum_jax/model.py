@@ -26,7 +26,7 @@ from nitsum_jax.kernels import paged_attention
 from nitsum_jax.kernels.decode_attention import rope_rows
 from nitsum_jax.kernels.dispatch import decode_attention, resolve as resolve_attention
 from nitsum_jax.config import LlamaConfig
-from nitsum_jax.quant import CONTRACTED, Fp8Layer, Fp8Weight, check_format, layer_kernel, matmul, quantize_params, scale_shape
+from nitsum_jax.quant import CONTRACTED, Fp8Layer, Fp8Weight, check_format, layer_cut, layer_kernel, matmul, quantize_params, scale_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,14 +100,10 @@ class LayerGroup:
         """Layer `layer`'s weights of the used chunks ([tp, used, ...]): one contiguous block per
         device, a dynamic slice XLA reads in place inside the gemm. fp8 weights stay whole, as
         `quant.Fp8Layer`s: the decode kernel reads them in place, other steps cut them then."""
-        def cut(a):
-            sizes = (1, a.shape[1], min(self.used, a.shape[2])) + a.shape[3:]
-            return jax.lax.dynamic_slice(a, (layer,) + (0,) * (a.ndim - 1), sizes)[0]
-
         def one(w):
             if isinstance(w, Fp8Weight) and w.inputs_last:
                 return Fp8Layer(w=w, layer=layer, used=self.used)
-            return jax.tree.map(cut, w)
+            return jax.tree.map(lambda a: layer_cut(a, layer, self.used), w)
         return self.replace(**{name: one(getattr(self, name)) for name in GROUP_INPUTS})
 
 
@@ -124,11 +120,11 @@ def inputs_last(q, name: str):
     return q.transpose([0, 1, 2] + rest[n:] + rest[:n])
 
 
-def inputs_first(w: Fp8Weight, name: str) -> Fp8Weight:
+def inputs_first(w: Fp8Weight) -> Fp8Weight:
     """An `inputs_last` group weight in the weight's own axis order (tests, inspection)."""
     if not w.inputs_last:
         return w
-    n = len(w.q.shape) - 3 - GROUP_INPUTS[name]  # the output axes
+    n = w.q.ndim - 3 - w.inputs_last  # the output axes
     rest = list(range(3, w.q.ndim))
     return Fp8Weight(q=w.q.transpose([0, 1, 2] + rest[n:] + rest[:n]), scale=w.scale)
 
@@ -149,7 +145,7 @@ def group_of(chunks: list["ChunkWeights"], used: int | None = None) -> LayerGrou
         if isinstance(ws[0], Fp8Weight):  # values inputs last, for the decode kernel (`quant`)
             q = inputs_last(xp.stack([w.q for w in ws], axis=1)[:, None], name)
             scales = [ws[0].scale] if shared_scale else [w.scale for w in ws]
-            return Fp8Weight(q=q, scale=xp.stack(scales, axis=1)[:, None], inputs_last=True)
+            return Fp8Weight(q=q, scale=xp.stack(scales, axis=1)[:, None], inputs_last=GROUP_INPUTS[name])
         return xp.stack(ws, axis=1)[:, None]
 
     def qkv(c, _):

@@ -52,10 +52,18 @@ class Fp8Weight:
 
     q: jax.Array  # the weight's shape, float8_e4m3fn (its input axes last: `inputs_last`)
     scale: jax.Array  # the weight's shape with the contracted axes of size 1, float32
-    # A placed layer group's form (`model.group_of`): q's axes after [layers, tp, chunks] are
-    # permuted, output axes first and input axes last, as the decode kernel reads it (one
-    # contiguous row of K values an output channel); the scale keeps the weight's own order.
-    inputs_last: bool = struct.field(pytree_node=False, default=False)
+    # A placed layer group's form (`model.group_of`): how many input axes (the first ones after
+    # [layers, tp, chunks]) q holds moved last, after the output axes, as the decode kernel reads
+    # it (one contiguous row of K values an output channel); 0: the weight's own order. The
+    # scale keeps the weight's own order.
+    inputs_last: int = struct.field(pytree_node=False, default=0)
+
+
+def layer_cut(a: jax.Array, layer: jax.Array, used: int) -> jax.Array:
+    """[layers, tp, chunks, ...] -> layer `layer`'s first `used` chunks [tp, used, ...]: one
+    contiguous block per device, a dynamic slice XLA reads in place inside a bf16 gemm."""
+    sizes = (1, a.shape[1], min(used, a.shape[2])) + a.shape[3:]
+    return jax.lax.dynamic_slice(a, (layer,) + (0,) * (a.ndim - 1), sizes)[0]
 
 
 @struct.dataclass
@@ -69,10 +77,7 @@ class Fp8Layer:
 
     def cut(self) -> Fp8Weight:
         """[tp, used, ...]: the layer's weights of the used chunks."""
-        def cut(a):
-            sizes = (1, a.shape[1], min(self.used, a.shape[2])) + a.shape[3:]
-            return jax.lax.dynamic_slice(a, (self.layer,) + (0,) * (a.ndim - 1), sizes)[0]
-        return jax.tree.map(cut, self.w)
+        return jax.tree.map(lambda a: layer_cut(a, self.layer, self.used), self.w)
 
 
 def check_format(weights: str) -> str:
@@ -125,26 +130,10 @@ def matmul(spec: str, x: jax.Array, w) -> jax.Array:
     kept = [i for i, a in enumerate(w_axes) if a in out]
     if not out.endswith("".join(w_axes[i] for i in kept)):
         raise ValueError(f"einsum {spec!r}: the output must end with the weight's output axes")
-    stored = _stored_axes(w_axes) if w.inputs_last else w_axes
+    stored = w_axes[:2] + w_axes[2 + w.inputs_last:] + w_axes[2:2 + w.inputs_last]  # [tp, chunks, ...] as stored
     y = jnp.einsum(f"{x_axes},{stored}->{out}", x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
     scale = w.scale.reshape([w.scale.shape[i] for i in kept])  # [output channels]
     return (y * scale).astype(x.dtype)
-
-
-def _stored_axes(w_axes: str, out: str | None = None) -> str:
-    """The axes of an `inputs_last` weight (cut to a layer: [tp, chunks, ...]) as stored: tp and
-    chunks, then the output axes, then the input axes, each in the weight's order. The input
-    axes are the ones the kernel contracts: those the output of every use lacks, found here as
-    the letters after tp and chunks that name no output axis of the model's specs (D for wqkv
-    and gate/up, N and H for wo, F for w_down)."""
-    head, rest = w_axes[:2], w_axes[2:]
-    inputs = INPUT_AXES[rest]
-    return head + "".join(a for a in rest if a not in inputs) + inputs
-
-
-# The letters `model` gives each group weight's axes after tp and chunks, and which of them are
-# its inputs (contracted).
-INPUT_AXES = {"DXH": "D", "DGF": "D", "NHD": "NH", "FD": "F"}
 
 
 def use_kernel() -> bool:
@@ -160,8 +149,7 @@ def layer_kernel(spec: str, x: jax.Array, ref: Fp8Layer) -> jax.Array | None:
     inputs, out = spec.split("->")
     x_axes, w_axes = inputs.split(",")
     q, scale = ref.w.q, ref.w.scale  # [L, tp, n, *outputs, *inputs] and [L, tp, n|1, ...] (own order)
-    rest = w_axes[2:]
-    n_in = len(INPUT_AXES[rest])
+    n_in = ref.w.inputs_last
     if not use_kernel() or q.shape[1] != 1:
         return None
     out_dims, in_dims = q.shape[3:q.ndim - n_in], q.shape[q.ndim - n_in:]
@@ -180,7 +168,7 @@ def layer_kernel(spec: str, x: jax.Array, ref: Fp8Layer) -> jax.Array | None:
     # x [B, T, tp, R, *inputs]: chunk r's inputs against piece r of the weight, summed
     w = q.reshape(q.shape[0], q.shape[2], n_out, k)
     # w_down's input (silu(gate) * up) is the one not bounded by a norm or an average: rows scaled
-    y = fp8_gemm.matmul(x.reshape(m, ref.used * k), w, ref.layer, pieces=ref.used, scale_rows=rest == "FD")
+    y = fp8_gemm.matmul(x.reshape(m, ref.used * k), w, ref.layer, pieces=ref.used, scale_rows=w_axes[2:] == "FD")
     return (y * layer_scale.reshape(1, -1)).astype(x.dtype).reshape(lead + tuple(out_dims))
 
 

@@ -78,7 +78,7 @@ def _placed(group, chunk: int, name: str, q_heads: int):
     q, k and v are read back out of the fused `wqkv`, gate and up out of `w_gate_up`, a shared
     scale (wo, w_down) is the run's one. fp8 values are read in the weight's own axis order
     (the placed form stores their input axes last, `model.inputs_first`)."""
-    group = group.replace(**{f: inputs_first(getattr(group, f), f) if isinstance(getattr(group, f), Fp8Weight)
+    group = group.replace(**{f: inputs_first(getattr(group, f)) if isinstance(getattr(group, f), Fp8Weight)
                              else getattr(group, f) for f in GROUP_INPUTS})
 
     def piece(a):

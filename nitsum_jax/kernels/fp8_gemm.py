@@ -138,10 +138,11 @@ def matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int = 1, n: 
     if padded != m:
         x = jnp.pad(x, ((0, padded - m), (0, 0)))
     n = w.shape[2] if n is None else n
-    x16, row_scale = float16_rows(x) if scale_rows else (x.astype(jnp.float16), jnp.ones((padded, 1), jnp.float32))
+    x16, row_scale = float16_rows(x) if scale_rows else (x.astype(jnp.float16), None)
     parts = partial_products(x16, w, jnp.asarray(layer, jnp.int32).reshape(1), pieces=pieces,
                              splits=splits_for(n, w.shape[3], pieces, padded), n=n)
-    return (parts.sum(axis=0).T * row_scale)[:m]
+    y = parts.sum(axis=0).T
+    return (y if row_scale is None else y * row_scale)[:m]
 
 
 def reference_partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, splits: int, n: int,
