@@ -403,19 +403,22 @@ def _own(h: jax.Array, tag: int) -> jax.Array:
     return jax.lax.optimization_barrier((h, jnp.int32(tag)))[0]
 
 
-def _column_matmul(h: jax.Array, w, out: str, rows_last: bool = False) -> jax.Array:
+def _column_matmul(h: jax.Array, w, out: str, tag: int, rows_last: bool = False) -> jax.Array:
     """h [B, T, D] times a column-cut group weight [tp, R, D, *out] -> [B, T, tp, R, *out]. Over
     several chunks a batched gemm (h broadcast over R): each chunk's [D, out] block is contiguous
     in the buffer, so the gemm reads the weights in place. Fewer than MIN_BATCHED_ROWS rows are
     padded to that many first: cuBLAS's batched kernels for a single row were slower (a b1 step
     of a four-chunk lane 6.30 ms against 5.96 at b8, BENCHMARKS.md "Decode roofline").
     `rows_last` (one chunk, bf16 weights): the gemm writes its output transposed, rows last, and
-    the consumer reads it back; cuBLAS then picks another kernel (`forward` says when)."""
+    the consumer reads it back; cuBLAS then picks another kernel (`forward` says when). XLA's
+    gemms read h through `_own(h, tag)`; the fp8 decode kernel, which no dot merger sees, reads
+    it as it is, so its float16 cast fuses into the norm that makes h."""
     if isinstance(w, Fp8Layer):  # the decode kernel reads the layer in place where it applies
         y = layer_kernel(f"BTD,CRD{out}->BTCR{out}", h, w)
         if y is not None:
             return y
         w = w.cut()
+    h = _own(h, tag)
     chunks = _values(w).shape[1]
     if chunks == 1 and rows_last and not isinstance(w, Fp8Weight):
         y = matmul(f"BTD,CRD{out}->CR{out}BT", h, w)
@@ -498,6 +501,9 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     rope = rope_rows(positions[:, 0], inv_freq, cfg.head_dim) if fused else None
     live = valid.astype(jnp.int32)  # converted once, not in every layer
     unit_rows = jnp.ones((B,), jnp.float32) if fused and not folded else None  # the kernel's row scale, unfolded
+    # Unfolded, a layer's two norm weights are one slice [2, D] of one stacked buffer: XLA copies
+    # the slice a norm fusion reads out first, and one copy a layer is cheaper than two.
+    norms = None if folded else jnp.stack([params.attn_norm, params.mlp_norm], axis=1)  # [L, 2, D]
 
     def by_position(a):  # [B, T, tp, R, n, H] -> [B, T, R, tp x n, H]: the cache's order
         return a.transpose(0, 1, 3, 2, 4, 5).reshape(B, T, a.shape[3], -1, a.shape[5])
@@ -505,12 +511,13 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     def layer(i, carry):
         x, k_cache, v_cache = carry
         ws = [g.at_layer(i) for g in groups]
+        norm = None if folded else jax.lax.dynamic_index_in_dim(norms, i, keepdims=False)  # [2, D]
         with jax.named_scope("attn"):
             if folded:  # the norm weights are in wqkv's rows: the gemm reads x, its rows scale by 1 / rms
                 h, row_scale = x, rms_scale(x, cfg.norm_eps)  # [B, T, 1]
             else:
-                h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.attn_norm, i, keepdims=False), cfg.norm_eps)
-            qkv = [_column_matmul(_own(h, 2 * j), w.wqkv, "XH") for j, w in enumerate(ws)]
+                h = rms_norm(x, norm[0], cfg.norm_eps)
+            qkv = [_column_matmul(h, w.wqkv, "XH", 2 * j) for j, w in enumerate(ws)]
             qkv = qkv[0] if len(qkv) == 1 else jnp.concatenate(qkv, axis=3)  # [B, T, tp, R, X, H]
             tp, kv_heads = qkv.shape[2], (qkv.shape[4] - q_heads) // 2
             if fused:  # one new token a row: RoPE, KV write and attention in one kernel (which scales the rows)
@@ -535,10 +542,10 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
             if folded:
                 h, row_scale = x, rms_scale(x, cfg.norm_eps)
             else:
-                h = rms_norm(x, jax.lax.dynamic_index_in_dim(params.mlp_norm, i, keepdims=False), cfg.norm_eps)
+                h = rms_norm(x, norm[1], cfg.norm_eps)
             out = None
             for j, w in enumerate(ws):
-                gate_up = _column_matmul(_own(h, 2 * j + 1), w.w_gate_up, "GF",  # [B, T, tp, R, 2, F]
+                gate_up = _column_matmul(h, w.w_gate_up, "GF", 2 * j + 1,  # [B, T, tp, R, 2, F]
                                          rows_last=T == 1 and B >= ROWS_LAST_DECODE_ROWS)
                 if folded:  # fused into the silu-times-up kernel
                     gate_up = _scale_rows(gate_up, row_scale)

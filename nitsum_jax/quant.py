@@ -162,13 +162,14 @@ def layer_kernel(spec: str, x: jax.Array, ref: Fp8Layer) -> jax.Array | None:
     layer_scale = jax.lax.dynamic_index_in_dim(scale, ref.layer, keepdims=False)[0]  # [n|1, ...]
     if column:  # x [B, T, D]; the used chunks' output channels are one contiguous run of rows
         w = q.reshape(q.shape[0], 1, q.shape[2] * n_out, k)
-        y = fp8_gemm.matmul(x.reshape(m, k), w, ref.layer, n=ref.used * n_out, scale_rows=False)  # normed rows
+        y = fp8_gemm.matmul(x.reshape(m, k), w, ref.layer, n=ref.used * n_out)  # normed rows: exponent 0
         y = y * layer_scale[:ref.used].reshape(1, -1)
         return y.astype(x.dtype).reshape(lead + (1, ref.used) + tuple(out_dims))
     # x [B, T, tp, R, *inputs]: chunk r's inputs against piece r of the weight, summed
     w = q.reshape(q.shape[0], q.shape[2], n_out, k)
-    # w_down's input (silu(gate) * up) is the one not bounded by a norm or an average: rows scaled
-    y = fp8_gemm.matmul(x.reshape(m, ref.used * k), w, ref.layer, pieces=ref.used, scale_rows=w_axes[2:] == "FD")
+    # w_down's input (silu(gate) * up) is the one not bounded by a norm or an average
+    exponent = fp8_gemm.DOWN_EXPONENT if w_axes[2:] == "FD" else 0
+    y = fp8_gemm.matmul(x.reshape(m, ref.used * k), w, ref.layer, pieces=ref.used, exponent=exponent)
     return (y * layer_scale.reshape(1, -1)).astype(x.dtype).reshape(lead + tuple(out_dims))
 
 

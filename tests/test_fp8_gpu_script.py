@@ -11,6 +11,9 @@ def test_gpu_fp8_times_both_formats_and_compares_their_tokens(tmp_path):
     dense, fp8 = out["formats"]["bf16"], out["formats"]["fp8"]
     assert [r["batch"] for r in dense["rows"]] == [r["batch"] for r in fp8["rows"]] == [1, 2]
     assert set(out["speedup"]) == {"1", "2"} and all(s > 0 for s in out["speedup"].values())
+    assert set(out["speedup_b2b"]) == {"1", "2"} and all(r["b2b_ms"] > 0 for r in dense["rows"] + fp8["rows"])
+    # fewer weight bytes, the same KV bytes: the floor of an fp8 step is lower, by less than the weights' ratio
+    assert all(1 < s < 1 / out["weight_bytes_ratio"] for s in out["speedup_at_floor"].values())
     # tiny is float32: its linear weights go from 4 bytes to 1 plus scales; the LM head stays
     assert 0.25 < out["weight_bytes_ratio"] < 0.6
     assert fp8["memory_report_weights_GB"] < dense["memory_report_weights_GB"]

@@ -75,14 +75,19 @@ def test_bf16_steps_and_long_prefills_keep_xla_gemms(monkeypatch):
     assert _decode_text(monkeypatch, "fp8", batch=1, new=128).count(MOSAIC) == 0  # 128 rows
 
 
-def test_rows_of_large_activations_reach_the_kernel_in_float16_range_exactly():
-    x = jnp.array([[1.0, -3.5, 2.0], [70000.0, -1e6, 3.0], [0.0, 0.0, 0.0], [2.0**14, 1.0, -1.0]],
-                  jnp.float32).astype(jnp.bfloat16)
-    x16, s = fp8_gemm.float16_rows(x)
-    assert bool(jnp.all(jnp.isfinite(x16))) and float(jnp.max(jnp.abs(x16.astype(jnp.float32)))) <= fp8_gemm.F16_ROW_MAX
-    assert s[:, 0].tolist() == [1.0, 64.0, 1.0, 1.0]  # 1e6 / 2^14 = 61: the next power of two
-    # powers of two, and float16 holds every bf16 value in its range: the rows come back exactly
-    np.testing.assert_array_equal(np.asarray(x16, np.float32) * np.asarray(s), np.asarray(x, np.float32))
+@pytest.mark.parametrize("exponent", [0, fp8_gemm.DOWN_EXPONENT])
+def test_every_bf16_activation_in_the_exponents_range_reaches_the_kernel_exactly(exponent):
+    bits = np.arange(2 ** 16, dtype=np.uint16)  # every bf16 value
+    x = np.asarray(jnp.asarray(bits).view(jnp.bfloat16), np.float32)
+    x = x[np.isfinite(x)]
+    back = np.asarray(fp8_gemm.to_float16(jnp.asarray(x, jnp.bfloat16), exponent), np.float32) * 2.0 ** exponent
+    mag = np.abs(x)
+    exact = (mag >= 2.0 ** (exponent - 17)) & (mag < 2.0 ** (exponent + 16))
+    assert exact.sum() > 6000  # most of bf16's normal values within float16's 30 binades and more
+    np.testing.assert_array_equal(back[exact], x[exact])
+    small = mag < 2.0 ** (exponent - 17)  # rounded to a multiple of 2^(exponent - 24)
+    assert float(np.max(np.abs(back[small] - x[small]))) <= 2.0 ** (exponent - 25)
+    assert np.all(np.isinf(back[mag >= 2.0 ** (exponent + 16)]))  # beyond: overflow, not a wrong finite value
 
 
 def _chunked_lane(cfg, params, runs, name):

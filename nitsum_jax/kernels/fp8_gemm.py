@@ -9,13 +9,16 @@ buffer and the layer index and streams that layer's tiles from HBM with TMA copi
 The product is computed transposed, y^T = W @ x^T, so the weight is the wgmma's left operand:
 64 output channels a warpgroup, its fp8 tile upcast in registers (to float16: sm_90's cvt has
 no e4m3 -> bf16 form), times the activation tile from shared memory, accumulated in float32.
-The activations are cast to float16. Where they are not bounded by construction (w_down's input,
-silu(gate) * up, where Llama models grow their largest activations) a row whose largest |x|
-passes 2^14 is first divided by a power of two that brings it under (exact), and its product
-multiplied back (`float16_rows`), so it neither overflows nor loses precision. The other inputs
-come out of an RMSNorm (|x| <= sqrt(dim) * the norm weight: 64 x it for Llama-3.1-8B) or an
-attention average (within the values' range); the row scaling costs a reduction a gemm (about
-0.08 ms of a Llama-3.1-8B b8 step each: 0.32 ms for the four at d248c30), so they go without it.
+The activations are cast to float16 after a fixed power-of-two scaling, x * 2^-e, and the
+product multiplied back by 2^e (`to_float16`): float16's 11 significant bits hold every bf16
+value (8 bits) whose scaled magnitude lies in [2^-17, 2^16), so the cast is exact for
+|x| in [2^(e-17), 2^(e+16)); smaller values round to multiples of 2^(e-24), far under the fp8
+weights' own rounding. The inputs that come out of an RMSNorm (|x| <= sqrt(dim) * the norm
+weight: 64 x it for Llama-3.1-8B) or an attention average (within the values' range) take e = 0;
+w_down's input, silu(gate) * up, where Llama models grow their largest activations, takes
+`DOWN_EXPONENT` (exact up to 2^24, about 1.7e7). A fixed exponent costs nothing: the scaling fuses
+into the cast's producer and the multiply back into the scale's; a per-row one needs a reduction
+a gemm (0.1 ms of a Llama-3.1-8B b8 step for w_down alone, 1x H200).
 Few output tiles (wo, w_down: 64 of them for Llama-3.1-8B) would leave SMs idle, so the
 contracted axis is also split `splits` ways; the partial sums come back [pieces * splits, N, M]
 and the caller adds them (with the scale and the transpose, one small XLA fusion).
@@ -116,33 +119,30 @@ def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: in
     return kernel(layer, x, w)
 
 
-F16_ROW_MAX = 2.0 ** 14  # a row's largest |x| in the kernel: float16 reaches 65504, sums of products stay in float32
+DOWN_EXPONENT = 8  # w_down's input is scaled by 2^-8 as it is cast (see the module docstring)
 
 
-def float16_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [M, K] -> (x / s in float16, s float32 [M, 1]): s = 1 for rows whose largest |x| is at most
-    F16_ROW_MAX, else the power of two that brings it to at most that, so x / s is exact."""
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True)
-    s = jnp.where(amax > F16_ROW_MAX, jnp.exp2(jnp.ceil(jnp.log2(amax / F16_ROW_MAX))), 1.0)
-    return (x.astype(jnp.float32) / s).astype(jnp.float16), s
+def to_float16(x: jax.Array, exponent: int = 0) -> jax.Array:
+    """x * 2^-exponent in float16: exact for |x| in [2^(exponent-17), 2^(exponent+16)) when x is
+    bf16 (a power of two only moves the exponent, and float16 has more significant bits)."""
+    return (x.astype(jnp.float32) * 2.0 ** -exponent).astype(jnp.float16)
 
 
 def matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int = 1, n: int | None = None,
-           scale_rows: bool = True) -> jax.Array:
+           exponent: int = 0) -> jax.Array:
     """x [M, pieces * K] times layer `layer` of w [L, P, N, K] (fp8), its first `pieces` pieces
     summed and its first `n` output channels (default all): float32 [M, n], unscaled. M is
-    padded to a multiple of 8 (the wgmma's N). `scale_rows`: bring rows of large activations into
-    float16's range (`float16_rows`); False casts them as they are."""
+    padded to a multiple of 8 (the wgmma's N). x reaches the kernel as `to_float16(x, exponent)`
+    and the product is multiplied back by 2^exponent."""
     m = x.shape[0]
     padded = -(-m // 8) * 8
     if padded != m:
         x = jnp.pad(x, ((0, padded - m), (0, 0)))
     n = w.shape[2] if n is None else n
-    x16, row_scale = float16_rows(x) if scale_rows else (x.astype(jnp.float16), None)
-    parts = partial_products(x16, w, jnp.asarray(layer, jnp.int32).reshape(1), pieces=pieces,
+    parts = partial_products(to_float16(x, exponent), w, jnp.asarray(layer, jnp.int32).reshape(1), pieces=pieces,
                              splits=splits_for(n, w.shape[3], pieces, padded), n=n)
     y = parts.sum(axis=0).T
-    return (y if row_scale is None else y * row_scale)[:m]
+    return (y * 2.0 ** exponent if exponent else y)[:m]
 
 
 def reference_partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, splits: int, n: int,
