@@ -500,10 +500,7 @@ def forward(params: Params, kv: KVCache, step: StepInput, cfg: LlamaConfig,
     fused = T == 1 and impl in ("kernel", "interpret")
     rope = rope_rows(positions[:, 0], inv_freq, cfg.head_dim) if fused else None
     live = valid.astype(jnp.int32)  # converted once, not in every layer
-    # The kernel's row scale, unfolded: 1 for a live row (an idle row's output is dropped and its
-    # KV never written, so its 0 changes nothing). Made from the step's input rather than as a
-    # constant, which XLA would sink into the layer loop and rebuild in every layer.
-    unit_rows = live[:, 0].astype(jnp.float32) if fused and not folded else None
+    unit_rows = jnp.ones((B,), jnp.float32) if fused and not folded else None  # the kernel's row scale, unfolded
     # Unfolded, a layer's two norm weights are one slice [2, D] of one stacked buffer: XLA copies
     # the slice a norm fusion reads out first, and one copy a layer is cheaper than two.
     norms = None if folded else jnp.stack([params.attn_norm, params.mlp_norm], axis=1)  # [L, 2, D]

@@ -20,11 +20,8 @@ w_down's input, silu(gate) * up, where Llama models grow their largest activatio
 into the cast's producer and the multiply back into the scale's; a per-row one needs a reduction
 a gemm (0.1 ms of a Llama-3.1-8B b8 step for w_down alone, 1x H200).
 Few output tiles (wo, w_down: 64 of them for Llama-3.1-8B) would leave SMs idle, so the
-contracted axis is also split `splits` ways. Each program stores its [64, M] accumulator
-transposed (a register shuffle to wgmma's transposed layout, then a transposed view of a swizzled
-tile), so the partial sums come back [pieces * splits, M, N], rows first: the caller's sum, scale
-and cast are one elementwise XLA fusion with the gemm's consumer (silu(gate) * up; the residual
-add), not a transpose of their own.
+contracted axis is also split `splits` ways; the partial sums come back [pieces * splits, N, M]
+and the caller adds them (with the scale and the transpose, one small XLA fusion).
 
 Weights are [L, P, N, K]: L layers, P pieces of the contracted axis (the chunks of a weight
 whose chunks split its input; 1 otherwise), N output channels, K contracted (contiguous): the
@@ -76,7 +73,7 @@ def _transforms(minor: int, dtype):
 def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, splits: int, n: int,
                      rows: int = ROWS, stages: int = STAGES, delay: int = 0) -> jax.Array:
     """x [M, pieces * K] (M a multiple of 8), w [L, P, >= n, K] fp8, layer int32 [1] -> float32
-    [pieces * splits, M, n]: the partial products of w[layer, p, :n] with x's piece p, summed
+    [pieces * splits, n, M]: the partial products of w[layer, p, :n] with x's piece p, summed
     over a split of K each. `rows` output channels a program (64 a warpgroup's wgmma), `stages`
     copies in flight, `delay`: wgmmas left running a step (their tiles released a step later)."""
     import jax.experimental.pallas as pl
@@ -109,15 +106,14 @@ def partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: in
                 plgpu.wgmma_wait(0)
             return acc[...]
 
-        acc = pl.run_scoped(accumulate, plgpu.ACC((rows, m), jnp.float32))  # [channels, rows of x]
-        plgpu.transpose_ref(out_smem, (1, 0))[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
+        out_smem[...] = pl.run_scoped(accumulate, plgpu.ACC((rows, m), jnp.float32))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[part, :, out_rows])
+        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[part, out_rows])
         plgpu.wait_smem_to_gmem(0)
 
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((pieces * splits, m, n), jnp.float32),
-        scratch_types=dict(out_smem=plgpu.SMEM((m, rows), jnp.float32, transforms=_transforms(rows, jnp.float32))),
+        body, out_type=jax.ShapeDtypeStruct((pieces * splits, n, m), jnp.float32),
+        scratch_types=dict(out_smem=plgpu.SMEM((rows, m), jnp.float32)),
         grid=(n // rows, pieces * splits), grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return kernel(layer, x, w)
@@ -145,7 +141,7 @@ def matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int = 1, n: 
     n = w.shape[2] if n is None else n
     parts = partial_products(to_float16(x, exponent), w, jnp.asarray(layer, jnp.int32).reshape(1), pieces=pieces,
                              splits=splits_for(n, w.shape[3], pieces, padded), n=n)
-    y = parts.sum(axis=0)
+    y = parts.sum(axis=0).T
     return (y * 2.0 ** exponent if exponent else y)[:m]
 
 
@@ -161,5 +157,5 @@ def reference_partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, 
         for s in range(splits):
             cols = slice(s * per_split, (s + 1) * per_split)
             xs = x[:, p * k:(p + 1) * k][:, cols].astype(jnp.float32)
-            parts.append(xs @ wl[p, :n, cols].T)
+            parts.append(wl[p, :n, cols] @ xs.T)
     return jnp.stack(parts)
