@@ -227,8 +227,8 @@ def step_options(params, devices: list) -> dict:
 def _warn_fp8_speed() -> None:
     """Once a process: where fp8 lanes on a GPU are slower than bf16 ones."""
     logging.getLogger("nitsum_jax").warning(
-        "fp8 weights on a GPU: decode steps of up to 64 rows on one-device lanes run the fp8 kernel (1.1-1.3x "
-        "the bf16 step at batch 1-32, 0.95-1.03x at 64, on an H200); prefill steps, larger batches and multi-device "
+        "fp8 weights on a GPU: decode steps of up to 64 rows on one-device lanes run the fp8 kernel (1.4-1.5x "
+        "the bf16 step at batch 1-8, 1.1-1.2x at 32-64, on an H200); prefill steps, larger batches and multi-device "
         "lanes take XLA gemms that copy each layer's fp8 slice first (decode steps that way ran at 0.58-0.67x; "
         "docs/fp8.md)")
 
