@@ -87,7 +87,7 @@ def weight_bytes_read(lane) -> int:
 
 
 def profile_step(lane, inputs, steps=5) -> tuple[list[dict], dict]:
-    """GPU kernel time per step by kernel name (top 15), from a jax.profiler trace of `steps` steps
+    """GPU kernel time and launches per step by kernel name (top 15), from a jax.profiler trace of `steps` steps
     enqueued back to back and waited for once (as `time_pipelined` and the engine's chained decode
     run them); and that trace's timeline per step: from the first kernel's start to the last one's
     end (`window_ms`), with a kernel running (`busy_ms`) or none (`idle_ms`), and the longest idle
@@ -101,6 +101,7 @@ def profile_step(lane, inputs, steps=5) -> tuple[list[dict], dict]:
     files = glob.glob(f"{out_dir}/**/*.xplane.pb", recursive=True)
     data = jax.profiler.ProfileData.from_file(files[0])
     per_name: dict[str, float] = {}
+    launches: dict[str, int] = {}
     events: list[tuple[int, int, str]] = []
     gpu0 = str(lane.devices[0].id)
     for plane in data.planes:
@@ -111,11 +112,14 @@ def profile_step(lane, inputs, steps=5) -> tuple[list[dict], dict]:
                 continue
             for ev in line.events:
                 per_name[ev.name] = per_name.get(ev.name, 0.0) + ev.duration_ns / 1e6 / steps
+                launches[ev.name] = launches.get(ev.name, 0) + 1
                 events.append((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name))
     top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
     # every kernel together (ms a step, summed over streams: overlapping streams can exceed the step)
-    total = {"kernel": "(all kernels, GPU %s)" % gpu0, "ms_per_step": round(sum(per_name.values()), 4)}
-    return [total] + [{"kernel": k[:120], "ms_per_step": round(v, 4)} for k, v in top], timeline(events, steps)
+    total = {"kernel": "(all kernels, GPU %s)" % gpu0, "ms_per_step": round(sum(per_name.values()), 4),
+             "launches_per_step": sum(launches.values()) / steps}
+    return [total] + [{"kernel": k[:120], "ms_per_step": round(v, 4), "launches_per_step": launches[k] / steps}
+                      for k, v in top], timeline(events, steps)
 
 
 def timeline(events: list[tuple[int, int, str]], steps: int) -> dict:
