@@ -4,8 +4,8 @@ fp8 model follows the bf16 one (greedy continuations, teacher-forced NLL).
     PYTHONPATH=. python bench/gpu_fp8.py --out $OUT
     PYTHONPATH=. python bench/gpu_fp8.py --agree-checkpoint CKPT --out $OUT   # a converted HF model
 
-Step: `--preset` (default llama-3.1-8b) with random weights drawn on the device, a TP1 lane per
-format, decode at `--context` (each row its own pages): the median of `--repeats` steps each waited
+Step: `--preset` (default llama-3.1-8b) with random weights drawn on the device, a lane of
+`--tp` devices (default 1) per format, decode at `--context` (each row its own pages): the median of `--repeats` steps each waited
 for, and steps enqueued back to back (`b2b_ms`, as the engine's chained decode runs them);
 floor = (weight bytes + KV bytes) / the best device-to-device copy measured in the same run
 (copy_bandwidth.py). `speedup_at_floor` is bf16's floor over fp8's: the most fp8 weights can give
@@ -60,7 +60,8 @@ def time_format(cfg, weights: str, args, bandwidth: float) -> dict:
                       min_move_pages=args.max_seq_len // 16)
     t0 = time.perf_counter()
     params = abstract_params(cfg, weights="fp8") if weights == "fp8" else None
-    ps = PlanSet(cfg, params, parse_plans("t1: all=tp1@0"), num_pages=max(batches) * -(-args.context // 16) + 64,
+    lane_devices = "0" if args.tp == 1 else f"0-{args.tp - 1}"
+    ps = PlanSet(cfg, params, parse_plans(f"t: all=tp{args.tp}@{lane_devices}"), num_pages=max(batches) * -(-args.context // 16) + 64,
                  page_size=16, grid=grid)
     startup = time.perf_counter() - t0
     lane = next(iter(ps.lanes.values()))
@@ -73,7 +74,7 @@ def time_format(cfg, weights: str, args, bandwidth: float) -> dict:
         t, spread = time_step(lane, inputs, args.repeats)
         b2b = time_pipelined(lane, inputs, 3 * args.repeats)
         tokens, _ = jax.device_get(lane.dispatch(*inputs))
-        kv = b * args.context * kv_bytes_per_page(cfg, 1)
+        kv = b * args.context * kv_bytes_per_page(cfg, 1) / args.tp  # a device's kv heads
         floor = (wbytes + kv) / bandwidth
         out["rows"].append({"batch": b, "step_ms": t * 1e3, "spread_ms": spread * 1e3, "b2b_ms": b2b * 1e3,
                             "floor_ms": floor * 1e3,
@@ -186,6 +187,7 @@ def kernel_check(cfg, rows=(1, 8, 64)) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b", help="shape of the timed model (random weights)")
+    ap.add_argument("--tp", type=int, default=1, help="devices of the timed lane (a power of two)")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--max-seq-len", type=int, default=2048)
@@ -203,7 +205,7 @@ def main():
     copies = copy_bandwidth.measure(jax.devices()[0], args.copy_gib)
     print(f"MBU denominator: {copies['GBps']:.0f} GB/s ({copies['best']})", flush=True)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
-               "context": args.context, "hbm_GBps": copies["GBps"], "copy_bandwidth": copies,
+               "context": args.context, "tp": args.tp, "hbm_GBps": copies["GBps"], "copy_bandwidth": copies,
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "formats": {}}
     try:  # the kernel runs on a GPU only
         results["kernel_check"] = kernel_check(cfg) if jax.default_backend() == "gpu" else None

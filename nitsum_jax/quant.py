@@ -12,10 +12,10 @@ chunk of the weight and its scale are cut along the same axis; a weight whose ch
 input (wo, w_down) has a scale of size 1 on that axis, and every chunk holds all of it.
 
 The matmul upcasts q to the activation dtype inside the dot and applies the scale to the
-product: y = (x @ q) * scale. Decode steps on a GPU (up to 64 rows, one-device lanes) run the
-layer gemms as a Mosaic GPU kernel that reads the layer of the stacked fp8 buffer in place
-(`kernels.fp8_gemm`; `Fp8Layer`, `layer_kernel`), which is why placed groups store their fp8
-values with the input axes last. Other GPU steps take XLA's Triton gemms, which fuse the upcast
+product: y = (x @ q) * scale. Decode steps on a GPU (up to 64 rows) run the layer gemms as a
+Mosaic GPU kernel that reads the layer of the stacked fp8 buffer in place (`kernels.fp8_gemm`;
+`Fp8Layer`, `layer_kernel`; on a lane of several devices each runs it on its own part of the
+weights), which is why placed groups store their fp8 values with the input axes last. Other GPU steps take XLA's Triton gemms, which fuse the upcast
 (cuBLAS has no bf16 x fp8 gemm; without Triton XLA writes the upcast weights out, `step_options`)
 but not the layer loop's dynamic slice: XLA copies each layer's fp8 values out first, so those
 steps are slower than bf16 ones (docs/fp8.md). On a CPU the same program computes with the
@@ -143,15 +143,17 @@ def use_kernel() -> bool:
 
 def layer_kernel(spec: str, x: jax.Array, ref: Fp8Layer) -> jax.Array | None:
     """`spec`'s product by the decode kernel, reading the layer in place; None where it does not
-    apply (not a GPU, more than one device a lane, too many rows, shapes it does not tile)."""
+    apply (not a GPU, too many rows, shapes it does not tile). On a lane of several devices each
+    runs the kernel on its own part of the weight (`fp8_gemm.column_matmul`, `row_matmul`)."""
     from nitsum_jax.kernels import fp8_gemm
 
     inputs, out = spec.split("->")
     x_axes, w_axes = inputs.split(",")
-    q, scale = ref.w.q, ref.w.scale  # [L, tp, n, *outputs, *inputs] and [L, tp, n|1, ...] (own order)
+    q, scale = ref.w.q, ref.w.scale  # [L, tp, n, *outputs, *inputs] and [L, tp|1, n|1, ...] (own order)
     n_in = ref.w.inputs_last
-    if not use_kernel() or q.shape[1] != 1:
+    if not use_kernel():
         return None
+    tp = q.shape[1]
     out_dims, in_dims = q.shape[3:q.ndim - n_in], q.shape[q.ndim - n_in:]
     n_out, k = math.prod(out_dims), math.prod(in_dims)
     column = w_axes[1] in out  # wqkv, gate/up: the chunks are output axes; wo, w_down: summed
@@ -159,17 +161,17 @@ def layer_kernel(spec: str, x: jax.Array, ref: Fp8Layer) -> jax.Array | None:
     m = math.prod(lead)
     if not fp8_gemm.supported(n_out, k, m):
         return None
-    layer_scale = jax.lax.dynamic_index_in_dim(scale, ref.layer, keepdims=False)[0]  # [n|1, ...]
+    layer_scale = jax.lax.dynamic_index_in_dim(scale, ref.layer, keepdims=False)  # [tp|1, n|1, ...]
     if column:  # x [B, T, D]; the used chunks' output channels are one contiguous run of rows
-        w = q.reshape(q.shape[0], 1, q.shape[2] * n_out, k)
-        y = fp8_gemm.matmul(x.reshape(m, k), w, ref.layer, n=ref.used * n_out)  # normed rows: exponent 0
-        y = y * layer_scale[:ref.used].reshape(1, -1)
-        return y.astype(x.dtype).reshape(lead + (1, ref.used) + tuple(out_dims))
+        w = q.reshape(q.shape[0], tp, q.shape[2] * n_out, k)
+        y = fp8_gemm.column_matmul(x.reshape(m, k), w, ref.layer, n=ref.used * n_out)  # normed rows: exponent 0
+        y = y * layer_scale[:, :ref.used].reshape(1, tp, -1)
+        return y.astype(x.dtype).reshape(lead + (tp, ref.used) + tuple(out_dims))
     # x [B, T, tp, R, *inputs]: chunk r's inputs against piece r of the weight, summed
-    w = q.reshape(q.shape[0], q.shape[2], n_out, k)
+    w = q.reshape(q.shape[0], tp, q.shape[2], n_out, k)
     # w_down's input (silu(gate) * up) is the one not bounded by a norm or an average
     exponent = fp8_gemm.DOWN_EXPONENT if w_axes[2:] == "FD" else 0
-    y = fp8_gemm.matmul(x.reshape(m, ref.used * k), w, ref.layer, pieces=ref.used, exponent=exponent)
+    y = fp8_gemm.row_matmul(x.reshape(m, tp, ref.used, k), w, ref.layer, pieces=ref.used, exponent=exponent)
     return (y * layer_scale.reshape(1, -1)).astype(x.dtype).reshape(lead + tuple(out_dims))
 
 
@@ -227,10 +229,10 @@ def step_options(params, devices: list) -> dict:
 def _warn_fp8_speed() -> None:
     """Once a process: where fp8 lanes on a GPU are slower than bf16 ones."""
     logging.getLogger("nitsum_jax").warning(
-        "fp8 weights on a GPU: decode steps of up to 64 rows on one-device lanes run the fp8 kernel (1.4-1.5x "
-        "the bf16 step at batch 1-8, 1.1-1.2x at 32-64, on an H200); prefill steps, larger batches and multi-device "
-        "lanes take XLA gemms that copy each layer's fp8 slice first (decode steps that way ran at 0.58-0.67x; "
-        "docs/fp8.md)")
+        "fp8 weights on a GPU: decode steps of up to 64 rows run the fp8 kernel (on one H200 1.4-1.5x the bf16 "
+        "step at batch 1-8, 1.1-1.2x at 32-64; lanes of several GPUs run it on each device's part of the weights, "
+        "not yet timed); prefill steps and larger batches take XLA gemms that copy each layer's fp8 slice first "
+        "(decode steps that way ran at 0.58-0.67x; docs/fp8.md)")
 
 
 def numpy_quantize(w: np.ndarray, contracted: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

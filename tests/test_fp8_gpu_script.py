@@ -25,6 +25,13 @@ def test_gpu_fp8_times_both_formats_and_compares_their_tokens(tmp_path):
     assert abs(agree["nll_relative_diff"]) < 0.05
 
 
+def test_gpu_fp8_times_a_lane_of_two_devices(tmp_path):
+    out = run_script(["bench/gpu_fp8.py", "--preset", "tiny", "--tp", "2", "--batches", "2", "--context", "32",
+                      "--max-seq-len", "64", "--repeats", "2", "--profile", "0", "--agree-preset", "tiny",
+                      "--agree-prompts", "1", "--agree-tokens", "4", "--copy-gib", "0.01"], 2, tmp_path)
+    assert out["tp"] == 2 and all(out["formats"][f]["rows"][0]["step_ms"] > 0 for f in ("bf16", "fp8"))
+
+
 def test_fp8_quality_trains_converts_both_ways_and_compares_on_held_out_text(tmp_path):
     out = run_script(["bench/fp8_quality.py", "--steps", "3", "--batch", "2", "--seq", "64", "--dim", "64",
                       "--layers", "1", "--heads", "4", "--ffn", "128", "--prompts", "2", "--tokens", "16",

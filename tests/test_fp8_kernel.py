@@ -24,11 +24,13 @@ def _lowered(f, *args) -> str:
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.2-1b"])
 @pytest.mark.parametrize("rows", [1, 8, 64])
-def test_kernel_lowers_for_every_layer_gemm_of_a_preset(name, rows):
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_kernel_lowers_for_every_layer_gemm_of_a_preset(name, rows, tp):
+    """On each device of a lane of `tp`: q/k/v and gate/up cut by output channels, o and down by inputs."""
     cfg = preset(name)
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    shapes = [(qkv, cfg.dim, 1), (2 * cfg.ffn_dim, cfg.dim, 1), (cfg.dim, cfg.num_heads * cfg.head_dim, 1),
-              (cfg.dim, cfg.ffn_dim, 1)]
+    shapes = [(qkv // tp, cfg.dim, 1), (2 * cfg.ffn_dim // tp, cfg.dim, 1),
+              (cfg.dim, cfg.num_heads * cfg.head_dim // tp, 1), (cfg.dim, cfg.ffn_dim // tp, 1)]
     for n, k, pieces in shapes:
         assert fp8_gemm.supported(n, k, rows)
         x = jax.ShapeDtypeStruct((rows, pieces * k), jnp.bfloat16)
@@ -146,3 +148,44 @@ def test_the_kernels_reshapes_cover_chunked_lanes(monkeypatch, runs_of):
     for g, w in zip(got, want):
         assert g.token_ids == w.token_ids
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=2e-2)
+
+
+def test_lanes_of_several_devices_run_the_kernel_on_their_own_part_of_each_weight(monkeypatch):
+    """Every lane of the default plans on 4 devices (TP4; TP2 and TP1 lanes of a shared 4-chunk
+    set) through the kernel's path, the kernel replaced by its plain-JAX definition: the fp8
+    model's tokens, every layer gemm on the kernel's path, and no weight gathered onto a device
+    (each device runs the kernel on its own shard; o and down add their partial sums)."""
+    import dataclasses
+
+    from nitsum_jax.generate import Generator
+    from nitsum_jax.plans import BucketGrid, PlanSet, default_plans
+    from nitsum_jax.quant import quantize_params
+    from nitsum_jax.sampling import SamplingParams
+
+    cfg = dataclasses.replace(preset("tiny"), head_dim=64, ffn_dim=512)
+    fp8 = quantize_params(init_params(cfg, jax.random.key(1)))
+    greedy = SamplingParams(max_tokens=8, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    prompts = [[256] + [int(t) for t in rng.integers(0, 256, size=n)] for n in (5, 13, 20)]
+    want = Generator(cfg, fp8, page_size=8, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, greedy)
+
+    shapes = []
+
+    def reference(x, w, layer, **kw):
+        shapes.append((x.shape[1], kw["n"], kw["pieces"]))
+        return fp8_gemm.reference_partial_products(x, w, layer, **kw)
+
+    monkeypatch.setattr(quant, "use_kernel", lambda: True)
+    monkeypatch.setattr(fp8_gemm, "partial_products", reference)
+    grid = BucketGrid(decode_batch=(4,), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
+    ps = PlanSet(cfg, fp8, default_plans(4, cfg), num_pages=32, page_size=8, grid=grid)
+    # each device's own part: at TP4 q/k/v 384 channels (2 q + 2 k + 2 v heads of 64), o 128 inputs
+    assert {(128, 384, 1), (128, 128, 1)} <= {(k, n, p) for k, n, p in shapes} and len(shapes) >= 3 * 4
+    for lane in ps.lanes.values():
+        got = Generator(cfg, runner=lane, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, greedy)
+        for g, w in zip(got, want):
+            assert g.token_ids == w.token_ids, lane.name
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=2e-2, err_msg=lane.name)
+        if lane.spec.tp > 1:
+            hlo = lane._steps[(4, 1)].as_text()
+            assert "all-gather" not in hlo and "all-reduce" in hlo, lane.name

@@ -145,6 +145,96 @@ def matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int = 1, n: 
     return (y * 2.0 ** exponent if exponent else y)[:m]
 
 
+def column_matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, n: int, exponent: int = 0) -> jax.Array:
+    """x [M, K] times layer `layer` of w [L, tp, N, K] (fp8), the first `n` output channels of
+    each of tp's parts: float32 [M, tp, n], unscaled. On a lane of several devices (tp sharded)
+    each device runs the kernel on its own output channels (`_column_partitioned`)."""
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    if w.shape[1] == 1:
+        return matmul(x, w, layer, n=n, exponent=exponent)[:, None]
+    return _column_partitioned(x, w, layer, n, exponent)
+
+
+def row_matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, exponent: int = 0) -> jax.Array:
+    """x [M, tp, pieces, K] times layer `layer` of w [L, tp, P, n, K] (fp8), summed over tp and the
+    first `pieces` of P: float32 [M, n], unscaled. On a lane of several devices (tp sharded) each
+    device sums its own pieces with the kernel and the partitioner adds the devices' sums."""
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    if w.shape[1] == 1:
+        m, _, p, k = x.shape
+        return matmul(x.reshape(m, p * k), w.reshape(w.shape[:1] + w.shape[2:]), layer, pieces=pieces,
+                      exponent=exponent)
+    return _row_partitioned(x, w, layer, pieces, exponent).sum(axis=0)
+
+
+# -- lanes of several devices --------------------------------------------------------------
+# Lanes jit their steps with shardings (GSPMD / Shardy); an opaque kernel call would make the
+# partitioner gather the weights onto every device. `custom_partitioning` says the kernel runs
+# per device on its own part of the tp axis: for column weights (q/k/v, gate/up) its output
+# channels, for row weights (o, down) its share of the contracted axis, whose partial sums come
+# back with the tp axis leading for the partitioner to add.
+
+
+def _column_on_shard(x, w, layer, n, exponent):
+    """x [M, K]; w [L, t, N, K] (t = 1 on a device of the lane) -> float32 [M, t, n]."""
+    return jnp.stack([matmul(x, w[:, i:i + 1], layer, n=n, exponent=exponent) for i in range(w.shape[1])], axis=1)
+
+
+def _row_on_shard(x, w, layer, pieces, exponent):
+    """x [M, t, p, K]; w [L, t, P, n, K] (t = 1 on a device) -> float32 [t, M, n], each part's sum."""
+    m, t, p, k = x.shape
+    return jnp.stack([matmul(x[:, i].reshape(m, p * k), w[:, i], layer, pieces=pieces, exponent=exponent)
+                      for i in range(t)])
+
+
+def _tp_axis(w_shape):
+    spec = getattr(w_shape.sharding, "spec", None)
+    return spec[1] if spec is not None and len(spec) > 1 else None
+
+
+def _spec(mesh, *axes):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(mesh, PartitionSpec(*axes))
+
+
+def _column_infer(n, exponent, mesh, arg_shapes, result_shape):
+    return _spec(mesh, None, _tp_axis(arg_shapes[1]))
+
+
+def _column_partition(n, exponent, mesh, arg_shapes, result_shape):
+    axis = _tp_axis(arg_shapes[1])
+    return (mesh, functools.partial(_column_on_shard, n=n, exponent=exponent), _spec(mesh, None, axis),
+            (_spec(mesh), _spec(mesh, None, axis), _spec(mesh)))
+
+
+def _row_infer(pieces, exponent, mesh, arg_shapes, result_shape):
+    return _spec(mesh, _tp_axis(arg_shapes[1]))
+
+
+def _row_partition(pieces, exponent, mesh, arg_shapes, result_shape):
+    axis = _tp_axis(arg_shapes[1])
+    return (mesh, functools.partial(_row_on_shard, pieces=pieces, exponent=exponent), _spec(mesh, axis),
+            (_spec(mesh, None, axis), _spec(mesh, None, axis), _spec(mesh)))
+
+
+def _partitioned(on_shard, infer, partition, rule, replicated):
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    fn = custom_partitioning(on_shard, static_argnums=(3, 4))
+    fn.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                     need_replication_factors=replicated)
+    return fn
+
+
+# Factors: m rows, k contracted, l layers, t the tp axis (the only sharded one), o output channels
+# (n of the weight's N for columns), u the layer index, p / q the pieces read / held.
+_column_partitioned = _partitioned(_column_on_shard, _column_infer, _column_partition,
+                                   "m k, l t n k, u -> m t o", ("m", "k", "l", "n", "u", "o"))
+_row_partitioned = _partitioned(_row_on_shard, _row_infer, _row_partition,
+                                "m t p k, l t q o k, u -> t m o", ("m", "p", "k", "l", "q", "o", "u"))
+
+
 def reference_partial_products(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, splits: int, n: int,
                                **_) -> jax.Array:
     """What `partial_products` computes, in plain JAX (float32): the tests' oracle on hosts
