@@ -4,6 +4,8 @@ any host) for the shapes of the presets, and a GPU decode step of fp8 weights ca
 of the four layer gemms. Its numbers are checked on a GPU: `bench/gpu_fp8.py` compares its step
 with the same step through XLA's gemms (`kernel_check` in its results)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +13,12 @@ import pytest
 
 from nitsum_jax import quant
 from nitsum_jax.config import preset
+from nitsum_jax.generate import Generator
 from nitsum_jax.kernels import fp8_gemm
 from nitsum_jax.kv import allocate_kv_cache
 from nitsum_jax.model import StepInput, forward, init_params, place
+from nitsum_jax.quant import quantize_params
+from nitsum_jax.sampling import SamplingParams
 
 MOSAIC = "mosaic_gpu"
 
@@ -92,6 +97,37 @@ def test_every_bf16_activation_in_the_exponents_range_reaches_the_kernel_exactly
     assert np.all(np.isinf(back[mag >= 2.0 ** (exponent + 16)]))  # beyond: overflow, not a wrong finite value
 
 
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def wide_fp8():
+    """The tiny preset with wider heads and ffn, so that a chunk's (or a device's) wo and w_down
+    inputs, 128 wide, tile: its config, fp8 params, three prompts and their greedy continuations
+    by the single-device fp8 model through XLA's gemms."""
+    cfg = dataclasses.replace(preset("tiny"), head_dim=64, ffn_dim=512)
+    fp8 = quantize_params(init_params(cfg, jax.random.key(1)))
+    rng = np.random.default_rng(0)
+    prompts = [[256] + [int(t) for t in rng.integers(0, 256, size=n)] for n in (5, 13, 20)]
+    want = Generator(cfg, fp8, page_size=8, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, GREEDY)
+    return cfg, fp8, prompts, want
+
+
+def _kernel_by_definition(monkeypatch, record) -> list:
+    """Steps built from here on take the kernel's path with the kernel replaced by its plain-JAX
+    definition (`reference_partial_products`; the kernel runs on a GPU only); returns the list of
+    `record(x, keywords)` of each call, made as the programs are traced and partitioned."""
+    calls = []
+
+    def reference(x, w, layer, **kw):
+        calls.append(record(x, kw))
+        return fp8_gemm.reference_partial_products(x, w, layer, **kw)
+
+    monkeypatch.setattr(quant, "use_kernel", lambda: True)  # what a GPU backend answers
+    monkeypatch.setattr(fp8_gemm, "partial_products", reference)
+    return calls
+
+
 def _chunked_lane(cfg, params, runs, name):
     from jax.sharding import Mesh
 
@@ -110,39 +146,20 @@ def _chunked_lane(cfg, params, runs, name):
 
 
 @pytest.mark.parametrize("runs_of", [((0, 1, 2, 3),), ((0, 1), (2, 3))])
-def test_the_kernels_reshapes_cover_chunked_lanes(monkeypatch, runs_of):
+def test_the_kernels_reshapes_cover_chunked_lanes(monkeypatch, runs_of, wide_fp8):
     """A TP1 lane holding four chunks (one run of all, or two runs of two: a lane of two layer
     groups) through the kernel's path, with the kernel itself replaced by its plain-JAX
     definition (`reference_partial_products`; the kernel runs on a GPU only): the same greedy
-    tokens as the single-device fp8 model through XLA's gemms, the kernel path taken. The tiny
-    preset with wider heads and ffn, so that a chunk's wo and w_down inputs (128 wide) tile."""
-    import dataclasses
-
-    from nitsum_jax.generate import Generator
+    tokens as the single-device fp8 model through XLA's gemms, the kernel path taken."""
     from nitsum_jax.model import ChunkLayout
     from nitsum_jax.plans.layout import WeightRuns
-    from nitsum_jax.quant import quantize_params
-    from nitsum_jax.sampling import SamplingParams
 
-    cfg = dataclasses.replace(preset("tiny"), head_dim=64, ffn_dim=512)
-    fp8 = quantize_params(init_params(cfg, jax.random.key(1)))
-    greedy = SamplingParams(max_tokens=8, ignore_eos=True)
-    rng = np.random.default_rng(0)
-    prompts = [[256] + [int(t) for t in rng.integers(0, 256, size=n)] for n in (5, 13, 20)]
-    want = Generator(cfg, fp8, page_size=8, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, greedy)
-
-    calls = []
-
-    def reference(*args, **kw):
-        calls.append(kw["pieces"])
-        return fp8_gemm.reference_partial_products(*args, **kw)
-
-    monkeypatch.setattr(quant, "use_kernel", lambda: True)
-    monkeypatch.setattr(fp8_gemm, "partial_products", reference)
+    cfg, fp8, prompts, want = wide_fp8
+    calls = _kernel_by_definition(monkeypatch, lambda x, kw: kw["pieces"])
     runs = WeightRuns(runs={0: runs_of}, lanes={(0,): tuple(((i,), len(r)) for i, r in enumerate(runs_of))},
                       layouts={(0,): ChunkLayout(4, ((0, 1, 2, 3),))})
     lane = _chunked_lane(cfg, fp8, runs, f"tp1@0/runs{len(runs_of)}")
-    got = Generator(cfg, runner=lane, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, greedy)
+    got = Generator(cfg, runner=lane, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, GREEDY)
     # traced once a program: each group's q/k/v, o, gate/up and down; wo and w_down read `used` pieces
     assert sorted(set(calls)) == sorted({1} | {len(r) for r in runs_of})
     for g, w in zip(got, want):
@@ -150,39 +167,21 @@ def test_the_kernels_reshapes_cover_chunked_lanes(monkeypatch, runs_of):
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=2e-2)
 
 
-def test_lanes_of_several_devices_run_the_kernel_on_their_own_part_of_each_weight(monkeypatch):
+def test_lanes_of_several_devices_run_the_kernel_on_their_own_part_of_each_weight(monkeypatch, wide_fp8):
     """Every lane of the default plans on 4 devices (TP4; TP2 and TP1 lanes of a shared 4-chunk
     set) through the kernel's path, the kernel replaced by its plain-JAX definition: the fp8
     model's tokens, every layer gemm on the kernel's path, and no weight gathered onto a device
     (each device runs the kernel on its own shard; o and down add their partial sums)."""
-    import dataclasses
-
-    from nitsum_jax.generate import Generator
     from nitsum_jax.plans import BucketGrid, PlanSet, default_plans
-    from nitsum_jax.quant import quantize_params
-    from nitsum_jax.sampling import SamplingParams
 
-    cfg = dataclasses.replace(preset("tiny"), head_dim=64, ffn_dim=512)
-    fp8 = quantize_params(init_params(cfg, jax.random.key(1)))
-    greedy = SamplingParams(max_tokens=8, ignore_eos=True)
-    rng = np.random.default_rng(0)
-    prompts = [[256] + [int(t) for t in rng.integers(0, 256, size=n)] for n in (5, 13, 20)]
-    want = Generator(cfg, fp8, page_size=8, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, greedy)
-
-    shapes = []
-
-    def reference(x, w, layer, **kw):
-        shapes.append((x.shape[1], kw["n"], kw["pieces"]))
-        return fp8_gemm.reference_partial_products(x, w, layer, **kw)
-
-    monkeypatch.setattr(quant, "use_kernel", lambda: True)
-    monkeypatch.setattr(fp8_gemm, "partial_products", reference)
+    cfg, fp8, prompts, want = wide_fp8
+    shapes = _kernel_by_definition(monkeypatch, lambda x, kw: (x.shape[1], kw["n"], kw["pieces"]))
     grid = BucketGrid(decode_batch=(4,), prefill_len=(16,), max_seq_len=64, min_move_pages=8)
     ps = PlanSet(cfg, fp8, default_plans(4, cfg), num_pages=32, page_size=8, grid=grid)
     # each device's own part: at TP4 q/k/v 384 channels (2 q + 2 k + 2 v heads of 64), o 128 inputs
     assert {(128, 384, 1), (128, 128, 1)} <= {(k, n, p) for k, n, p in shapes} and len(shapes) >= 3 * 4
     for lane in ps.lanes.values():
-        got = Generator(cfg, runner=lane, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, greedy)
+        got = Generator(cfg, runner=lane, max_batch=4, prefill_chunk=16, max_seq_len=64).generate(prompts, GREEDY)
         for g, w in zip(got, want):
             assert g.token_ids == w.token_ids, lane.name
             np.testing.assert_allclose(g.logprobs, w.logprobs, atol=2e-2, err_msg=lane.name)
