@@ -15,11 +15,11 @@ The matmul upcasts q to the activation dtype inside the dot and applies the scal
 product: y = (x @ q) * scale. Decode steps on a GPU (up to 64 rows) run the layer gemms as a
 Mosaic GPU kernel that reads the layer of the stacked fp8 buffer in place (`kernels.fp8_gemm`;
 `Fp8Layer`, `layer_kernel`; on a lane of several devices each runs it on its own part of the
-weights), which is why placed groups store their fp8 values with the input axes last. Other GPU steps take XLA's Triton gemms, which fuse the upcast
-(cuBLAS has no bf16 x fp8 gemm; without Triton XLA writes the upcast weights out, `step_options`)
-but not the layer loop's dynamic slice: XLA copies each layer's fp8 values out first, so those
-steps are slower than bf16 ones (docs/fp8.md). On a CPU the same program computes with the
-upcast weights.
+weights), which is why placed groups store their fp8 values with the input axes last. Other GPU
+steps take XLA's Triton gemms, which fuse the upcast (cuBLAS has no bf16 x fp8 gemm; without
+Triton XLA writes the upcast weights out, `step_options`) but not the layer loop's dynamic
+slice: XLA copies each layer's fp8 values out first, so those steps are slower than bf16 ones
+(docs/fp8.md). On a CPU the same program computes with the upcast weights.
 """
 
 from __future__ import annotations
