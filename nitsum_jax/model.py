@@ -26,7 +26,8 @@ from nitsum_jax.kernels import paged_attention
 from nitsum_jax.kernels.decode_attention import rope_rows
 from nitsum_jax.kernels.dispatch import decode_attention, resolve as resolve_attention
 from nitsum_jax.config import LlamaConfig
-from nitsum_jax.quant import CONTRACTED, Fp8Layer, Fp8Weight, check_format, layer_cut, layer_kernel, matmul, quantize_params, scale_shape
+from nitsum_jax.quant import (CONTRACTED, Fp8Layer, Fp8Weight, check_format, layer_cut, layer_kernel, matmul, move_last,
+                              quantize_params, scale_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,18 +116,15 @@ GROUP_INPUTS = {"wqkv": 1, "wo": 2, "w_gate_up": 1, "w_down": 1}
 def inputs_last(q, name: str):
     """A stacked group weight's values [layers, tp, chunks, *inputs, *outputs] with the inputs
     moved last (NumPy or JAX)."""
-    n = GROUP_INPUTS[name]
-    rest = list(range(3, q.ndim))
-    return q.transpose([0, 1, 2] + rest[n:] + rest[:n])
+    return q.transpose(move_last(range(q.ndim), 3, GROUP_INPUTS[name]))
 
 
 def inputs_first(w: Fp8Weight) -> Fp8Weight:
     """An `inputs_last` group weight in the weight's own axis order (tests, inspection)."""
     if not w.inputs_last:
         return w
-    n = w.q.ndim - 3 - w.inputs_last  # the output axes
-    rest = list(range(3, w.q.ndim))
-    return Fp8Weight(q=w.q.transpose([0, 1, 2] + rest[n:] + rest[:n]), scale=w.scale)
+    outputs = w.q.ndim - 3 - w.inputs_last
+    return Fp8Weight(q=w.q.transpose(move_last(range(w.q.ndim), 3, outputs)), scale=w.scale)
 
 
 def _values(w):

@@ -59,6 +59,13 @@ class Fp8Weight:
     inputs_last: int = struct.field(pytree_node=False, default=0)
 
 
+def move_last(order, start: int, n: int) -> list:
+    """`order` with its n entries from `start` moved to the end: how an `inputs_last` weight's
+    axes are stored (axes, or einsum letters, after the `start` leading ones)."""
+    order = list(order)
+    return order[:start] + order[start + n:] + order[start:start + n]
+
+
 def layer_cut(a: jax.Array, layer: jax.Array, used: int) -> jax.Array:
     """[layers, tp, chunks, ...] -> layer `layer`'s first `used` chunks [tp, used, ...]: one
     contiguous block per device, a dynamic slice XLA reads in place inside a bf16 gemm."""
@@ -130,7 +137,7 @@ def matmul(spec: str, x: jax.Array, w) -> jax.Array:
     kept = [i for i, a in enumerate(w_axes) if a in out]
     if not out.endswith("".join(w_axes[i] for i in kept)):
         raise ValueError(f"einsum {spec!r}: the output must end with the weight's output axes")
-    stored = w_axes[:2] + w_axes[2 + w.inputs_last:] + w_axes[2:2 + w.inputs_last]  # [tp, chunks, ...] as stored
+    stored = "".join(move_last(w_axes, 2, w.inputs_last))  # [tp, chunks, ...] as stored
     y = jnp.einsum(f"{x_axes},{stored}->{out}", x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
     scale = w.scale.reshape([w.scale.shape[i] for i in kept])  # [output channels]
     return (y * scale).astype(x.dtype)
