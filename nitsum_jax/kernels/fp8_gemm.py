@@ -149,22 +149,16 @@ def column_matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, n: int, expon
     """x [M, K] times layer `layer` of w [L, tp, N, K] (fp8), the first `n` output channels of
     each of tp's parts: float32 [M, tp, n], unscaled. On a lane of several devices (tp sharded)
     each device runs the kernel on its own output channels (`_column_partitioned`)."""
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    if w.shape[1] == 1:
-        return matmul(x, w, layer, n=n, exponent=exponent)[:, None]
-    return _column_partitioned(x, w, layer, n, exponent)
+    run = _column_on_shard if w.shape[1] == 1 else _column_partitioned  # one device: its own part is all
+    return run(x, w, jnp.asarray(layer, jnp.int32).reshape(1), n, exponent)
 
 
 def row_matmul(x: jax.Array, w: jax.Array, layer: jax.Array, *, pieces: int, exponent: int = 0) -> jax.Array:
     """x [M, tp, pieces, K] times layer `layer` of w [L, tp, P, n, K] (fp8), summed over tp and the
     first `pieces` of P: float32 [M, n], unscaled. On a lane of several devices (tp sharded) each
     device sums its own pieces with the kernel and the partitioner adds the devices' sums."""
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    if w.shape[1] == 1:
-        m, _, p, k = x.shape
-        return matmul(x.reshape(m, p * k), w.reshape(w.shape[:1] + w.shape[2:]), layer, pieces=pieces,
-                      exponent=exponent)
-    return _row_partitioned(x, w, layer, pieces, exponent).sum(axis=0)
+    run = _row_on_shard if w.shape[1] == 1 else _row_partitioned
+    return run(x, w, jnp.asarray(layer, jnp.int32).reshape(1), pieces, exponent).sum(axis=0)
 
 
 # -- lanes of several devices --------------------------------------------------------------
