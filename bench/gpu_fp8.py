@@ -5,8 +5,8 @@ fp8 model follows the bf16 one (greedy continuations, teacher-forced NLL).
     PYTHONPATH=. python bench/gpu_fp8.py --agree-checkpoint CKPT --out $OUT   # a converted HF model
 
 Step: `--preset` (default llama-3.1-8b) with random weights drawn on the device, a lane of
-`--tp` devices (default 1) per format, decode at `--context` (each row its own pages): the median of `--repeats` steps each waited
-for, and steps enqueued back to back (`b2b_ms`, as the engine's chained decode runs them);
+`--tp` devices (default 1) per format, decode at `--context` (each row its own pages): the
+median of `--repeats` steps each waited for, and steps enqueued back to back (`b2b_ms`, as the engine's chained decode runs them);
 floor = (weight bytes + KV bytes) / the best device-to-device copy measured in the same run
 (copy_bandwidth.py). `speedup_at_floor` is bf16's floor over fp8's: the most fp8 weights can give
 while the KV cache stays bf16.
@@ -35,6 +35,7 @@ from nitsum_jax.generate import Generator
 from nitsum_jax.kv import allocate_kv_cache, kv_bytes_per_page
 from nitsum_jax.model import StepInput, abstract_params, init_params
 from nitsum_jax.plans import BucketGrid, PlanSet, parse_plans
+from nitsum_jax.plans.spec import LaneSpec
 from nitsum_jax.plans.probe import fill_random
 from nitsum_jax.quant import quantize_params
 from nitsum_jax.sampling import SamplingParams
@@ -60,8 +61,8 @@ def time_format(cfg, weights: str, args, bandwidth: float) -> dict:
                       min_move_pages=args.max_seq_len // 16)
     t0 = time.perf_counter()
     params = abstract_params(cfg, weights="fp8") if weights == "fp8" else None
-    lane_devices = "0" if args.tp == 1 else f"0-{args.tp - 1}"
-    ps = PlanSet(cfg, params, parse_plans(f"t: all=tp{args.tp}@{lane_devices}"), num_pages=max(batches) * -(-args.context // 16) + 64,
+    spec = LaneSpec(("all",), args.tp, tuple(range(args.tp)))
+    ps = PlanSet(cfg, params, parse_plans(f"t: {spec}"), num_pages=max(batches) * -(-args.context // 16) + 64,
                  page_size=16, grid=grid)
     startup = time.perf_counter() - t0
     lane = next(iter(ps.lanes.values()))
